@@ -1,0 +1,33 @@
+# interleaf: `make demo` trains a tiny model on the built-in shapes world and generates with it;
+# `make test` runs the test suite. Both set up .venv first (CPU torch pinned before anything
+# that depends on it, so no multi-GB CUDA build is pulled in).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/interleaf demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/train_step.py
+	$(PY) bench/decode.py
+	$(PY) bench/loader.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

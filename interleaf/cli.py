@@ -1,0 +1,64 @@
+"""`interleaf <command>`: parse arguments, call one function, report. No logic lives here.
+
+Each area of the package declares its commands in `interleaf/commands/<area>.py` with a
+`register(subparsers)` function; the parsers call into the library with `set_defaults(func=...)`.
+User mistakes raise `InterleafError` and end as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from interleaf.errors import InterleafError
+from interleaf.utils import setup_logging
+
+COMMAND_MODULES = (
+    "interleaf.commands.data",
+    "interleaf.commands.tokenizer",
+    "interleaf.commands.model",
+    "interleaf.commands.training",
+    "interleaf.commands.sampling",
+    "interleaf.commands.serve",
+    "interleaf.commands.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered command."""
+    parser = argparse.ArgumentParser(
+        prog="interleaf",
+        description="Train and run early-fusion multimodal models (text + VQ image tokens).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # an area not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `interleaf` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        status = args.func(args)
+    except InterleafError as e:
+        print(f"interleaf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interleaf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

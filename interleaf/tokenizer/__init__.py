@@ -1,0 +1,1 @@
+"""Tokenizers: the shared vocabulary, BPE text tokenizer and VQ-GAN image tokenizer."""

@@ -1,0 +1,52 @@
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from interleaf.config import load_config, save_config
+from interleaf.errors import ConfigError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    steps: int = 10
+    backend: Literal["sdpa", "xformers", "auto"] = "auto"
+    ckpt: Optional[str] = None
+    optim: Optim = field(default_factory=Optim)
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 5\noptim:\n  lr: 3e-4\n")
+    cfg = load_config(Cfg, p, ["optim.betas=[0.8, 0.9]", "backend=sdpa", "sizes=[4]"])
+    assert cfg.steps == 5 and cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.backend == "sdpa" and cfg.sizes == [4]
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(Cfg, None, ["steps=7", "ckpt=/a/b"])
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(Cfg, tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("optim.lrr=1", "optim.lrr"), ("steps=abc", "steps"), ("backend=flash", "backend"),
+     ("optim.betas=[1]", "optim.betas"), ("steps=true", "steps"), ("nope", "nope")],
+)
+def test_bad_keys_and_types_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(Cfg, None, [override])
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Cfg, tmp_path / "missing.yaml")
