@@ -15,13 +15,14 @@ from interleaf.errors import InterleafError
 from interleaf.utils import setup_logging
 
 COMMAND_MODULES = (
-    "interleaf.commands.data",
-    "interleaf.commands.tokenizer",
-    "interleaf.commands.model",
-    "interleaf.commands.training",
-    "interleaf.commands.sampling",
-    "interleaf.commands.serve",
-    "interleaf.commands.demo",
+    "interleaf.commands.data",  # shards, tokenize
+    "interleaf.commands.bpe",  # train-bpe
+    "interleaf.commands.vqgan",  # train-vqgan
+    "interleaf.commands.model",  # convert, info
+    "interleaf.commands.training",  # train, export
+    "interleaf.commands.sampling",  # generate, caption, draw
+    "interleaf.commands.serve",  # serve
+    "interleaf.commands.demo",  # eval, demo
 )
 
 
