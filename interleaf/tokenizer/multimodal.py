@@ -1,0 +1,115 @@
+"""Documents of text and images <-> one stream of model ids.
+
+Text goes through the BPE `TextTokenizer`, images through the VQ-GAN (`load_image` at the
+VQ-GAN's resolution, then `VQModel.encode`), and the shared `Vocabulary` lays them out as
+`<bos> text <boi> codes <eoi> text ... <eos>`. Images already tokenized (`ImageCodes`) skip the
+VQ-GAN, so a tokenizer without one still handles pre-tokenized data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from interleaf.errors import InterleafError
+from interleaf.tokenizer.text import TextTokenizer
+from interleaf.tokenizer.vocab import DecodedDocument, ImageCodes, Segment, Vocabulary
+
+DocumentSegment = Union[str, Image.Image, Path, ImageCodes]
+IMAGE_BATCH = 16  # images per VQ-GAN call
+
+
+class MultimodalTokenizer:
+    """Encode interleaved documents to ids and decode ids back to text and images."""
+
+    def __init__(self, vocab: Vocabulary, text: TextTokenizer, vqgan=None):
+        if text.vocab_size > vocab.size:
+            raise InterleafError(
+                f"text tokenizer has {text.vocab_size} ids but the vocabulary only {vocab.size}"
+            )
+        if vqgan is not None:
+            if tuple(vqgan.grid) != tuple(vocab.image_grid):
+                raise InterleafError(
+                    f"VQ-GAN makes {vqgan.grid[0]}x{vqgan.grid[1]} code grids, the vocabulary expects "
+                    f"{vocab.image_grid[0]}x{vocab.image_grid[1]}"
+                )
+            if vqgan.config.n_embed != vocab.n_codes:
+                raise InterleafError(
+                    f"VQ-GAN has {vqgan.config.n_embed} codes, the vocabulary {vocab.n_codes}"
+                )
+        self.vocab = vocab
+        self.text = text
+        self.vqgan = vqgan
+
+    # ---- images --------------------------------------------------------------------------
+    def _require_vqgan(self, what: str):
+        if self.vqgan is None:
+            raise InterleafError(f"{what} needs a VQ-GAN, and this tokenizer has none")
+        return self.vqgan
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image | str | os.PathLike]) -> list[ImageCodes]:
+        """Images (PIL or paths) -> code grids, batched through the VQ-GAN."""
+        from interleaf.tokenizer.image import load_image
+
+        if not images:
+            return []
+        vqgan = self._require_vqgan("encoding an image")
+        resolution = vqgan.config.resolution
+        out: list[ImageCodes] = []
+        for start in range(0, len(images), IMAGE_BATCH):
+            batch = torch.stack([load_image(im, resolution) for im in images[start : start + IMAGE_BATCH]])
+            codes = vqgan.encode(batch)  # (B, h, w)
+            out.extend(ImageCodes(c) for c in codes.cpu().numpy())
+        return out
+
+    @torch.inference_mode()
+    def decode_images(self, codes: Sequence[ImageCodes]) -> list[Image.Image]:
+        """Code grids -> RGB images through the VQ-GAN decoder."""
+        from interleaf.tokenizer.image import to_pil
+
+        if not codes:
+            return []
+        vqgan = self._require_vqgan("drawing an image")
+        out: list[Image.Image] = []
+        for start in range(0, len(codes), IMAGE_BATCH):
+            grid = torch.from_numpy(np.stack([c.codes for c in codes[start : start + IMAGE_BATCH]]))
+            out.extend(to_pil(x) for x in vqgan.decode_code(grid))  # (B, 3, R, R)
+        return out
+
+    # ---- documents -----------------------------------------------------------------------
+    def segments(self, doc: Sequence[DocumentSegment] | str) -> list[Segment]:
+        """A document with every image (PIL or path) replaced by its ImageCodes."""
+        if isinstance(doc, str):
+            return [doc]
+        images = []
+        for i, seg in enumerate(doc):
+            if isinstance(seg, (Image.Image, os.PathLike)):
+                images.append(i)
+            elif not isinstance(seg, (str, ImageCodes)):
+                raise InterleafError(
+                    f"segment {i}: expected text, an image (PIL or Path) or ImageCodes, got {type(seg).__name__}"
+                )
+        codes = dict(zip(images, self.encode_images([doc[i] for i in images])))
+        return [codes.get(i, seg) for i, seg in enumerate(doc)]
+
+    def encode(self, doc: Sequence[DocumentSegment] | str, bos: bool = True, eos: bool = True) -> list[int]:
+        """Document -> model ids: `<bos>`, text tokens, `<boi> codes <eoi>` per image, `<eos>`."""
+        return self.vocab.encode_document(self.segments(doc), self.text.encode, bos=bos, eos=eos)
+
+    def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> DecodedDocument:
+        """Model ids -> text and ImageCodes segments, with any problems of a malformed stream."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.vocab.decode_document(list(ids), self.text.decode)
+
+    def to_images(self, segments: Sequence[Segment | Image.Image]) -> list[str | Image.Image]:
+        """Segments with every ImageCodes drawn by the VQ-GAN decoder (text and PIL images kept)."""
+        at = [i for i, seg in enumerate(segments) if isinstance(seg, ImageCodes)]
+        drawn = dict(zip(at, self.decode_images([segments[i] for i in at])))
+        return [drawn.get(i, seg) for i, seg in enumerate(segments)]
