@@ -1,0 +1,227 @@
+"""`interleaf demo` / `make demo`: the whole pipeline on the built-in shapes world, on a CPU.
+
+    shards -> BPE -> VQ-GAN -> tokenizer dir -> tokenize -> train -> export -> generate -> eval
+
+Every stage writes into `RUN_DIR/<stage>` and marks itself finished with a `DONE` file only once
+its output is complete, so running the demo again reuses finished stages and redoes an
+interrupted one (the VQ-GAN and transformer stages resume from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from interleaf.evaluate import EvalConfig
+from interleaf.utils import get_logger, write_json
+
+log = get_logger("interleaf.demo")
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "demo" / "shapes-tiny.yaml"
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and configs of each demo stage (paths relative to the repository)."""
+
+    resolution: int = 64
+    max_shapes: int = 3
+    world_seed: int = 0
+    train_documents: int = 20_000
+    val_documents: int = 300
+    bpe_config: str = "configs/bpe/shapes-tiny.yaml"
+    bpe: list[str] = field(default_factory=list)  # dotted overrides
+    vqgan_config: str = "configs/vqgan/shapes-tiny.yaml"
+    vqgan: list[str] = field(default_factory=list)
+    train_config: str = "configs/train/shapes-tiny.yaml"
+    train: list[str] = field(default_factory=list)
+    draw_prompt: str = "a large red circle at the top left and a small blue square at the bottom right"
+    interleaved_prompt: str = "A large green triangle at the top right."
+    caption_image_index: int = 7
+    cfg_scale: float = 3.0
+    seed: int = 0
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    progress: bool = True
+
+
+def _path(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else REPO / path
+
+
+class Stages:
+    """Runs named stages once each; a stage's folder holds DONE when it finished."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.times: dict[str, float] = {}
+        self.total = 9
+
+    def run(self, name: str, fn: Callable[[Path], None]) -> Path:
+        out = self.run_dir / name
+        n = len(self.times) + 1
+        if (out / "DONE").is_file():
+            print(f"[{n}/{self.total}] {name}: done earlier, reusing {out}")
+            self.times[name] = 0.0
+            return out
+        print(f"[{n}/{self.total}] {name} ...", flush=True)
+        start = time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        fn(out)
+        (out / "DONE").write_text(f"{time.time() - start:.1f}\n")
+        self.times[name] = time.time() - start
+        print(f"[{n}/{self.total}] {name}: finished in {self.times[name]:.0f} s", flush=True)
+        return out
+
+
+def stage_shards(cfg: DemoConfig, out: Path) -> None:
+    """Document shards of the shapes world: a training split and a held-out split."""
+    from interleaf.training.shards import shapes_documents, write_documents
+
+    common = dict(resolution=cfg.resolution, max_shapes=cfg.max_shapes, seed=cfg.world_seed)
+    write_documents(shapes_documents(cfg.train_documents, **common), out / "train")
+    write_documents(shapes_documents(cfg.val_documents, start=10_000_000, **common), out / "val")
+
+
+def stage_bpe(cfg: DemoConfig, shards: Path, out: Path) -> None:
+    """Byte-level BPE on the text of the training shards."""
+    from interleaf.config import load_config
+    from interleaf.data.corpus import BPEConfig, run_train_bpe
+
+    bpe = load_config(BPEConfig, _path(cfg.bpe_config), [*cfg.bpe, f"out={out}"])
+    bpe.inputs = [str(shards / "train")]
+    bpe.shapes.samples = 0
+    bpe.validate()
+    result = run_train_bpe(bpe, show_progress=cfg.progress)
+    print(f"    BPE: {result.vocab_size} tokens from {result.n_texts:,} texts")
+
+
+def stage_vqgan(cfg: DemoConfig, out: Path) -> dict:
+    """The image tokenizer, trained on shapes-world images (resumes an interrupted run)."""
+    from interleaf.tokenizer.vqgan_train import format_summary, load_train_config, train_vqgan
+
+    vq = load_train_config(_path(cfg.vqgan_config), [*cfg.vqgan, f"run_dir={out}"])
+    resume = any(out.glob("checkpoints/*"))
+    metrics = train_vqgan(vq, resume=resume, progress=cfg.progress)
+    print("    " + format_summary(metrics, out).replace("\n", "\n    "))
+    return metrics
+
+
+def stage_tokenizer(cfg: DemoConfig, bpe: Path, vq_run: Path, out: Path) -> None:
+    """Assemble the tokenizer directory: text tokenizer, VQ-GAN and the shared vocabulary."""
+    import shutil
+
+    from interleaf.tokenizer.text import TextTokenizer
+    from interleaf.tokenizer.vocab import Vocabulary
+    from interleaf.tokenizer.vqgan import VQModel
+
+    text = TextTokenizer.load(bpe)
+    vq = VQModel.load(vq_run / "vqgan")
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    text.save(out / "tokenizer")
+    shutil.rmtree(out / "vqgan", ignore_errors=True)
+    vq.save(out / "vqgan")
+    Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid).save(out)
+
+
+def stage_tokenize(cfg: DemoConfig, shards: Path, tokenizer: Path, out: Path) -> None:
+    """Images through the VQ-GAN once, text through BPE: token shards for training."""
+    from interleaf.training.tokenize import tokenize_shards
+
+    for split in ("train", "val"):
+        s = tokenize_shards([str(shards / split)], out / split, tokenizer, progress=cfg.progress)
+        print(f"    {split}: {s['documents']:,} documents, {s['tokens']:,} tokens ({s['image_tokens']:,} image)")
+
+
+def stage_train(cfg: DemoConfig, tokenizer: Path, tokens: Path, out: Path) -> dict:
+    """The transformer (one process; resumes an interrupted run)."""
+    from interleaf.training.train import load_train_config, run_training
+
+    overrides = [
+        f"run_dir={out}", f"tokenizer={tokenizer}",
+        f"data.sources=[{{name: shapes, paths: [{tokens / 'train'}], weight: 1.0}}]",
+        f"data.eval_sources=[{{name: shapes-val, paths: [{tokens / 'val'}]}}]",
+        *cfg.train,
+    ]
+    train = load_train_config(_path(cfg.train_config), overrides)
+    resume = (out / "checkpoints" / "latest").exists()
+    return run_training(train, resume=resume, progress=cfg.progress)
+
+
+def stage_export(cfg: DemoConfig, train: Path, tokenizer: Path, out: Path) -> None:
+    from interleaf.training.export import export
+
+    export(train, out / "model", tokenizer=tokenizer)
+
+
+def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:
+    """A drawing, a caption and an interleaved document, rendered to Markdown/HTML + PNGs."""
+    import interleaf
+    from interleaf.data.shapes import ShapesWorld
+    from interleaf.sampling.render import write_documents
+
+    pipe = interleaf.load(model_dir)
+    world = ShapesWorld(resolution=cfg.resolution, max_shapes=cfg.max_shapes, seed=cfg.eval.world_seed)
+    image, truth, _ = world.pair(cfg.caption_image_index)
+    jobs = {
+        "draw": (cfg.draw_prompt, dict(mode="image", cfg_scale=cfg.cfg_scale)),
+        "caption": ([image], dict(mode="text", temperature=0.0, max_new_tokens=64)),
+        "interleaved": (cfg.interleaved_prompt, dict(mode="interleaved", max_images=3, cfg_scale=cfg.cfg_scale)),
+    }
+    written = []
+    for name, (prompt, options) in jobs.items():
+        doc = pipe.generate(prompt, seed=cfg.seed, **options)
+        rendered = write_documents(out / name, [doc])
+        written.append(str(rendered.html))
+        shown = doc.text.strip().replace("\n", " ")
+        print(f"    {name}: {shown[:100]!r}, {len(doc.images)} image(s) -> {rendered.html}")
+        if name == "caption":
+            print(f"    caption truth: {truth!r}")
+    return written
+
+
+def stage_eval(cfg: DemoConfig, model_dir: Path, out: Path) -> dict:
+    from interleaf.evaluate import format_report, run_eval
+
+    report = run_eval(model_dir, cfg.eval, out / "eval.json", progress=cfg.progress)
+    print("    " + format_report(report).replace("\n", "\n    "))
+    return report
+
+
+def run_demo(run_dir: str | Path = "runs/demo", config: str | Path | None = None, overrides=()) -> dict:
+    """Run (or finish) every stage of the demo; print where the results are."""
+    from interleaf.config import load_config, save_config
+    from interleaf.evaluate import format_report, summary_line
+
+    cfg = load_config(DemoConfig, config or DEFAULT_CONFIG, overrides)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "demo.yaml")
+    start = time.time()
+    st = Stages(run_dir)
+    shards = st.run("shards", lambda o: stage_shards(cfg, o))
+    bpe = st.run("bpe", lambda o: stage_bpe(cfg, shards, o))
+    vq = st.run("vqgan", lambda o: stage_vqgan(cfg, o))
+    tok = st.run("tokenizer", lambda o: stage_tokenizer(cfg, bpe, vq, o))
+    tokens = st.run("tokens", lambda o: stage_tokenize(cfg, shards, tok, o))
+    train = st.run("train", lambda o: stage_train(cfg, tok, tokens, o))
+    export_dir = st.run("export", lambda o: stage_export(cfg, train, tok, o))
+    model_dir = export_dir / "model"
+    samples = st.run("samples", lambda o: stage_generate(cfg, model_dir, o))
+    evaluation = st.run("eval", lambda o: stage_eval(cfg, model_dir, o))
+    import json
+
+    report = json.loads((evaluation / "eval.json").read_text())
+    summary = {"seconds": time.time() - start, "stages": st.times, "model_dir": str(model_dir),
+               "samples": [str(p) for p in sorted(samples.glob("*/document.html"))], "eval": str(evaluation / "eval.json")}
+    write_json(run_dir / "summary.json", summary)
+    print()
+    print(format_report(report))
+    print(f"model:    {model_dir}")
+    for p in summary["samples"]:
+        print(f"sample:   {p}")
+    print(f"report:   {evaluation / 'eval.json'}")
+    print(f"demo finished in {summary['seconds'] / 60:.1f} min — {summary_line(report)}")
+    return summary

@@ -1,0 +1,258 @@
+"""`interleaf eval MODEL_DIR`: score a model on held-out scenes of the built-in shapes world.
+
+Four measurements, all deterministic for a given seed:
+
+- text -> image: draw each held-out caption, read the drawing back with the world's analyser
+  (`interleaf.data.analyse`) and score colours, shapes, sizes, positions and exact scenes,
+  with classifier-free guidance on and off;
+- image -> text: caption each held-out image (greedy) and score the parsed caption the same way;
+- held-out loss and perplexity per modality (text tokens, image tokens) on caption->image and
+  image->caption documents;
+- VQ-GAN reconstruction PSNR and codebook usage on the held-out images.
+
+Held-out means drawn from a world seed the training data never uses (`EvalConfig.world_seed`);
+the world is finite at the level of single scenes, so a one-shape scene can still coincide with a
+training scene by chance.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from interleaf.errors import InterleafError
+from interleaf.utils import write_json
+
+HELDOUT_WORLD_SEED = 1_000_003  # no training config uses this world seed
+
+
+@dataclass
+class EvalConfig:
+    """What `interleaf eval` measures and on how much data."""
+
+    n_draw: int = 48  # held-out captions drawn (per CFG setting)
+    n_caption: int = 48  # held-out images captioned
+    n_loss: int = 64  # held-out pairs for the loss (each in both orders)
+    cfg_scales: list[float] = field(default_factory=lambda: [3.0, 1.0])
+    world_seed: int = HELDOUT_WORLD_SEED
+    max_shapes: int = 3
+    seed: int = 0  # sampling seed
+    batch_size: int = 8
+    image_temperature: float = 1.0
+    image_top_k: int = 0
+    image_top_p: float = 1.0
+
+    def validate(self) -> None:
+        if min(self.n_draw, self.n_caption, self.n_loss) < 0:
+            raise InterleafError("eval sizes must be >= 0")
+        if self.batch_size < 1:
+            raise InterleafError("eval batch_size must be >= 1")
+        if any(s < 0 for s in self.cfg_scales):
+            raise InterleafError("cfg scales must be >= 0")
+
+
+def _world(pipe, cfg: EvalConfig):
+    from interleaf.data.shapes import ShapesWorld
+
+    if pipe.vqgan is None:
+        raise InterleafError("this model directory has no VQ-GAN: image evaluation needs one")
+    return ShapesWorld(resolution=pipe.vqgan.config.resolution, max_shapes=cfg.max_shapes, seed=cfg.world_seed)
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _run_requests(pipe, requests) -> list:
+    from interleaf.sampling.generate import collect, stream_requests
+
+    return collect(stream_requests(pipe, requests))
+
+
+def eval_draw(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -> dict:
+    """Draw held-out captions; score each drawing with the analyser."""
+    from interleaf.data.analyse import mean_scores, score_image
+    from interleaf.sampling.generate import Request
+
+    world = _world(pipe, cfg)
+    scores, examples = [], []
+    bar = tqdm(total=cfg.n_draw, desc=f"draw (cfg {cfg_scale:g})", unit="img", disable=not progress)
+    for batch in _batches(cfg.n_draw, cfg.batch_size):
+        pairs = [world.pair(i) for i in batch]
+        requests = [
+            Request(prompt=caption, mode="image", cfg_scale=cfg_scale, seed=cfg.seed + i,
+                    image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
+                    image_top_p=cfg.image_top_p)
+            for i, (_, caption, _) in zip(batch, pairs)
+        ]
+        for (_, caption, scene), doc in zip(pairs, _run_requests(pipe, requests)):
+            image = doc.images[0] if doc.images else None
+            s = score_image(image, scene) if image is not None else score_image_missing()
+            scores.append(s)
+            if len(examples) < 4:
+                examples.append({"caption": caption, "scores": s})
+        bar.update(len(batch))
+    bar.close()
+    return {"cfg_scale": cfg_scale, "n": cfg.n_draw, **mean_scores(scores), "examples": examples}
+
+
+def score_image_missing() -> dict:
+    """Scores of a drawing request that produced no image."""
+    from interleaf.data.analyse import score_scene
+    from interleaf.data.shapes import Scene
+
+    return score_scene(None, Scene([]))
+
+
+def eval_caption(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
+    """Caption held-out images greedily; score each parsed caption."""
+    from interleaf.data.analyse import mean_scores, score_caption
+    from interleaf.sampling.generate import Request
+
+    world = _world(pipe, cfg)
+    offset = 10 * max(cfg.n_draw, 1)  # images other than the drawn captions' scenes
+    scores, examples = [], []
+    bar = tqdm(total=cfg.n_caption, desc="caption", unit="img", disable=not progress)
+    for batch in _batches(cfg.n_caption, cfg.batch_size):
+        pairs = [world.pair(offset + i) for i in batch]
+        requests = [Request(prompt=[image], mode="text", temperature=0.0, max_new_tokens=64, seed=cfg.seed + i)
+                    for i, (image, _, _) in zip(batch, pairs)]
+        for (_, caption, scene), doc in zip(pairs, _run_requests(pipe, requests)):
+            text = doc.text.strip()
+            s = score_caption(text, scene)
+            scores.append(s)
+            if len(examples) < 4:
+                examples.append({"truth": caption, "generated": text, "scores": s})
+        bar.update(len(batch))
+    bar.close()
+    return {"n": cfg.n_caption, **mean_scores(scores), "examples": examples}
+
+
+@torch.no_grad()
+def eval_loss(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
+    """Held-out CE per modality on caption->image and image->caption documents."""
+    world = _world(pipe, cfg)
+    offset = 20 * max(cfg.n_draw, cfg.n_caption, 1)
+    model, vocab = pipe.model, pipe.vocab
+    sums = {"text": 0.0, "image": 0.0}
+    counts = {"text": 0, "image": 0}
+    image_mask = vocab.image_mask().to(pipe.device)
+    for i in tqdm(range(cfg.n_loss), desc="held-out loss", unit="pair", disable=not progress):
+        image, caption, _ = world.pair(offset + i)
+        codes = pipe.tokenizer.encode([image], bos=False, eos=False)  # encode the image once
+        text = pipe.text.encode(caption)
+        for ids in ([vocab.bos_id, *text, *codes, vocab.eos_id], [vocab.bos_id, *codes, *text, vocab.eos_id]):
+            ids = ids[: model.args.max_seq_len + 1]
+            tokens = torch.tensor([ids[:-1]], device=pipe.device)
+            targets = torch.tensor([ids[1:]], device=pipe.device)
+            out = model.loss(tokens, targets, is_image=image_mask[targets])
+            for kind, loss, n in (("text", out.text_loss, out.n_text_tokens), ("image", out.image_loss, out.n_image_tokens)):
+                sums[kind] += float(loss) * int(n)
+                counts[kind] += int(n)
+    result = {}
+    for kind in ("text", "image"):
+        mean = sums[kind] / max(counts[kind], 1)
+        result[f"{kind}_loss"] = mean
+        result[f"{kind}_perplexity"] = math.exp(min(mean, 50.0))
+        result[f"{kind}_tokens"] = counts[kind]
+    return result
+
+
+@torch.no_grad()
+def eval_vqgan(pipe, cfg: EvalConfig, n: int = 64) -> dict:
+    """VQ-GAN PSNR and codebook usage on held-out images."""
+    from interleaf.tokenizer.image import load_image
+    from interleaf.tokenizer.vqgan import code_stats, psnr
+
+    world = _world(pipe, cfg)
+    vq = pipe.vqgan
+    offset = 30 * max(cfg.n_draw, cfg.n_caption, 1)
+    x = torch.stack([load_image(world.pair(offset + i)[0], vq.config.resolution) for i in range(n)])
+    x = x.to(vq.device)
+    codes = vq.encode(x)
+    recon = vq.decode_code(codes)
+    return {"psnr": float(psnr(recon, x).mean()), **code_stats(codes, vq.config.n_embed), "n": n}
+
+
+def evaluate(pipe, cfg: EvalConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run every measurement; return the report as a dict."""
+    cfg.validate()
+    start = time.time()
+    report: dict = {"config": asdict(cfg)}
+    report["vqgan"] = eval_vqgan(pipe, cfg)
+    report["loss"] = eval_loss(pipe, cfg, progress) if cfg.n_loss else {}
+    report["text_to_image"] = [eval_draw(pipe, cfg, s, progress) for s in cfg.cfg_scales] if cfg.n_draw else []
+    report["image_to_text"] = eval_caption(pipe, cfg, progress) if cfg.n_caption else {}
+    report["seconds"] = time.time() - start
+    return report
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:5.1f}%"
+
+
+def format_report(report: dict) -> str:
+    """A table a person can read."""
+    keys = ("colour", "shape", "size", "position", "count", "exact")
+    lines = [f"{'task':<24}" + "".join(f"{k:>10}" for k in keys)]
+    for r in report.get("text_to_image", []):
+        lines.append(f"{'text->image cfg ' + format(r['cfg_scale'], 'g'):<24}" + "".join(f"{_pct(r.get(k)):>10}" for k in keys))
+    if report.get("image_to_text"):
+        r = report["image_to_text"]
+        lines.append(f"{'image->text':<24}" + "".join(f"{_pct(r.get(k)):>10}" for k in keys))
+    loss = report.get("loss") or {}
+    if loss:
+        lines.append(
+            f"held-out loss: text {loss['text_loss']:.3f} (ppl {loss['text_perplexity']:.2f}), "
+            f"image {loss['image_loss']:.3f} (ppl {loss['image_perplexity']:.2f})"
+        )
+    vq = report.get("vqgan") or {}
+    if vq:
+        lines.append(f"vq-gan: PSNR {vq['psnr']:.2f} dB, codebook usage {vq['usage']:.1f}%, perplexity {vq['perplexity']:.1f}")
+    lines.append(f"evaluated in {report.get('seconds', 0):.0f} s")
+    return "\n".join(lines)
+
+
+def run_eval(model_dir: str | Path, cfg: EvalConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    """Load a model directory, evaluate it, write the JSON report (if `out`) and return it."""
+    import interleaf
+
+    torch.manual_seed(cfg.seed)
+    pipe = interleaf.load(model_dir)
+    report = evaluate(pipe, cfg, progress)
+    report["model_dir"] = str(model_dir)
+    if out is not None:
+        write_json(out, report)
+    return report
+
+
+def summary_line(report: dict) -> str:
+    """One line with the headline numbers (CFG on drawing, captioning)."""
+    draw = (report.get("text_to_image") or [{}])[0]
+    cap = report.get("image_to_text") or {}
+    attrs = [cap.get(k) for k in ("colour", "shape", "size", "position")]
+    attr = sum(attrs) / len(attrs) if all(a is not None for a in attrs) else None
+    return (f"text->image (cfg {draw.get('cfg_scale', 0):g}): colour {_pct(draw.get('colour'))}, shape {_pct(draw.get('shape'))}; "
+            f"image->text: attributes {_pct(attr)}, exact {_pct(cap.get('exact'))}")
+
+
+def headline(report: dict) -> dict:
+    """The numbers issue-level targets speak of, as fractions."""
+    draw = (report.get("text_to_image") or [{}])[0]
+    cap = report.get("image_to_text") or {}
+    attrs = [cap.get(k, 0.0) for k in ("colour", "shape", "size", "position")]
+    return {"draw_colour": draw.get("colour"), "draw_shape": draw.get("shape"),
+            "caption_attributes": sum(attrs) / len(attrs) if cap else None}
+
+
+def parse_scales(values: Sequence[str]) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise InterleafError(f"cfg scales must be numbers, got {' '.join(values)}") from None
