@@ -1,1 +1,1 @@
-"""training."""
+"""Training: shards, offline tokenization, the resumable packing loader, the DeepSpeed engine, checkpoints, export."""

@@ -1,0 +1,110 @@
+"""`interleaf shards` (write document shards) and `interleaf tokenize` (document -> token shards)."""
+
+from __future__ import annotations
+
+import argparse
+
+from interleaf.errors import InterleafError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'256MB', '1G', '4096' -> bytes."""
+    t = text.strip().upper()
+    num = t.rstrip("KMGB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise InterleafError(f"cannot read size {text!r} (e.g. 256MB, 1G, 4096)") from None
+    if unit not in _UNITS or value <= 0:
+        raise InterleafError(f"cannot read size {text!r} (e.g. 256MB, 1G, 4096)")
+    return int(value * _UNITS[unit])
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "shards",
+        help="write webdataset document shards from images+captions, JSONL, text files or the shapes world",
+        description="Write size-limited tar shards, one document per sample (KEY.json segments + image files).",
+    )
+    p.add_argument("source", choices=["folder", "jsonl", "text", "shapes"],
+                   help="folder: x.png + x.txt pairs; jsonl: interleaved documents with image paths; "
+                        "text: plain text files; shapes: the built-in shapes world")
+    p.add_argument("inputs", nargs="*", help="the folder, the JSONL file, or the text files")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--prefix", default="shard", help="shard file prefix (default shard)")
+    p.add_argument("--max-size", default="256MB", help="bytes per shard (default 256MB)")
+    p.add_argument("--max-count", type=int, default=10_000, help="documents per shard (default 10000)")
+    p.add_argument("--per-line", action="store_true", help="text: one document per non-empty line")
+    p.add_argument("--count", type=int, default=1000, help="shapes: number of documents")
+    p.add_argument("--kind", default="mix", choices=["pairs", "documents", "text", "mix"], help="shapes: which documents")
+    p.add_argument("--resolution", type=int, default=64, help="shapes: image size in pixels")
+    p.add_argument("--max-shapes", type=int, default=3, help="shapes: shapes per scene")
+    p.add_argument("--seed", type=int, default=0, help="shapes: world seed")
+    p.add_argument("--start", type=int, default=0, help="shapes: first scene index (held-out sets use another range)")
+    p.set_defaults(func=shards_command)
+
+    p = subparsers.add_parser(
+        "tokenize",
+        help="turn document shards into token shards (BPE + VQ-GAN once, offline)",
+        description="Tokenize document shards with a tokenizer directory (vocab.json, tokenizer/, vqgan/); "
+                    "one worker process per shard at a time.",
+    )
+    p.add_argument("inputs", nargs="+", help="document shards: files, globs, brace patterns or folders")
+    p.add_argument("-o", "--out", required=True, help="output folder for token shards")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
+    p.add_argument("--device", default="cpu", help="device for the VQ-GAN (cpu, cuda)")
+    p.add_argument("--max-size", default="256MB", help="bytes per output shard")
+    p.add_argument("--max-count", type=int, default=10_000, help="documents per output shard")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=tokenize_command)
+
+
+def _documents(args):
+    from interleaf.training import shards as sh
+
+    if args.source == "shapes":
+        if args.inputs:
+            raise InterleafError("shapes takes no inputs (use --count, --kind, --resolution)")
+        return sh.shapes_documents(args.count, args.kind, args.resolution, args.seed, args.max_shapes, args.start), args.count
+    if not args.inputs:
+        raise InterleafError(f"{args.source}: give the input path(s)")
+    if args.source == "folder":
+        if len(args.inputs) != 1:
+            raise InterleafError("folder takes one folder of image + caption pairs")
+        docs = sh.folder_pairs(args.inputs[0])
+    elif args.source == "jsonl":
+        docs = [d for path in args.inputs for d in sh.jsonl_documents(path)]
+    else:
+        docs = sh.text_documents(args.inputs, per_line=args.per_line)
+    return docs, len(docs)
+
+
+def shards_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from interleaf.training.shards import write_documents
+
+    max_size = parse_size(args.max_size)
+    if args.max_count <= 0:
+        raise InterleafError("--max-count must be positive")
+    docs, total = _documents(args)  # every input is checked here, before a shard is written
+    with tqdm(total=total, unit="doc", desc="shards", dynamic_ncols=True) as bar:
+        paths = write_documents(docs, args.out, prefix=args.prefix, max_size=max_size, max_count=args.max_count,
+                                meta={"source": args.source}, progress=bar.update)
+    print(f"wrote {total} documents into {len(paths)} shard(s) in {args.out}")
+    return 0
+
+
+def tokenize_command(args: argparse.Namespace) -> int:
+    from interleaf.training.tokenize import tokenize_shards
+
+    s = tokenize_shards(args.inputs, args.out, args.tokenizer, workers=args.workers, device=args.device,
+                        max_size=parse_size(args.max_size), max_count=args.max_count, progress=not args.quiet)
+    skipped = ", ".join(f"{v} {k.replace('bad_', 'bad ')}" for k, v in s["skipped"].items() if v) or "nothing"
+    print(f"tokenized {s['documents']} documents, {s['tokens']:,} tokens ({s['image_tokens']:,} image) "
+          f"in {s['seconds']}s into {args.out}; skipped {skipped}")
+    return 0

@@ -1,0 +1,233 @@
+"""Checkpoints: DeepSpeed engine state + loader position + RNG + config, written atomically.
+
+Layout of a run directory:
+
+    RUN/config.yaml  model.yaml  vocab.json  tokenizer/  vqgan/  metrics.jsonl
+    RUN/checkpoints/latest                      name of the newest complete checkpoint (written last)
+    RUN/checkpoints/step_00000400/
+        ds/state/...                            engine.save_checkpoint (ZeRO shards, one per rank)
+        ds/state_universal/...                  made on demand to resume on another world size
+        trainer.json                            step, tokens, skip counters, world size, ...
+        loader.json                             every loader stream's position (any world size)
+        rng/rank_00000.json                     python / numpy / torch RNG state per rank
+        config.yaml  model.yaml
+
+Every rank writes into `checkpoints/.tmp-step_...`; after a barrier rank 0 adds its files, renames
+the folder to its final name and only then rewrites `latest`. A run killed at any moment leaves
+either the previous checkpoint or the new one as `latest`, never a partial one; leftovers of an
+interrupted write are removed when the next run starts.
+
+DeepSpeed's checkpoint files are pickles (torch.load with weights_only=False): load checkpoints
+from trusted sources only. Exports (`interleaf export`) are safetensors.
+
+Resuming on a different number of processes converts the engine state once with DeepSpeed's
+universal checkpoint tool (`deepspeed.checkpoint.ds_to_universal`, fp32 weights and optimizer
+moments per parameter, unpartitioned) and loads it with `load_universal`; the loader re-splits
+its streams over the new ranks (see loader.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from interleaf.errors import InterleafError
+from interleaf.utils import atomic_write, get_logger, write_json
+
+log = get_logger(__name__)
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+DS_TAG = "state"
+UNIVERSAL_TAG = "state_universal"
+TMP_PREFIX = ".tmp-"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- RNG -----------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU, CUDA) generator states as JSON."""
+    st = {
+        "python": _jsonable(random.getstate()),
+        "numpy": _jsonable(np.random.get_state()),
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(_tuples(st["python"]))
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(st["torch"])), dtype=torch.uint8))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(st["cuda"])), dtype=torch.uint8))
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# ---- saving --------------------------------------------------------------------------------
+def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict, loader_state_fn, files: dict,
+                    keep_last: int, kill_in_save: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    `loader_state_fn()` returns this rank's stream states; they are gathered to rank 0. `files`
+    maps file names to paths copied into the checkpoint (resolved config, model args). The run
+    directory must be on a filesystem every node sees (as DeepSpeed's own checkpoints assume).
+    """
+    import torch.distributed as dist
+
+    from interleaf.training.loader import full_state
+
+    rank = dist.get_rank()
+    root = run_dir / CKPT_DIR
+    final = root / step_name(step)
+    tmp = root / f"{TMP_PREFIX}{step_name(step)}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp / "ds"), tag=DS_TAG, save_latest=False)
+    states = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(loader_state_fn(), states, dst=0)
+    write_json(tmp / "rng" / f"rank_{rank:05d}.json", rng_state())
+    if kill_in_save:  # test hook: die with the engine state written and the rest missing
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    if rank == 0:
+        write_json(tmp / "loader.json", full_state(states, trainer_state["n_streams"]))
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+        write_json(tmp / "trainer.json", trainer_state)
+        _fsync_dir(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier, abandoned attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        with atomic_write(root / LATEST) as f:
+            f.write(final.name + "\n")
+        prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- finding -------------------------------------------------------------------------------
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoint folders (with trainer.json), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "trainer.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names; the newest complete one if `latest` is missing or stale."""
+    root = Path(run_dir) / CKPT_DIR
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / "trainer.json").is_file():
+            return named
+        log.warning("checkpoints/latest names %s, which is incomplete; using the newest complete one", named.name)
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def clean_partial(run_dir: Path) -> int:
+    """Remove folders of interrupted checkpoint writes; returns how many."""
+    root = Path(run_dir) / CKPT_DIR
+    stale = list(root.glob(f"{TMP_PREFIX}*")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InterleafError(f"checkpoint {ckpt} is unreadable: {e}") from None
+
+
+# ---- loading -------------------------------------------------------------------------------
+def ensure_universal(ckpt: Path) -> None:
+    """Convert the engine state to DeepSpeed's universal format (rank 0 only, once, atomically)."""
+    out = ckpt / "ds" / UNIVERSAL_TAG
+    if out.is_dir():
+        return
+    tmp = ckpt / "ds" / f"{TMP_PREFIX}{UNIVERSAL_TAG}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / "ds" / DS_TAG),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    log.info("converting %s to a universal checkpoint to resume on another number of processes", ckpt.name)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+        raise InterleafError(f"converting {ckpt} to a universal checkpoint failed: {tail[0]}")
+    os.replace(tmp, out)
+
+
+def load_engine_state(engine, ckpt: Path, universal: bool) -> None:
+    """Engine weights + optimizer state from a checkpoint folder."""
+    tag = UNIVERSAL_TAG if universal else DS_TAG
+    path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise InterleafError(f"DeepSpeed could not load the engine state of {ckpt}")
+
+
+def load_rng(ckpt: Path, rank: int) -> bool:
+    """Restore this rank's RNG state if the checkpoint has it; False when it does not."""
+    f = ckpt / "rng" / f"rank_{rank:05d}.json"
+    if not f.is_file():
+        return False
+    set_rng_state(json.loads(f.read_text()))
+    return True

@@ -1,0 +1,246 @@
+"""DeepSpeed around the model: process group, engine, optimizer, schedule, skipped steps.
+
+The model stays a plain `Transformer`; DeepSpeed wraps it from outside (ZeRO 1/2/3 from the JSON
+files in `configs/deepspeed/`, bf16 on GPU, fp32 on CPU) with a torch AdamW as client optimizer.
+The learning rate is set on the optimizer's param groups before every step from
+`lr_at(step)`, so a resumed or re-sharded run needs no scheduler state.
+
+A step whose loss is not finite on any rank is skipped: every rank still runs its backward passes
+(ZeRO's collectives must line up), then the optimizer's update is replaced by a no-op for that one
+`engine.step()` and ZeRO discards the gradients as usual. Weights and optimizer moments stay
+exactly as they were (DeepSpeed itself only skips overflowing steps for fp16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from interleaf.errors import ConfigError, InterleafError
+from interleaf.utils import get_logger
+
+log = get_logger(__name__)
+
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+
+
+# ---- processes -----------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port free on this machine right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / deepspeed / SLURM variables; (0, 1, 0) alone."""
+    env = dict(os.environ)
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    rank = int(env.get("RANK", 0))
+    world = int(env.get("WORLD_SIZE", 1))
+    local = int(env.get("LOCAL_RANK", rank if world > 1 else 0))
+    return rank, world, local
+
+
+def cpu_accelerator_env() -> None:
+    """Tell DeepSpeed up front that a machine without CUDA is a CPU run (it warns when it guesses)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; returns (rank, world)."""
+    cpu_accelerator_env()
+    import deepspeed
+
+    rank, world, local = dist_env()  # torch.distributed reads them from the environment
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world > 1:
+            raise InterleafError("MASTER_PORT is not set: start several processes with --nproc, torchrun, "
+                                 "deepspeed or srun (with MASTER_ADDR/MASTER_PORT exported)")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if device.type == "cpu":
+        # DeepSpeed would JIT-compile a shared-memory all-reduce kernel for CPU (minutes, needs a C++
+        # compiler); gloo's collectives are enough for CPU runs, so declare that kernel unavailable.
+        import deepspeed.ops
+
+        vars(deepspeed.ops).setdefault("__compatible_ops__", {})
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def pick_device() -> torch.device:
+    """This process's accelerator (cuda:LOCAL_RANK) or the CPU."""
+    if torch.cuda.is_available():
+        _, _, local = dist_env()
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# ---- configuration -------------------------------------------------------------------------
+def ds_config_path(spec: str, zero_stage: int, device: torch.device) -> Path:
+    """`auto` -> configs/deepspeed/zero{stage}-{gpu-bf16|cpu-fp32}.json; anything else is a path."""
+    if spec == "auto":
+        flavour = "gpu-bf16" if device.type == "cuda" else "cpu-fp32"
+        return CONFIG_ROOT / "deepspeed" / f"zero{zero_stage}-{flavour}.json"
+    return Path(spec)
+
+
+def ds_config(path: Path, global_batch: int, micro_batch: int, world: int, grad_clip: float,
+              device: torch.device, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON with batch sizes, clipping and precision filled in from the train config."""
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    cfg.update(
+        train_batch_size=global_batch,
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=global_batch // (micro_batch * world),
+        gradient_clipping=grad_clip,
+        steps_per_print=cfg.get("steps_per_print", 10**9),
+    )
+    if device.type == "cpu" and (cfg.get("bf16", {}).get("enabled") or cfg.get("fp16", {}).get("enabled")):
+        raise ConfigError(f"{path} enables bf16/fp16, which DeepSpeed does not run on CPU; use a cpu-fp32 config")
+    cfg.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    cfg.pop("optimizer", None)  # the optimizer is ours (AdamW below); the schedule too
+    cfg.pop("scheduler", None)
+    if load_universal:
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
+    return cfg
+
+
+def precision(cfg: dict) -> torch.dtype:
+    """Parameter dtype DeepSpeed trains with under this config."""
+    if cfg.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if cfg.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+# ---- optimizer and schedule ----------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), none on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio * lr` at `total`."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+@contextlib.contextmanager
+def frozen_update(engine):
+    """Inside: the optimizer's parameter update is a no-op (a skipped step; ZeRO still clears grads)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    saved = vars(inner).get("step")
+    inner.step = lambda *args, **kwargs: None  # instance attribute, shadows the class method
+    try:
+        yield
+    finally:
+        if saved is None:
+            del inner.step
+        else:
+            inner.step = saved
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block in backward instead of keeping its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+class OutputCarrier:
+    """Let ZeRO-3 see the tensors inside the output head's LossOutput.
+
+    ZeRO-3 re-gathers a module's partitioned weights for its backward through hooks on the tensors
+    the module returns, and it looks inside tuples, lists and dicts only, not dataclasses. So the
+    LossOutput travels as a namedtuple from the output head (`to_tuple`, a forward hook on
+    `model.output` registered before deepspeed.initialize) to the model's return (`from_tuple`, a
+    forward hook on the model registered after DeepSpeed's own, so it runs last); callers still
+    get a LossOutput.
+    """
+
+    def __init__(self):
+        self.carriers: dict[type, type] = {}
+
+    def to_tuple(self, module, args, out):
+        import collections
+        import dataclasses
+
+        if not dataclasses.is_dataclass(out):
+            return out
+        cls = type(out)
+        if cls not in self.carriers:
+            names = [f.name for f in dataclasses.fields(cls)]
+            carrier = collections.namedtuple(f"{cls.__name__}Fields", names)
+            self.carriers[cls], self.carriers[carrier] = carrier, cls
+        return self.carriers[cls](*(getattr(out, f.name) for f in dataclasses.fields(cls)))
+
+    def from_tuple(self, module, args, out):
+        cls = self.carriers.get(type(out))
+        return cls(*out) if cls is not None else out
+
+
+def build_engine(model: torch.nn.Module, ds_cfg: dict, lr: float, weight_decay: float,
+                 betas: tuple[float, float], eps: float):
+    """deepspeed.initialize with a torch AdamW (fused on CUDA); returns the engine."""
+    import deepspeed
+
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **fused)
+    carrier = OutputCarrier() if ds_cfg["zero_optimization"].get("stage") == 3 else None
+    if carrier is not None:
+        model.output.register_forward_hook(carrier.to_tuple)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    if carrier is not None:
+        engine.module.register_forward_hook(carrier.from_tuple)
+    return engine
+
+
+# ---- throughput ----------------------------------------------------------------------------
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def peak_flops(device: torch.device, configured: float) -> float | None:
+    """Peak dense bf16 FLOP/s of one device (configured TFLOP/s, or guessed from the GPU name)."""
+    if configured > 0:
+        return configured * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None

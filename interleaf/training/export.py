@@ -1,0 +1,112 @@
+"""`interleaf export RUN_DIR OUT_DIR`: a checkpoint -> a self-contained model directory.
+
+The engine state is consolidated offline into full fp32 weights with DeepSpeed's
+`zero_to_fp32` (ZeRO 1, 2 and 3 alike: no processes, no GPU), loaded into a `Transformer`, and
+written with `interleaf.pipeline.save_model_dir` (model.safetensors, model.yaml, vocab.json,
+tokenizer/, vqgan/) that `interleaf.load` opens. The training config of the run is kept beside
+it as train.yaml. The output folder is assembled under a temporary name and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from interleaf.errors import InterleafError
+from interleaf.utils import get_logger, write_json
+
+log = get_logger(__name__)
+
+
+def checkpoint_for(run_dir: Path, step: int | None) -> Path:
+    """The checkpoint folder to export: `step` if given, else the latest complete one."""
+    from interleaf.training.checkpoint import CKPT_DIR, find_checkpoint, step_name
+
+    if not run_dir.is_dir():
+        raise InterleafError(f"run directory not found: {run_dir}")
+    if step is not None:
+        ckpt = run_dir / CKPT_DIR / step_name(step)
+        if not (ckpt / "trainer.json").is_file():
+            raise InterleafError(f"{run_dir} has no complete checkpoint for step {step}")
+        return ckpt
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        raise InterleafError(f"{run_dir} holds no complete checkpoint")
+    return ckpt
+
+
+def consolidated_state(ckpt: Path) -> dict:
+    """Full fp32 weights of the engine state of a checkpoint (any ZeRO stage), Transformer names."""
+    import contextlib
+    import io
+
+    from interleaf.training.engine import cpu_accelerator_env
+
+    cpu_accelerator_env()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from interleaf.training.checkpoint import DS_TAG
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def build_model(args, state: dict):
+    """A Transformer holding exactly `state` (strict)."""
+    import torch
+
+    from interleaf.model.transformer import Transformer
+    from interleaf.pipeline import check_state_dict
+
+    if args.tie_embeddings:
+        state.pop("output.weight", None)
+    check_state_dict(state, args, "checkpoint")
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
+           tokenizer: str | Path | None = None) -> Path:
+    """Write the model directory of a run's checkpoint; returns `out_dir`."""
+    from interleaf.config import load_config
+    from interleaf.model.args import ModelArgs
+    from interleaf.pipeline import save_model_dir
+    from interleaf.tokenizer.text import TextTokenizer
+    from interleaf.tokenizer.vocab import Vocabulary
+    from interleaf.tokenizer.vqgan import VQModel
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    ckpt = checkpoint_for(run_dir, step)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "training.json").is_file():
+        raise InterleafError(f"{out_dir} exists and is not an earlier export: choose an empty or new folder")
+    args = load_config(ModelArgs, ckpt / "model.yaml")
+    tok_dir = Path(tokenizer) if tokenizer is not None else run_dir
+    text_src = tok_dir / "tokenizer" if (tok_dir / "tokenizer").exists() else tok_dir
+    if tokenizer is None and not (run_dir / "tokenizer").exists():
+        raise InterleafError(f"{run_dir} has no text tokenizer (trained from token shards without `tokenizer:`); "
+                             f"pass --tokenizer DIR")
+    text = TextTokenizer.load(text_src)
+    vocab = Vocabulary.load(run_dir if (run_dir / "vocab.json").is_file() else tok_dir)  # what it trained with
+    if (tok_dir / "vocab.json").is_file() and Vocabulary.load(tok_dir).to_dict() != vocab.to_dict():
+        raise InterleafError(f"the vocabulary in {tok_dir} differs from the one {run_dir} was trained with")
+    vq_dir = tok_dir / "vqgan" if (tok_dir / "vqgan").is_dir() else run_dir / "vqgan"
+    vqgan = VQModel.load(vq_dir) if vq_dir.is_dir() else None
+    model = build_model(args, consolidated_state(ckpt))
+    tmp = out_dir.parent / f".tmp-{out_dir.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(tmp, model, vocab, text, vqgan)
+    shutil.copyfile(ckpt / "config.yaml", tmp / "train.yaml")
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    write_json(tmp / "training.json", {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name,
+                                       "step": trainer["step"], "tokens": trainer["tokens"]})
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,290 @@
+"""Offline tokenization: document shards -> token shards (text through BPE, images through the VQ-GAN once).
+
+A token shard sample is `KEY.ids.npy` (int32 model ids of the whole document, `<bos>` ... `<eos>`)
+plus `KEY.segs.npy` (int32 (n, 3) rows of (kind, start, end), kind 0 text / 1 image), see
+shards.py. Each input shard becomes one or more output shards named after it, written by its own
+worker process, so the work splits over processes without coordination and reruns are idempotent.
+The output folder's `index.json` records the vocabulary; training refuses token shards made with
+a different one.
+
+A tokenizer directory holds `vocab.json` (optional: built from the text tokenizer and the VQ-GAN
+when absent), the text tokenizer (`tokenizer/` or `tokenizer.json` / `spm.model` at the top) and
+the VQ-GAN (`vqgan/`, optional for text-only data) - the same layout as an exported model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from interleaf.errors import InterleafError
+from interleaf.training.shards import (INDEX_FILE, ReadStats, ShardWriter, expand_paths, iter_tar_samples,
+                                       key_of, parse_document)
+from interleaf.utils import get_logger, write_json
+
+log = get_logger(__name__)
+
+TEXT, IMAGE = 0, 1
+TOKENS_FORMAT = "interleaf-tokens"
+
+
+@dataclass
+class TokenDoc:
+    """A tokenized document: model ids (with <bos>/<eos>) and its segment table."""
+
+    ids: np.ndarray  # int32 (L,)
+    segs: np.ndarray  # int32 (n, 3): kind, start, end
+
+    def members(self) -> dict[str, bytes]:
+        return {"ids.npy": _npy(self.ids), "segs.npy": _npy(self.segs)}
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+_NPY_HEADER = re.compile(rb"\{'descr': '([<|][iu][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}")
+
+
+def _load_npy(data: bytes, name: str) -> np.ndarray:
+    """Parse .npy bytes; the common little-endian integer case without np.load's slow header eval."""
+    import io
+
+    if data[:8] == b"\x93NUMPY\x01\x00":
+        hlen = int.from_bytes(data[8:10], "little")
+        m = _NPY_HEADER.match(data[10 : 10 + hlen])
+        if m is not None:
+            shape = tuple(int(x) for x in m.group(2).split(b",") if x.strip())
+            count = math.prod(shape)
+            dtype = np.dtype(m.group(1).decode())
+            if len(data) - 10 - hlen == count * dtype.itemsize:
+                return np.frombuffer(data, dtype=dtype, count=count, offset=10 + hlen).reshape(shape)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InterleafError(f"{name}: not a valid .npy array ({e})") from None
+
+
+def parse_token_doc(key: str, members: dict[str, bytes], vocab_size: int | None = None) -> TokenDoc:
+    """Members of a token-shard sample -> TokenDoc; InterleafError if malformed."""
+    if "ids.npy" not in members or "segs.npy" not in members:
+        raise InterleafError(f"token sample {key}: needs {key}.ids.npy and {key}.segs.npy")
+    ids = _load_npy(members["ids.npy"], f"{key}.ids.npy")
+    segs = _load_npy(members["segs.npy"], f"{key}.segs.npy")
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or segs.ndim != 2 or segs.shape[1] != 3:
+        raise InterleafError(f"token sample {key}: wrong array shapes {ids.shape} / {segs.shape}")
+    if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
+        raise InterleafError(f"token sample {key}: ids outside [0, {vocab_size})")
+    if any(not (0 <= s <= e <= len(ids)) or k not in (TEXT, IMAGE) for k, s, e in segs.tolist()):
+        raise InterleafError(f"token sample {key}: segment table out of range")
+    return TokenDoc(ids.astype(np.int32, copy=False), segs.astype(np.int32, copy=False))
+
+
+# ---- tokenizer directory ------------------------------------------------------------------
+@dataclass
+class TokenizerFiles:
+    """The vocabulary, text tokenizer and (optional) VQ-GAN of a tokenizer directory."""
+
+    directory: Path
+    vocab: object
+    text: object
+    vqgan: object | None
+
+    def multimodal(self):
+        from interleaf.tokenizer.multimodal import MultimodalTokenizer
+
+        return MultimodalTokenizer(self.vocab, self.text, self.vqgan)
+
+
+def load_tokenizer_dir(directory: str | Path, need_vqgan: bool = False, device: str = "cpu") -> TokenizerFiles:
+    """Read a tokenizer directory (see module docstring); clear errors for missing parts."""
+    from interleaf.tokenizer.text import TextTokenizer
+    from interleaf.tokenizer.vocab import VOCAB_FILE, Vocabulary
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InterleafError(f"tokenizer directory not found: {directory}")
+    text_src = directory / "tokenizer" if (directory / "tokenizer").exists() else directory
+    text = TextTokenizer.load(text_src)
+    vqgan = None
+    if (directory / "vqgan").is_dir():
+        from interleaf.tokenizer.vqgan import VQModel
+
+        vqgan = VQModel.load(directory / "vqgan", device=device)
+    elif need_vqgan:
+        raise InterleafError(f"tokenizer directory {directory} has no vqgan/ folder, needed to tokenize images")
+    if (directory / VOCAB_FILE).is_file():
+        vocab = Vocabulary.load(directory)
+    elif vqgan is not None:
+        vocab = Vocabulary.build(text.vocab_size, vqgan.config.n_embed, vqgan.grid)
+    else:
+        raise InterleafError(f"tokenizer directory {directory} has neither vocab.json nor vqgan/ to build one")
+    return TokenizerFiles(directory, vocab, text, vqgan)
+
+
+def encode_document(segments: Sequence, tok) -> TokenDoc:
+    """Segments (str | PIL image | ImageCodes) -> TokenDoc, through a MultimodalTokenizer."""
+    from interleaf.tokenizer.vocab import ImageCodes
+
+    segs = tok.segments(list(segments))  # images -> ImageCodes, batched through the VQ-GAN
+    ids, table = [tok.vocab.bos_id], []
+    for seg in segs:
+        part = tok.vocab.encode_document([seg], tok.text.encode, bos=False, eos=False)
+        if not part:
+            continue
+        table.append((IMAGE if isinstance(seg, ImageCodes) else TEXT, len(ids), len(ids) + len(part)))
+        ids.extend(part)
+    ids.append(tok.vocab.eos_id)
+    return TokenDoc(np.asarray(ids, dtype=np.int32), np.asarray(table, dtype=np.int32).reshape(-1, 3))
+
+
+def encode_documents(docs: Sequence[Sequence], tok) -> list[TokenDoc]:
+    """Several documents at once: all their images go through the VQ-GAN in shared batches."""
+    from PIL import Image
+
+    images = [seg for doc in docs for seg in doc if isinstance(seg, (Image.Image, Path))]
+    codes = iter(tok.encode_images(images)) if images else iter(())
+    out = []
+    for doc in docs:
+        segments = [next(codes) if isinstance(seg, (Image.Image, Path)) else seg for seg in doc]
+        out.append(encode_document(segments, tok))
+    return out
+
+
+# ---- tokenize shards ----------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _worker_init(tokenizer_dir: str, device: str, counter) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    files = load_tokenizer_dir(tokenizer_dir, device=device)
+    _WORKER.update(tok=files.multimodal(), counter=counter)
+
+
+def _tokenize_one(task: tuple[str, str, str, int, int, int]) -> dict:
+    """Tokenize one document shard into token shards named `prefix-*.tar`; returns its counts."""
+    src, out_dir, prefix, max_size, max_count, chunk = task
+    tok, counter = _WORKER["tok"], _WORKER.get("counter")
+    stats, n_docs, n_tokens, n_image = ReadStats(), 0, 0, 0
+    writer = ShardWriter(out_dir, prefix=prefix, max_size=max_size, max_count=max_count)
+    pending: list[tuple[str, list]] = []
+
+    def flush():
+        nonlocal n_docs, n_tokens, n_image
+        for (key, _), doc in zip(pending, encode_documents([d for _, d in pending], tok)):
+            writer.write(key, doc.members())
+            n_docs += 1
+            n_tokens += len(doc.ids)
+            n_image += int(sum(e - s for k, s, e in doc.segs if k == IMAGE))
+        if counter is not None:
+            with counter.get_lock():
+                counter.value += len(pending)
+        pending.clear()
+
+    try:
+        for key, members in iter_tar_samples(src, stats):
+            stats.samples += 1
+            try:
+                pending.append((key_of(key), parse_document(key_of(key), members)))
+            except InterleafError as e:
+                kind = "bad_images" if str(e).startswith("cannot read image") else "bad_samples"
+                stats.warn(kind, f"{src}: {e}")
+            if len(pending) >= chunk:
+                flush()
+        flush()
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"shards": writer.shards, "documents": n_docs, "tokens": n_tokens, "image_tokens": n_image,
+            "stats": stats.to_dict()}
+
+
+def tokenize_shards(inputs, out_dir: str | Path, tokenizer_dir: str | Path, workers: int = 0,
+                    device: str = "cpu", max_size: int = 256 << 20, max_count: int = 10_000,
+                    chunk: int = 64, progress: bool = True) -> dict:
+    """Document shards -> token shards in `out_dir` (one worker process per input shard at a time)."""
+    paths = expand_paths(inputs)
+    files = load_tokenizer_dir(tokenizer_dir, device=device)  # fail early, before any worker starts
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(p, str(out_dir), prefix, max_size, max_count, chunk) for p, prefix in zip(paths, _prefixes(paths))]
+    total = _count_hint(paths)
+    t0 = time.time()
+    results = _run_tasks(tasks, str(tokenizer_dir), files, workers, device, total, progress)
+    shards = [s for r in sorted(results, key=lambda r: r["shards"][0]["path"] if r["shards"] else "")
+              for s in r["shards"]]
+    summary = {
+        "format": TOKENS_FORMAT, "version": 1, "vocab": files.vocab.to_dict(),
+        "tokenizer": str(Path(tokenizer_dir).resolve()),
+        "documents": sum(r["documents"] for r in results), "tokens": sum(r["tokens"] for r in results),
+        "image_tokens": sum(r["image_tokens"] for r in results),
+        "skipped": {k: sum(r["stats"][k] for r in results) for k in ("bad_shards", "bad_samples", "bad_images")},
+        "seconds": round(time.time() - t0, 2),
+    }
+    write_json(out_dir / INDEX_FILE, {"shards": shards, "samples": summary["documents"], **summary})
+    return summary
+
+
+def _prefixes(paths: list[str]) -> list[str]:
+    """Output names: each input shard's file stem, or part-NNNNNN when stems are not unique (URLs, pipes)."""
+    stems = [re.sub(r"[^A-Za-z0-9_\-]", "_", Path(p.rstrip(" -")).name.split(".")[0]) for p in paths]
+    if len(set(stems)) == len(stems) and all(stems):
+        return stems
+    return [f"part-{i:06d}" for i in range(len(paths))]
+
+
+def _count_hint(paths: list[str]) -> int | None:
+    """Total documents from the inputs' index.json files, when every input folder has one."""
+    total = 0
+    for folder in {str(Path(p).parent) for p in paths}:
+        index = Path(folder) / INDEX_FILE
+        if not index.is_file():
+            return None
+        try:
+            total += int(json.loads(index.read_text()).get("samples", 0))
+        except (ValueError, json.JSONDecodeError):
+            return None
+    return total or None
+
+
+def _run_tasks(tasks, tokenizer_dir, files, workers, device, total, progress) -> list[dict]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
+    try:
+        if workers <= 0:
+            _WORKER.update(tok=files.multimodal(), counter=None)
+            results = []
+            for t in tasks:
+                results.append(_tokenize_one(t))
+                bar.update(results[-1]["documents"])
+            return results
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        counter = ctx.Value("q", 0)
+        with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init,
+                      initargs=(tokenizer_dir, device, counter)) as pool:
+            pending = pool.map_async(_tokenize_one, tasks, chunksize=1)
+            while not pending.ready():
+                pending.wait(0.5)
+                bar.update(counter.value - bar.n)
+            results = pending.get()
+            bar.update(counter.value - bar.n)
+            return results
+    finally:
+        bar.close()

@@ -1,0 +1,598 @@
+"""`interleaf train`: configuration, checks before any work, and the training loop.
+
+    interleaf train configs/train/shapes-tiny.yaml optim.lr=1e-3 steps=200 [--nproc 2] [--resume]
+
+One process per device; started by `--nproc N` (local processes, gloo on CPU), `deepspeed`,
+`torchrun` or `srun`. Every process reads the same config, builds the same model (same seed)
+and its own share of the data (loader.py); DeepSpeed averages gradients. Rank 0 writes the
+progress bar, `metrics.jsonl` (and TensorBoard events when asked) and the checkpoints' shared
+files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+from interleaf.config import from_dict, save_config, to_dict
+from interleaf.errors import ConfigError, InterleafError
+from interleaf.training.loader import DataConfig
+from interleaf.utils import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final learning rate = lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clipping (0 = off)
+
+    def validate(self) -> None:
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+
+
+@dataclass
+class DebugConfig:
+    """Test hooks: make failures happen on purpose at a given step."""
+
+    nonfinite_steps: list[int] = field(default_factory=list)  # rank 0's loss becomes NaN at these steps
+    kill_at_step: int = 0  # SIGKILL this process in the middle of this step (after one backward)
+    kill_in_save: int = 0  # SIGKILL while the checkpoint of this step is being written
+    probe_logits: bool = False  # after training, save the engine's logits on a fixed batch (probe.safetensors)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `interleaf train` needs; saved, resolved, as RUN/config.yaml."""
+
+    run_dir: str = "runs/train"
+    model_size: str | None = "debug"  # a named size of interleaf.model.args.MODEL_SIZES (None: defaults)
+    model: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields over the named size
+    tokenizer: str | None = None  # vocab.json + tokenizer/ + vqgan/ (tokenize.py); else from token shards
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000
+    global_batch: int = 32  # rows of data.seq_len tokens per optimizer step, over all processes
+    micro_batch: int = 4  # rows per forward/backward on one process
+    zero_stage: Literal[1, 2, 3] = 2
+    deepspeed: str = "auto"  # auto: configs/deepspeed/zero{stage}-{gpu-bf16|cpu-fp32}.json; or a path
+    activation_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end (when data.eval_sources are given)
+    save_every: int = 500
+    keep_last: int = 3  # checkpoints kept (0: all)
+    max_nonfinite: int = 5  # abort after this many non-finite losses in a row
+    peak_tflops: float = 0.0  # per device, for MFU (0: guess from the GPU name; none on CPU)
+    tensorboard: bool = False
+    threads: int = 0  # torch CPU threads per process (0: torch's default)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self) -> None:
+        for name in ("steps", "global_batch", "micro_batch", "log_every", "max_nonfinite"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "keep_last", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
+
+
+# ---- preparation: everything that can fail on bad input, before any process starts --------
+@dataclass
+class Plan:
+    """A checked configuration, resolved against the data and the world size."""
+
+    cfg: TrainConfig
+    model_args: Any
+    vocab: Any
+    sources: list
+    eval_sources: list
+    world: int
+    n_streams: int
+    grad_accum: int
+
+
+def check_world(cfg: TrainConfig, world: int) -> int:
+    """Gradient accumulation steps for this world size; ConfigError if the batch does not split."""
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise ConfigError(
+            f"global_batch={cfg.global_batch} is not divisible by micro_batch x processes = "
+            f"{cfg.micro_batch} x {world} = {cfg.micro_batch * world}")
+    return cfg.global_batch // (cfg.micro_batch * world)
+
+
+def resolve_model_args(cfg: TrainConfig, vocab):
+    """ModelArgs from the named size + overrides, with vocab_size from the vocabulary."""
+    from interleaf.model.args import MODEL_SIZES, ModelArgs
+
+    extra = dict(cfg.model)
+    extra.setdefault("vocab_size", vocab.size)
+    if cfg.model_size is not None:
+        if cfg.model_size not in MODEL_SIZES:
+            raise ConfigError(f"unknown model_size {cfg.model_size!r} (known: {', '.join(MODEL_SIZES)})")
+        base = to_dict(MODEL_SIZES[cfg.model_size])
+        if {"dim", "multiple_of", "ffn_multiplier"} & set(extra):
+            base.pop("ffn_hidden")  # derived from those in the table: let ModelArgs recompute it
+        extra = {**base, **extra}
+    args = from_dict(ModelArgs, extra, prefix="model")
+    if args.vocab_size < vocab.size:
+        raise ConfigError(f"model.vocab_size={args.vocab_size} is smaller than the vocabulary ({vocab.size} ids)")
+    return args
+
+
+def resolve_vocab(cfg: TrainConfig, sources: list):
+    """The vocabulary: from the tokenizer directory, else from the token shards' index.json."""
+    from interleaf.tokenizer.vocab import VOCAB_FILE, Vocabulary
+    from interleaf.training.loader import shard_index
+
+    if cfg.tokenizer is not None:
+        d = Path(cfg.tokenizer)
+        if not d.is_dir():
+            raise ConfigError(f"tokenizer directory not found: {d}")
+        if (d / VOCAB_FILE).is_file():
+            return Vocabulary.load(d)
+        from interleaf.training.tokenize import load_tokenizer_dir
+
+        return load_tokenizer_dir(d).vocab
+    found = [i["vocab"] for s in sources if s.kind == "tokens" for i in shard_index(s.shards) if "vocab" in i]
+    if not found:
+        raise ConfigError("cannot tell the vocabulary: set `tokenizer:` to a tokenizer directory "
+                          "(token shards without index.json do not record one)")
+    if any(v != found[0] for v in found):
+        raise ConfigError("the token shards of the data sources were made with different vocabularies")
+    return Vocabulary.from_dict(found[0])
+
+
+def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
+    """Check the config against the data and the world size; InterleafError on the first problem."""
+    from interleaf.training.checkpoint import CKPT_DIR, complete_checkpoints
+    from interleaf.training.loader import check_vocab, resolve_sources
+
+    grad_accum = check_world(cfg, world)
+    n_streams = cfg.global_batch // cfg.micro_batch
+    if not resume and complete_checkpoints(Path(cfg.run_dir) / CKPT_DIR):
+        raise InterleafError(f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                             f"or choose another run_dir")
+    if resume:
+        from interleaf.training.checkpoint import find_checkpoint, read_trainer_state
+
+        ckpt = find_checkpoint(Path(cfg.run_dir))
+        check_resume(cfg, n_streams, ckpt, read_trainer_state(ckpt) if ckpt is not None else None)
+    sources = resolve_sources(cfg.data.sources)
+    eval_sources = resolve_sources(cfg.data.eval_sources)
+    vocab = resolve_vocab(cfg, sources + eval_sources)
+    for s in sources + eval_sources:
+        if s.kind == "tokens":
+            check_vocab(s.shards, vocab, s.name)
+    if any(s.kind == "documents" for s in sources + eval_sources) and cfg.tokenizer is None:
+        raise ConfigError("document shards are tokenized on the fly, which needs `tokenizer:`; "
+                          "or run `interleaf tokenize` first")
+    args = resolve_model_args(cfg, vocab)
+    if cfg.data.seq_len > args.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={args.max_seq_len}")
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+    return Plan(cfg, args, vocab, sources, eval_sources, world, n_streams, grad_accum)
+
+
+def check_resume(cfg: TrainConfig, n_streams: int, ckpt: Path | None, state: dict | None) -> None:
+    """What a checkpoint cannot be resumed with: another data split or another ZeRO stage."""
+    if state is None:
+        return
+    if int(state["n_streams"]) != n_streams:
+        raise InterleafError(
+            f"cannot resume {ckpt}: its data order has global_batch / micro_batch = {state['n_streams']} "
+            f"streams, this config {n_streams} (keep global_batch and micro_batch when resuming)")
+    if int(state["zero_stage"]) != cfg.zero_stage:
+        raise InterleafError(
+            f"cannot resume {ckpt} (ZeRO stage {state['zero_stage']}) with zero_stage={cfg.zero_stage}: DeepSpeed "
+            f"does not move optimizer state across stages; keep the stage, or export and start a new run")
+
+
+# ---- one step's numbers -------------------------------------------------------------------
+STATS = ("loss", "ce", "z_loss", "text_sum", "n_text", "image_sum", "n_image", "n_tokens", "crc", "nonfinite")
+
+
+def step_stats(out, loss, crc: int):
+    """One micro-batch's contribution to the step's global sums (float64 (len(STATS),), no sync)."""
+    import torch
+
+    parts = torch.stack([
+        loss.detach().double(), out.ce.double(), out.z_loss.double(),
+        (out.text_loss * out.n_text_tokens).double(), out.n_text_tokens.double(),
+        (out.image_loss * out.n_image_tokens).double(), out.n_image_tokens.double(),
+        out.n_tokens.double(), torch.tensor(float(crc), dtype=torch.float64, device=loss.device),
+    ]).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite micro-batch is counted below instead
+    return torch.cat([parts, (~torch.isfinite(loss.detach())).double().reshape(1)])
+
+
+# ---- the run -------------------------------------------------------------------------------
+class Trainer:
+    """One process of a training run."""
+
+    def __init__(self, plan: Plan, rank: int, device, resume: bool):
+        self.plan, self.cfg, self.rank, self.device = plan, plan.cfg, rank, device
+        self.run_dir = Path(self.cfg.run_dir)
+        self.resume = resume
+        self.step = 0
+        self.tokens = 0
+        self.skipped = 0
+        self.nonfinite_in_a_row = 0
+        self.loader = None
+        self.tb = None
+
+    # -- setup --
+    def setup(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from interleaf.model.transformer import Transformer
+        from interleaf.training import checkpoint as ck
+        from interleaf.training import engine as eng
+        from interleaf.training.loader import StreamingLoader, make_spec
+        from interleaf.utils import seed_everything
+
+        cfg, plan = self.cfg, self.plan
+        ckpt = self._find_resume_point()
+        dist.barrier()
+        state = ck.read_trainer_state(ckpt) if ckpt is not None else None
+        check_resume(cfg, plan.n_streams, ckpt, state)
+        # another world size reads the engine state through DeepSpeed's universal format
+        universal = state is not None and int(state["world_size"]) != plan.world
+        if universal:
+            if self.rank == 0:
+                ck.ensure_universal(ckpt)
+            dist.barrier()
+        seed_everything(cfg.seed)  # identical initial weights on every rank, for any world size
+        model = Transformer(plan.model_args).to(self.device)
+        if cfg.activation_checkpointing:
+            eng.apply_activation_checkpointing(model)
+        self.ds_cfg = eng.ds_config(eng.ds_config_path(cfg.deepspeed, cfg.zero_stage, self.device), cfg.global_batch,
+                                    cfg.micro_batch, plan.world, cfg.optim.grad_clip, self.device, universal)
+        o = cfg.optim
+        self.engine = eng.build_engine(model, self.ds_cfg, o.lr, o.weight_decay, o.betas, o.eps)
+        spec = make_spec(cfg.data, plan.sources, plan.vocab, cfg.tokenizer, cfg.steps, plan.n_streams, cfg.micro_batch)
+        self.loader = StreamingLoader(spec, self.rank, plan.world, cfg.data.num_workers)
+        if ckpt is not None:
+            self._restore(ckpt, state, universal)
+        else:
+            seed_everything(cfg.seed + 1000 * self.rank + 1)  # per-rank streams (dropout)
+            if self.rank == 0:
+                self._truncate_metrics()  # lines of an earlier attempt that left no checkpoint
+        self.flops_per_token = self._flops_per_token()
+        self.peak = eng.peak_flops(self.device, cfg.peak_tflops)
+        if cfg.tensorboard and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _find_resume_point(self):
+        from interleaf.training import checkpoint as ck
+
+        if not self.resume:
+            return None
+        if self.rank == 0 and ck.clean_partial(self.run_dir):
+            log.info("removed leftovers of an interrupted checkpoint write")
+        ckpt = ck.find_checkpoint(self.run_dir)
+        if ckpt is None and self.rank == 0:
+            log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+        return ckpt
+
+    def _restore(self, ckpt: Path, state: dict, universal: bool) -> None:
+        from interleaf.training import checkpoint as ck
+
+        ck.load_engine_state(self.engine, ckpt, universal)
+        self.loader.load_state_dict(json.loads((ckpt / "loader.json").read_text()))
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped, self.nonfinite_in_a_row = int(state["skipped"]), int(state["nonfinite_in_a_row"])
+        if universal or not ck.load_rng(ckpt, self.rank):
+            from interleaf.utils import seed_everything
+
+            seed_everything(self.cfg.seed + 1000 * self.rank + 1 + 7919 * self.step)
+        if self.rank == 0:
+            self._truncate_metrics()
+            log.info("resumed from %s (step %d, trained on %d processes, now %d)", ckpt.name, self.step,
+                     state["world_size"], self.plan.world)
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines of steps after the resumed checkpoint (they are about to be redone)."""
+        from interleaf.utils import atomic_write
+
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue
+        with atomic_write(path) as f:
+            f.write("".join(k + "\n" for k in keep))
+
+    def _flops_per_token(self) -> float:
+        from interleaf.model.args import flops_per_token
+
+        return flops_per_token(self.plan.model_args, self.cfg.data.seq_len, training=True)
+
+    # -- run files --
+    def write_run_files(self) -> None:
+        """Resolved config, model args, vocabulary and tokenizer files in RUN/ (rank 0, first start)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        save_config(self.plan.model_args, self.run_dir / "model.yaml")
+        self.plan.vocab.save(self.run_dir)
+        if self.cfg.tokenizer is not None:
+            src = Path(self.cfg.tokenizer)
+            for sub in ("tokenizer", "vqgan"):
+                if (src / sub).is_dir() and not (self.run_dir / sub).exists():
+                    shutil.copytree(src / sub, self.run_dir / sub)
+            if not (src / "tokenizer").is_dir() and not (self.run_dir / "tokenizer").exists():
+                from interleaf.tokenizer.text import TextTokenizer
+
+                TextTokenizer.load(src).save(self.run_dir / "tokenizer")
+
+    # -- steps --
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """Forward/backward over this rank's micro-batches, one optimizer step (or a skip); global stats."""
+        import torch
+        import torch.distributed as dist
+
+        from interleaf.training import engine as eng
+        from interleaf.training.loader import batch_crc, to_torch
+
+        cfg, engine = self.cfg, self.engine
+        lr = eng.lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+        eng.set_lr(engine, lr)
+        engine.train()
+        acc = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
+        for i, mb in enumerate(micro_batches):
+            b = to_torch(mb, self.device)
+            out = engine(b["tokens"], b["doc_ids"], targets=b["targets"], weights=b["weights"], is_image=b["is_image"])
+            loss = out.loss
+            if self.rank == 0 and self.step + 1 in cfg.debug.nonfinite_steps:  # test hook
+                loss = loss * float("nan")
+            acc += step_stats(out, loss, batch_crc(mb))
+            engine.backward(loss)
+            if cfg.debug.kill_at_step == self.step + 1:  # test hook: die in the middle of a step
+                os.kill(os.getpid(), signal.SIGKILL)
+            if i < len(micro_batches) - 1:
+                engine.step()  # accumulates; the optimizer runs at the last micro-batch
+        dist.all_reduce(acc)
+        skip = acc[STATS.index("nonfinite")] > 0  # on any rank: every rank skips the update
+        with eng.frozen_update(engine) if skip else contextlib.nullcontext():
+            engine.step()
+        return self._summarise(acc, lr)
+
+    def _summarise(self, acc, lr: float) -> dict:
+        """Global sums over every micro-batch of the step -> the metrics record of the step."""
+        n_micro = self.plan.n_streams
+        a = dict(zip(STATS, acc.tolist()))
+        nonfinite = a["nonfinite"] > 0
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else float("nan")
+
+        def mean(key):  # a skipped step has no meaningful loss: only some micro-batches were finite
+            return None if nonfinite else a[key] / n_micro
+
+        return {
+            "loss": mean("loss"), "ce": mean("ce"), "z_loss": mean("z_loss"),
+            "text_loss": a["text_sum"] / a["n_text"] if a["n_text"] else None,
+            "image_loss": a["image_sum"] / a["n_image"] if a["n_image"] else None,
+            "tokens": int(a["n_tokens"]), "data_crc": int(a["crc"]) % 2**32, "nonfinite": nonfinite,
+            "grad_norm": None if nonfinite or not math.isfinite(gn) else gn, "lr": lr,
+        }
+
+    # -- evaluation --
+    def evaluate(self) -> dict | None:
+        """Held-out loss per modality over data.eval_batches micro-batches of every stream."""
+        import torch
+        import torch.distributed as dist
+
+        from interleaf.training.loader import StreamingLoader, make_spec, pad_batch, to_torch
+
+        cfg, plan = self.cfg, self.plan
+        if not plan.eval_sources or cfg.data.eval_batches == 0:
+            return None
+        spec = make_spec(cfg.data, plan.eval_sources, plan.vocab, cfg.tokenizer, cfg.steps, plan.n_streams,
+                         cfg.micro_batch, eval_mode=True)
+        loader = StreamingLoader(spec, self.rank, plan.world, 0)
+        it = iter(loader)
+        pad = None
+        acc = torch.zeros(6, dtype=torch.float64, device=self.device)  # ce sum, n, text sum, n, image sum, n
+        self.engine.eval()
+        with torch.no_grad():
+            for _ in range(cfg.data.eval_batches * plan.grad_accum):  # same count on every rank (ZeRO-3)
+                mb = next(it, None)
+                if mb is None:
+                    mb = pad = pad or pad_batch(spec)
+                b = to_torch(mb, self.device)
+                out = self.engine(b["tokens"], b["doc_ids"], targets=b["targets"], is_image=b["is_image"])
+                n_text, n_image = out.n_text_tokens.double(), out.n_image_tokens.double()
+                acc += torch.stack([out.text_loss.double() * n_text + out.image_loss.double() * n_image,
+                                    n_text + n_image, out.text_loss.double() * n_text, n_text,
+                                    out.image_loss.double() * n_image, n_image])
+        self.engine.train()
+        dist.all_reduce(acc)
+        a = acc.tolist()
+        return {"loss": a[0] / a[1] if a[1] else None, "text_loss": a[2] / a[3] if a[3] else None,
+                "image_loss": a[4] / a[5] if a[5] else None, "tokens": int(a[1])}
+
+    # -- logging --
+    def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            for k, v in record.get("eval", {}).items() if isinstance(record.get("eval"), dict) else []:
+                if isinstance(v, (int, float)):
+                    flat[f"eval/{k}"] = v
+            for k, v in flat.items():
+                self.tb.add_scalar(k, v, record["step"])
+
+    def save(self) -> None:
+        from interleaf.training import checkpoint as ck
+
+        state = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
+                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "world_size": self.plan.world,
+                 "n_streams": self.plan.n_streams, "zero_stage": self.cfg.zero_stage, "time": time.time()}
+        files = {"config.yaml": self.run_dir / "config.yaml", "model.yaml": self.run_dir / "model.yaml"}
+        ck.save_checkpoint(self.run_dir, self.step, self.engine, state, self.loader.state_dict, files,
+                           self.cfg.keep_last, kill_in_save=self.cfg.debug.kill_in_save == self.step)
+
+    # -- main loop --
+    def run(self, progress: bool = True) -> dict:
+        """Train until cfg.steps; returns the last metrics record."""
+        import torch.distributed as dist
+        from tqdm import tqdm
+
+        cfg, plan = self.cfg, self.plan
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not progress or self.rank != 0, desc="train")
+        it = iter(self.loader)
+        last: dict = {}
+        t_last, tok_last = time.time(), self.tokens
+        while self.step < cfg.steps:
+            micro = [next(it) for _ in range(plan.grad_accum)]
+            stats = self.train_step(micro)
+            self.step += 1
+            self.tokens += stats["tokens"]
+            self._count_nonfinite(stats["nonfinite"])
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.time()
+                tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
+                t_last, tok_last = now, self.tokens
+                mfu = tps * self.flops_per_token / (self.peak * plan.world) if self.peak else None
+                last = {"step": self.step, **stats, "tokens_seen": self.tokens, "tokens_per_s": tps, "mfu": mfu,
+                        "skipped": self.skipped, "read": self._read_stats()}
+                self.log(last)
+                loss = "nan" if stats["nonfinite"] else f"{stats['loss']:.4f}"
+                bar.set_postfix(loss=loss, tok_s=f"{tps:,.0f}", refresh=False)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+                self._eval_and_log()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        self._eval_and_log()
+        if cfg.debug.probe_logits:
+            self.probe()
+        dist.barrier()
+        return last
+
+    def _count_nonfinite(self, nonfinite: bool) -> None:
+        """Count skipped steps; stop (on every rank alike) after cfg.max_nonfinite in a row."""
+        if not nonfinite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.skipped += 1
+        self.nonfinite_in_a_row += 1
+        if self.rank == 0:
+            log.warning("step %d: loss is not finite; step skipped (%d in a row)", self.step, self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
+            raise InterleafError(
+                f"the loss was not finite for {self.nonfinite_in_a_row} steps in a row (last at step {self.step}); "
+                f"stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint")
+
+    def _read_stats(self) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        st = self.loader.read_stats()
+        keys = sorted(st)
+        t = torch.tensor([st[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(keys, (int(v) for v in t.tolist())))
+
+    def _eval_and_log(self) -> None:
+        result = self.evaluate()
+        if result is not None:
+            self.log({"step": self.step, "eval": result})
+            if self.rank == 0:
+                parts = [f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)]
+                log.info("step %d held-out: %s", self.step, ", ".join(parts))
+
+    def probe(self) -> None:
+        """Logits of the trained engine on a fixed batch, saved as RUN/probe.safetensors (tests, export checks)."""
+        import torch
+        from safetensors.torch import save_file
+
+        g = torch.Generator().manual_seed(1234)
+        tokens = torch.randint(0, self.plan.vocab.size, (2, min(16, self.cfg.data.seq_len)), generator=g)
+        self.engine.eval()
+        with torch.no_grad():
+            logits = self.engine(tokens.to(self.device)).float().cpu()
+        if self.rank == 0:
+            save_file({"tokens": tokens, "logits": logits.contiguous()}, str(self.run_dir / "probe.safetensors"))
+
+
+# ---- entry point ---------------------------------------------------------------------------
+def load_train_config(path, overrides=()) -> TrainConfig:
+    from interleaf.config import load_config
+
+    return load_config(TrainConfig, path, overrides)
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train in this process (one rank of a run, or the only one). Collective over all ranks."""
+    import torch
+
+    from interleaf.training import engine as eng
+    from interleaf.training.engine import dist_env
+
+    # DeepSpeed calls torch.distributed functions torch has renamed; not the user's concern
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    _, world, _ = dist_env()
+    plan = prepare(cfg, world, resume)  # bad input fails here, before DeepSpeed starts
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = eng.pick_device()
+    rank, world = eng.init_distributed(device)
+    trainer = Trainer(plan, rank, device, resume)
+    try:
+        if rank == 0 and not (resume and (Path(cfg.run_dir) / "config.yaml").is_file()):
+            trainer.write_run_files()
+        elif rank == 0:
+            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        trainer.setup()
+        t0 = time.time()
+        last = trainer.run(progress)
+        if rank == 0:
+            loss = last.get("loss")
+            print(f"trained {trainer.step} steps, {trainer.tokens:,} tokens in {time.time() - t0:.1f}s "
+                  f"({world} process{'es' if world > 1 else ''}); last loss "
+                  f"{loss if loss is None else round(loss, 4)}; skipped {trainer.skipped}; run: {cfg.run_dir}")
+        return last
+    finally:
+        if trainer.tb is not None:
+            trainer.tb.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,162 @@
+"""Shard format, writer, readers, `interleaf shards` and `interleaf tokenize`."""
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from interleaf.cli import main
+from interleaf.errors import InterleafError
+from interleaf.training.shards import (ReadStats, ShardWriter, document_members, expand_paths, iter_documents,
+                                       iter_tar_samples, iter_texts, jsonl_documents, write_documents)
+from training_helpers import make_tokenizer_dir, truncate
+
+
+def image(seed, size=20):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def docs(n):
+    return [(f"doc{i}", [f"text {i} é 🙂", image(i), "after"] if i % 2 else [f"only text {i}"], {"i": i})
+            for i in range(n)]
+
+
+def same_doc(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, str):
+            assert x == y
+        else:
+            assert np.array_equal(np.asarray(x.convert("RGB")), np.asarray(y.convert("RGB")))
+
+
+def test_write_read_round_trip_size_limits_and_determinism(tmp_path):
+    src = docs(9)
+    paths = write_documents(src, tmp_path / "a", max_count=4, meta={"source": "test"})
+    assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert not list((tmp_path / "a").glob(".*tmp"))
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert index["samples"] == 9 and [s["count"] for s in index["shards"]] == [4, 4, 1] and index["source"] == "test"
+    got = list(iter_documents(str(tmp_path / "a" / "*.tar")))
+    assert [k for k, _ in got] == [k for k, _, _ in src]
+    for (_, want, _), (_, have) in zip(src, got):
+        same_doc(want, have)
+    assert list(iter_texts(tmp_path / "a")) == [s for _, d, _ in src for s in d if isinstance(s, str)]
+    with tarfile.open(paths[0]) as tar:  # plain webdataset layout: KEY.json, KEY.0.png, KEY.meta.json
+        assert tar.getnames()[:4] == ["doc0.json", "doc0.meta.json", "doc1.0.png", "doc1.json"]
+    write_documents(src, tmp_path / "b", max_count=4)
+    assert paths[1].read_bytes() == (tmp_path / "b" / "shard-000001.tar").read_bytes()
+    big = write_documents(src, tmp_path / "c", max_size=3000)  # size-limited: images force new shards
+    assert len(big) > 3 and all(p.stat().st_size < 3000 + 10240 for p in big)
+
+
+def test_webdataset_reads_our_shards(tmp_path):
+    import webdataset as wds
+
+    write_documents(docs(4), tmp_path, max_count=10)
+    samples = list(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["doc0", "doc1", "doc2", "doc3"]
+    assert json.loads(samples[1]["json"]) == [{"text": "text 1 é 🙂"}, {"image": "0.png"}, {"text": "after"}]
+
+
+def test_corruption_is_skipped_and_counted(tmp_path):
+    write_documents(docs(12), tmp_path, max_count=4)
+    data = (tmp_path / "shard-000001.tar").read_bytes()
+    (tmp_path / "shard-000001.tar").write_bytes(data[:512 * 7])  # cut at a block boundary
+    truncate(tmp_path / "shard-000002.tar", 0.5)
+    (tmp_path / "shard-000003.tar").write_bytes(b"\x00garbage" * 300)
+    w = ShardWriter(tmp_path, prefix="bad")
+    w.write("broken", {"json": b"[{\"text\": "})
+    w.write("badimg", document_members(["x", image(0)]) | {"0.png": b"nope"})
+    w.write("fine", document_members(["fine"]))
+    w.close()
+    stats = ReadStats()
+    keys = [k for k, _ in iter_documents(str(tmp_path / "*.tar"), stats)]
+    assert keys[:5] == ["fine", "doc0", "doc1", "doc2", "doc3"]  # bad-*.tar sorts first
+    assert set(keys[5:]) < {"doc8", "doc9", "doc10", "doc11"}  # what the truncation left of shard 2
+    assert stats.bad_shards == 3 and stats.bad_samples == 1 and stats.bad_images == 1
+    assert len(keys) < 12 and len(stats.problems) == 5
+
+
+def test_paths_and_bad_inputs(tmp_path):
+    write_documents(docs(2), tmp_path / "s")
+    assert expand_paths(str(tmp_path / "s" / "shard-{000000..000000}.tar")) == [str(tmp_path / "s" / "shard-000000.tar")]
+    for bad, msg in ((tmp_path / "none-*.tar", "no shards match"), (tmp_path / "missing.tar", "not found"),
+                     ([], "no shard paths")):
+        with pytest.raises(InterleafError, match=msg):
+            expand_paths(bad if isinstance(bad, list) else str(bad))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InterleafError, match="no .tar shards"):
+        expand_paths(str(tmp_path / "empty"))
+
+
+def test_jsonl_and_folder_sources(tmp_path, capsys):
+    image(1).save(tmp_path / "cat.png")
+    good = tmp_path / "docs.jsonl"
+    good.write_text(json.dumps(["hello", {"image": "cat.png"}, {"text": "bye"}]) + "\n\n"
+                    + json.dumps({"segments": [{"text": "solo"}], "key": "k2", "meta": {"a": 1}}) + "\n")
+    got = jsonl_documents(good)
+    assert [k for k, _, _ in got] == ["docs-00000001", "k2"] and got[0][1][1] == tmp_path / "cat.png"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(["ok"]) + "\n{not json\n")
+    assert main(["shards", "jsonl", str(bad), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:2: not valid JSON" in err[0]
+    assert not (tmp_path / "out").exists()  # nothing written
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps(["x", {"image": "nope.png"}]) + "\n")
+    with pytest.raises(InterleafError, match="missing.jsonl:1: segment 1: image not found"):
+        jsonl_documents(missing)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for i in range(3):
+        image(i).save(pairs / f"x{i}.png")
+        (pairs / f"x{i}.txt").write_text(f"caption {i}\n")
+    assert main(["shards", "folder", str(pairs), "-o", str(tmp_path / "p"), "--max-count", "2"]) == 0
+    got = list(iter_documents(tmp_path / "p"))
+    assert [d[0] for _, d in got] == ["caption 0", "caption 1", "caption 2"] and len(list((tmp_path / "p").glob("*.tar"))) == 2
+    (pairs / "lonely.png").write_bytes((pairs / "x0.png").read_bytes())
+    assert main(["shards", "folder", str(pairs), "-o", str(tmp_path / "q")]) == 2
+    assert "no caption file" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("line one\n\nline two\n")
+    assert main(["shards", "text", str(tmp_path / "t.txt"), "--per-line", "-o", str(tmp_path / "t")]) == 0
+    assert list(iter_texts(tmp_path / "t")) == ["line one", "line two"]
+
+
+def test_tokenize_matches_the_multimodal_tokenizer(tmp_path, capsys):
+    from interleaf.training.tokenize import load_tokenizer_dir, parse_token_doc
+
+    tok_dir = tmp_path / "tok"
+    vocab = make_tokenizer_dir(tok_dir)
+    assert main(["shards", "shapes", "--count", "12", "--resolution", "32", "--max-count", "5",
+                 "-o", str(tmp_path / "docs")]) == 0
+    w = ShardWriter(tmp_path / "docs", prefix="zz")  # one more shard holding an undecodable image
+    w.write("bad", document_members(["a", image(0)]) | {"0.png": b"garbage"})
+    w.write("ok", document_members(["a red circle", image(3)]))
+    w.close()
+    assert main(["tokenize", str(tmp_path / "docs"), "-o", str(tmp_path / "tok0"), "--tokenizer", str(tok_dir),
+                 "--quiet"]) == 0
+    assert "13 documents" in capsys.readouterr().out
+    mm = load_tokenizer_dir(tok_dir).multimodal()
+    want = {k: mm.encode(d) for k, d in iter_documents(tmp_path / "docs")}
+    got = {}
+    for p in sorted((tmp_path / "tok0").glob("*.tar")):
+        for key, members in iter_tar_samples(str(p)):
+            got[key] = parse_token_doc(key, members, vocab.size)
+    assert set(got) == set(want) and "bad" not in got
+    for key, doc in got.items():
+        assert doc.ids.tolist() == want[key]
+        kinds = [k for k, _, _ in doc.segs.tolist()]
+        assert doc.ids[doc.segs[kinds.index(1), 1]] == vocab.boi_id if 1 in kinds else True
+    index = json.loads((tmp_path / "tok0" / "index.json").read_text())
+    assert index["vocab"] == vocab.to_dict() and index["documents"] == 13 and index["skipped"]["bad_images"] == 1
+    # worker processes give the same shards
+    assert main(["tokenize", str(tmp_path / "docs"), "-o", str(tmp_path / "tok2"), "--tokenizer", str(tok_dir),
+                 "--workers", "2", "--quiet"]) == 0
+    for p in (tmp_path / "tok0").glob("*.tar"):
+        assert p.read_bytes() == (tmp_path / "tok2" / p.name).read_bytes()
+    assert main(["tokenize", str(tmp_path / "nothing*.tar"), "-o", str(tmp_path / "x"), "--tokenizer", str(tok_dir)]) == 2
+    assert "no shards match" in capsys.readouterr().err
