@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and run early-fusion multimodal models (text + VQ image tokens).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # the DeepSpeed launcher passes --local_rank=N before the command; the env (LOCAL_RANK) has it too
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -48,7 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `interleaf` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may come after flags: `interleaf train cfg.yaml --quiet optim.lr=1e-3`
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and isinstance(getattr(args, "overrides", None), list):
+        args.overrides.extend(late)
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.parse_args(argv)  # reports the unrecognised arguments the usual way (exit 2)
     setup_logging(args.verbose)
     try:
         status = args.func(args)
