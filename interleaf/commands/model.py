@@ -1,0 +1,90 @@
+"""`interleaf convert from-hf|to-hf SRC DST` and `interleaf info CONFIG_OR_MODEL_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the model commands."""
+    conv = subparsers.add_parser(
+        "convert",
+        help="convert between Hugging Face Chameleon checkpoints and interleaf model directories",
+        description="Read or write transformers' Chameleon format (config.json, *.safetensors, tokenizer.json), "
+                    "as used by Meta's Chameleon-7B/30B and Anole-7B releases.",
+    )
+    sub = conv.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    p = sub.add_parser("from-hf", help="HF Chameleon directory -> interleaf model directory")
+    p.add_argument("src", help="directory with config.json, *.safetensors and tokenizer.json")
+    p.add_argument("dst", help="interleaf model directory to write")
+    p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
+    p.set_defaults(func=from_hf_command)
+    p = sub.add_parser("to-hf", help="interleaf model directory -> HF Chameleon directory")
+    p.add_argument("src", help="interleaf model directory")
+    p.add_argument("dst", help="directory to write config.json, model.safetensors and tokenizer.json into")
+    p.set_defaults(func=to_hf_command)
+
+    info = subparsers.add_parser(
+        "info",
+        help="parameters, FLOPs per token and memory of a model config or directory",
+        description="CONFIG_OR_MODEL_DIR: a configs/model/*.yaml file, a model directory or a named size "
+                    "(debug, shapes-tiny, 100M, 1B, chameleon-7b, chameleon-34b).",
+    )
+    info.add_argument("target", metavar="CONFIG_OR_MODEL_DIR")
+    info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ModelArgs overrides, e.g. n_layers=8")
+    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
+    info.set_defaults(func=info_command)
+
+
+def from_hf_command(args: argparse.Namespace) -> int:
+    from interleaf.model.convert import from_hf
+    from interleaf.pipeline import parse_dtype
+
+    start = time.perf_counter()
+    dst = from_hf(args.src, args.dst, dtype=parse_dtype(args.dtype))
+    print(f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def to_hf_command(args: argparse.Namespace) -> int:
+    from interleaf.model.convert import to_hf
+
+    start = time.perf_counter()
+    dst = to_hf(args.src, args.dst)
+    print(f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def info_command(args: argparse.Namespace) -> int:
+    from interleaf.model.args import load_model_args, model_summary
+
+    margs = load_model_args(args.target, args.overrides)
+    print(model_summary(margs, args.seq_len))
+    directory = Path(args.target)
+    if directory.is_dir():
+        print(directory_summary(directory))
+    return 0
+
+
+def directory_summary(directory: Path) -> str:
+    """Vocabulary and tokenizer facts of a model directory."""
+    from interleaf.tokenizer.vocab import Vocabulary
+
+    lines = []
+    if (directory / "vocab.json").is_file():
+        v = Vocabulary.load(directory)
+        lines.append(f"vocabulary: {v.size} ids, {v.n_codes} image codes, image grid {v.image_grid[0]}x{v.image_grid[1]} "
+                     f"({v.tokens_per_image} tokens per image)")
+    vq = directory / "vqgan" / "vqgan.yaml"
+    if vq.is_file():
+        from interleaf.config import read_yaml
+
+        c = read_yaml(vq)  # facts only: VQModel.load validates the file when it is used
+        side = c.get("resolution", 0) // 2 ** (len(c.get("ch_mult", [1])) - 1)
+        lines.append(f"vqgan: {c.get('resolution')}px -> {side}x{side} codes of {c.get('n_embed')}, "
+                     f"decoder {'yes' if c.get('has_decoder', True) else 'no (encoder only)'}")
+    else:
+        lines.append("vqgan: none")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from interleaf.errors import ConfigError
+from interleaf.model.attention import (
+    attend, build_cache_mask, build_mask, cache_mask, document_lengths, document_positions,
+    mask_from_lengths, packed_causal_mask, resolve_backend, segment_ids, xformers_available,
+)
+
+DOCS = torch.tensor([[7, 7, 7, 3, 3, 9, 9, 9, 9], [0, 0, 0, 0, 0, 0, 1, 1, 1]])
+
+
+def naive_attention(q, k, v, allowed):
+    """Softmax attention written out: q (B, T, H, hd), k/v (B, S, Hkv, hd), allowed (B, T, S) bool."""
+    H, Hkv = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(H // Hkv, dim=2)
+    v = v.repeat_interleave(H // Hkv, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
+def test_segments_and_positions_by_hand():
+    assert segment_ids(DOCS).tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3], [1, 1, 1, 1, 1, 1, 2, 2, 2]]
+    assert document_positions(DOCS).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]]
+    assert document_lengths(DOCS) == [3, 2, 4, 6, 3]
+
+
+def test_repeated_id_after_another_document_is_a_new_document():
+    ids = torch.tensor([[0, 0, 1, 1, 0]])
+    assert document_positions(ids).tolist() == [[0, 1, 0, 1, 0]]
+    assert not packed_causal_mask(ids)[0, 0, 4, :4].any()
+
+
+def test_packed_mask_equals_block_diagonal_from_lengths():
+    """The lengths handed to xformers' BlockDiagonalCausalMask describe the same mask as SDPA's."""
+    B, T = DOCS.shape
+    dense = packed_causal_mask(DOCS)[:, 0]  # (B, T, T)
+    flat = mask_from_lengths(document_lengths(DOCS), B * T)  # all rows as one sequence
+    want = torch.block_diag(*[m for m in dense.int()]).bool()
+    assert torch.equal(flat, want)
+    # by hand: row 0, token 4 (second of document "3") sees tokens 3 and 4 only
+    assert dense[0, 4].nonzero().flatten().tolist() == [3, 4]
+
+
+def test_cache_mask_by_hand():
+    positions = torch.tensor([[2, 3], [0, 1]])  # row 0 has 2 cached tokens, row 1 none
+    m = cache_mask(positions, n_keys=5, max_len=4)[:, 0]
+    assert m[0].int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]  # key 4 is the scratch slot
+    assert m[1].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    built = build_cache_mask("sdpa", torch.tensor([2, 0]), T=2, max_len=4).mask[:, 0]
+    assert torch.equal(built, m)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_sdpa_packed_and_causal_equal_naive_attention(n_kv):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, hd = DOCS.shape[0], DOCS.shape[1], 4, 8
+    q = torch.randn(B, T, H, hd, generator=g)
+    k, v = torch.randn(2, B, T, n_kv, hd, generator=g)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
+    out = attend(q, k, v, build_mask("sdpa", None, T))
+    torch.testing.assert_close(out, naive_attention(q, k, v, causal), rtol=1e-5, atol=1e-6)
+    out = attend(q, k, v, build_mask("sdpa", DOCS, T))
+    torch.testing.assert_close(out, naive_attention(q, k, v, packed_causal_mask(DOCS)[:, 0]), rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_with_cache_mask_equals_naive_attention():
+    g = torch.Generator().manual_seed(1)
+    B, T, S, H, hd = 2, 3, 6, 2, 4
+    q = torch.randn(B, T, H, hd, generator=g)
+    k, v = torch.randn(2, B, S + 1, H, hd, generator=g)
+    lengths = torch.tensor([1, 3])
+    mask = build_cache_mask("sdpa", lengths, T, S)
+    positions = lengths[:, None] + torch.arange(T)
+    out = attend(q, k, v, mask)
+    torch.testing.assert_close(out, naive_attention(q, k, v, cache_mask(positions, S + 1, S)[:, 0]), rtol=1e-5, atol=1e-6)
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("sdpa", "cpu") == "sdpa"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_backend("xformers", "cpu")
+    with pytest.raises(ConfigError, match="unknown attention backend 'flash'"):
+        resolve_backend("flash", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
+def test_xformers_equals_sdpa_on_cuda():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, hd = DOCS.shape[0], DOCS.shape[1], 4, 64
+    q = torch.randn(B, T, H, hd, generator=g, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, B, T, 2, hd, generator=g, device="cuda", dtype=torch.bfloat16)
+    docs = DOCS.cuda()
+    for doc_ids in (None, docs):
+        want = attend(q, k, v, build_mask("sdpa", doc_ids, T))
+        got = attend(q, k, v, build_mask("xformers", doc_ids, T))
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    kc, vc = torch.randn(2, B, 17, 2, hd, generator=g, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([3, 9], device="cuda")
+    want = attend(q[:, :2], kc, vc, build_cache_mask("sdpa", lengths, 2, 16))
+    got = attend(q[:, :2], kc, vc, build_cache_mask("xformers", lengths, 2, 16))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+

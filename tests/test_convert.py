@@ -1,0 +1,255 @@
+"""interleaf <-> transformers' Chameleon: same logits, same VQ codes, bit-exact round trips."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import interleaf  # noqa: E402
+from interleaf import cli  # noqa: E402
+from interleaf.errors import InterleafError  # noqa: E402
+from interleaf.model.convert import (  # noqa: E402
+    image_code_of, image_token_name, read_safetensors_dir, rope_from_hf, rope_to_hf,
+)
+
+N_CODES = 64
+VQ = dict(embed_dim=8, num_embeddings=N_CODES, latent_channels=8, resolution=16, base_channels=32,
+          channel_multiplier=[1, 2], num_res_blocks=1)  # 16px -> 8x8 codes
+
+
+def chameleon_tokenizer():
+    """A byte-level BPE laid out like Chameleon's: <s> <pad> </s> <unk>, IMGIMG codes, <eoss> <racm3:break> <image>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"] + [image_token_name(c) for c in range(N_CODES)]
+    specials += ["<eoss>", "<racm3:break>", "<image>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a red circle above a blue square", "the quick brown fox"] * 10, trainer)
+    return tok
+
+
+def build_hf(path, swin: bool, tie: bool = False):
+    """A randomly initialised tiny ChameleonForConditionalGeneration saved to `path`."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    tok = chameleon_tokenizer()
+    cfg = ChameleonConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          swin_norm=swin, vq_config=VQ, vocabulary_map=tok.get_vocab(), tie_word_embeddings=tie,
+                          bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = ChameleonForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # move every parameter off its init (norm weights of 1, biases of 0 hide layout bugs)
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    return hf
+
+
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory):
+    """swin -> (HF model, directory with hf/ and il/, loaded interleaf pipeline), built once each."""
+    cache = {}
+
+    def get(swin: bool):
+        if swin not in cache:
+            root = tmp_path_factory.mktemp("swin" if swin else "prenorm")
+            hf = build_hf(root / "hf", swin=swin)
+            assert cli.main(["convert", "from-hf", str(root / "hf"), str(root / "il")]) == 0
+            cache[swin] = (hf, root, interleaf.load(root / "il"))
+        return cache[swin]
+
+    return get
+
+
+@pytest.fixture(params=[False, True], ids=["prenorm", "swin"])
+def converted(request, conversions):
+    return conversions(request.param)
+
+
+@pytest.fixture
+def prenorm(conversions):
+    return conversions(False)
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_same_logits_as_transformers(converted):
+    hf, root, pipe = converted
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (2, 48), generator=g)
+    ids[:, 5:30] = torch.randint(4, 4 + N_CODES, (2, 25), generator=g)  # a run of image tokens
+    with torch.no_grad():
+        ref = hf.lm_head(hf.model(input_ids=ids).last_hidden_state)
+        masked = hf(input_ids=ids).logits  # transformers hides image ids from its logits
+        ours = pipe.model(ids)
+    assert relative_error(ours, ref) <= 1e-4
+    text_cols = torch.ones(512, dtype=torch.bool)
+    text_cols[4 : 4 + N_CODES] = False
+    assert relative_error(ours[..., text_cols], masked[..., text_cols]) <= 1e-4
+    # and the cache path of the converted model agrees too
+    cache = pipe.model.setup_cache(2, 64)
+    with torch.no_grad():
+        step = torch.cat([pipe.model.decode(ids[:, :40], cache), pipe.model.decode(ids[:, 40:], cache)], 1)
+    assert relative_error(step, ref) <= 1e-4
+
+
+def test_same_vq_codes_and_image_ids(prenorm):
+    hf, root, pipe = prenorm
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        want = hf.model.vqmodel.encode(x).image_tokens.view(3, 8, 8)
+        codes = pipe.vqgan.encode(x)
+        bpe = hf.model.get_image_tokens(x)
+    assert codes.unique().numel() > 5  # a real comparison, not one code everywhere
+    assert torch.equal(codes, want)
+    assert torch.equal(pipe.vocab.code_to_id(codes).view(3, -1), bpe.long())
+    with pytest.raises(InterleafError, match="no decoder"):
+        pipe.vqgan.decode_code(codes)
+
+
+def test_vocabulary_mapping(prenorm):
+    hf, root, pipe = prenorm
+    vocab = pipe.vocab
+    mapping = hf.model.vocabulary_mapping
+    assert {vocab.image_ids[c]: c for c in range(vocab.n_codes)} == mapping.bpe2img
+    tok = json.loads((root / "hf" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert (vocab.bos_id, vocab.pad_id, vocab.eos_id) == (tok["<s>"], tok["<pad>"], tok["</s>"])
+    assert (vocab.boi_id, vocab.eoi_id) == (tok["<racm3:break>"], tok["<eoss>"])
+    assert vocab.image_grid == (8, 8) and vocab.size == 512
+    assert not vocab.text_mask()[tok["<image>"]]
+
+
+def test_to_hf_round_trip_is_bit_exact(converted, tmp_path):
+    hf, root, _ = converted
+    assert cli.main(["convert", "to-hf", str(root / "il"), str(tmp_path / "back")]) == 0
+    a, b = read_safetensors_dir(root / "hf"), read_safetensors_dir(tmp_path / "back")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (root / "hf" / name).read_bytes() or \
+            json.loads((tmp_path / "back" / name).read_text()) == json.loads((root / "hf" / name).read_text()), name
+    from transformers import ChameleonForConditionalGeneration
+
+    again = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, hf(input_ids=ids).logits)
+
+
+def test_bfloat16_conversion_keeps_dtype_through_round_trip(prenorm, tmp_path):
+    _, root, _ = prenorm
+    from interleaf.model.convert import from_hf, to_hf
+
+    assert cli.main(["convert", "from-hf", str(root / "hf"), str(tmp_path / "bf"), "--dtype", "bfloat16"]) == 0
+    pipe = interleaf.load(tmp_path / "bf")
+    assert pipe.model.tok_embeddings.weight.dtype == torch.bfloat16
+    to_hf(tmp_path / "bf", tmp_path / "bf-hf")
+    assert json.loads((tmp_path / "bf-hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert cli.main(["convert", "from-hf", str(root / "hf"), str(tmp_path / "x"), "--dtype", "int8"]) == 2
+    from_hf(tmp_path / "bf-hf", tmp_path / "bf2")
+    to_hf(tmp_path / "bf2", tmp_path / "bf2-hf")
+    a, b = read_safetensors_dir(tmp_path / "bf-hf"), read_safetensors_dir(tmp_path / "bf2-hf")
+    assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_native_model_exports_to_transformers(tmp_path):
+    """A model trained by interleaf (default vocabulary layout, own VQ-GAN) runs in transformers."""
+    from transformers import ChameleonForConditionalGeneration
+
+    from interleaf.model.args import ModelArgs
+    from interleaf.model.transformer import Transformer
+    from interleaf.pipeline import save_model_dir
+    from interleaf.tokenizer.text import train_bpe
+    from interleaf.tokenizer.vocab import Vocabulary
+    from interleaf.tokenizer.vqgan import VQConfig, VQModel
+
+    text = train_bpe(["a red circle", "two blue squares"] * 5, vocab_size=300)
+    vq = VQModel(VQConfig(resolution=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=32))
+    vocab = Vocabulary.build(n_text=text.vocab_size, n_codes=32, image_grid=vq.grid)
+    torch.manual_seed(3)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=vocab.size, multiple_of=16,
+                                  qk_norm="layernorm", tie_embeddings=True, max_seq_len=64)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    save_model_dir(tmp_path / "il", model, vocab, text, vq)
+    interleaf.model.convert.to_hf(tmp_path / "il", tmp_path / "hf")
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert hf.model.vocabulary_mapping.bpe2img == {vocab.image_ids[c]: c for c in range(32)}
+    ids = torch.randint(0, vocab.size, (2, 30))
+    with torch.no_grad():
+        ref = hf.lm_head(hf.model(input_ids=ids).last_hidden_state)
+        assert relative_error(model(ids), ref) <= 1e-4
+        x = torch.rand(2, 3, 16, 16) * 2 - 1
+        assert torch.equal(hf.model.vqmodel.encode(x).image_tokens.view(2, 8, 8), vq.encode(x))
+    with pytest.raises(InterleafError, match="per-head LayerNorm QK-norm"):
+        bad = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab.size, qk_norm="rms"))
+        save_model_dir(tmp_path / "rms", bad, vocab, text)
+        interleaf.model.convert.to_hf(tmp_path / "rms", tmp_path / "rms-hf")
+
+
+def test_rope_permutation_matches_hf_conversion_script():
+    w = torch.randn(4 * 8, 5)  # 4 heads of head_dim 8
+    # Meta -> HF, as transformers' convert_chameleon_weights_to_hf.py writes it
+    hf_permute = w.view(4, 8 // 2, 2, 5).transpose(1, 2).reshape(32, 5)
+    assert torch.equal(rope_to_hf(w, 4, 8), hf_permute)
+    assert torch.equal(rope_from_hf(hf_permute, 4, 8), w)
+    norm = torch.randn(4, 8)
+    assert torch.equal(rope_to_hf(rope_from_hf(norm, 4, 8), 4, 8), norm)
+    assert torch.equal(rope_to_hf(norm, 4, 8)[1], norm[1].view(4, 2).t().reshape(8))
+
+
+def test_image_token_names():
+    assert image_token_name(12) == "IMGIMGBCZ" and image_code_of("IMGIMGBCZ") == 12
+    assert image_code_of("IMGIMGAZ") == 0 and image_code_of("<image>") is None
+    assert all(image_code_of(image_token_name(c)) == c for c in range(0, 9000, 97))
+
+
+def test_mismatched_checkpoints_fail_clearly(prenorm, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, root, _ = prenorm
+    src = tmp_path / "bad"
+    shutil.copytree(root / "hf", src)
+    state = read_safetensors_dir(src)
+
+    def convert():
+        return cli.main(["convert", "from-hf", str(src), str(tmp_path / "out")])
+
+    broken = dict(state)
+    del broken["model.layers.1.self_attn.k_norm.bias"]
+    save_file(broken, str(src / "model.safetensors"))
+    assert convert() == 2
+    assert "missing tensor model.layers.1.self_attn.k_norm.bias" in capsys.readouterr().err
+    broken = dict(state, **{"model.layers.0.mlp.up_proj.weight": torch.zeros(95, 64)})
+    save_file(broken, str(src / "model.safetensors"))
+    assert convert() == 2
+    assert "model.layers.0.mlp.up_proj.weight has shape (95, 64), the config wants (96, 64)" in capsys.readouterr().err
+    save_file(dict(state, **{"model.layers.7.extra": torch.zeros(1)}), str(src / "model.safetensors"))
+    assert convert() == 2
+    assert "unexpected tensor model.layers.7.extra" in capsys.readouterr().err
+    save_file(state, str(src / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    assert convert() == 2
+    assert "model_type is 'llama', expected 'chameleon'" in capsys.readouterr().err
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "tokenizer.json").unlink()
+    assert convert() == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    assert cli.main(["convert", "to-hf", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "not an interleaf model directory" in capsys.readouterr().err
