@@ -69,6 +69,7 @@ def build_model(args, state: dict):
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the shared tensor with two equal copies
     return model.eval()
 
 
