@@ -1,0 +1,283 @@
+"""Decoding throughput: interleaf vs transformers' Chameleon `generate` on the same weights.
+
+One run builds a random ~30M-parameter model directory (BPE + VQ-GAN + Transformer), converts it
+to a Hugging Face Chameleon directory with `interleaf.model.convert.to_hf`, and measures:
+
+  * tokens/s of interleaf (the full streaming sampler: state machine, masks, events) and of
+    `ChameleonForConditionalGeneration.generate`, greedy, batch 1 and batch 8, alternating the two
+    so that load from other processes hits both alike (best of --repeats);
+  * the weight-streaming bound: bytes of weights read per decoded token over the bandwidth of a
+    large matrix-vector product measured in the same run (a decode step of a small batch cannot
+    beat it: every weight is read once per step);
+  * a whole image (all its tokens, classifier-free guidance on: two streams) and a whole caption.
+
+    python bench/decode.py                           # CPU, 2 threads, ~30M parameters
+    python bench/decode.py --device cuda --tokens 256
+
+The output head row of <eos> is zeroed so that greedy rows never stop early (both libraries then
+decode exactly --tokens tokens per row). Numbers on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SENTENCES = [
+    "a red circle above a blue square", "two green triangles next to a small yellow circle",
+    "the big purple square is left of the orange star", "a tiny white circle on a black background",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (0 = leave as is)")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per row")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (best is kept)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--grid", type=int, default=16, help="image tokens per side (16 -> 256 per image)")
+    p.add_argument("--no-hf", action="store_true", help="time interleaf only")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+# ---- the model directory ------------------------------------------------------------------------
+def build_model_dir(directory: Path, opts) -> Path:
+    """Random BPE + VQ-GAN + Transformer written with save_model_dir."""
+    from interleaf.model.args import ModelArgs
+    from interleaf.model.transformer import Transformer
+    from interleaf.pipeline import save_model_dir
+    from interleaf.tokenizer.text import train_bpe
+    from interleaf.tokenizer.vocab import Vocabulary
+    from interleaf.tokenizer.vqgan import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    text = train_bpe(SENTENCES * 4, vocab_size=400, min_frequency=1)
+    down = 4  # ch_mult [1, 2, 2]
+    vq = VQModel(VQConfig(resolution=opts.grid * down, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1,
+                          attn_resolutions=[], mid_attn=False, z_channels=32, norm_groups=32,
+                          n_embed=opts.vocab - text.vocab_size, embed_dim=8))
+    vocab = Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid)
+    args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=8, vocab_size=vocab.size, multiple_of=128,
+                     max_seq_len=1024, qk_norm="layernorm")
+    model = Transformer(args)
+    with torch.no_grad():
+        model.output.weight[vocab.eos_id] = 0  # logit 0: greedy rows never stop early
+    save_model_dir(directory, model, vocab, text, vq)
+    return directory
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads: everything but the embedding table (one row of it)."""
+    skip = model.tok_embeddings.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not skip or model.args.tie_embeddings)
+
+
+def matvec_bandwidth(device, dtype, mbytes: int = 256, reps: int = 10) -> float:
+    """Best bytes/s of y = W x over a W of `mbytes` MB (larger than the caches)."""
+    cols = 4096
+    rows = mbytes * 2**20 // (cols * torch.tensor([], dtype=dtype).element_size())
+    w = torch.randn(rows, cols, device=device, dtype=dtype)
+    x = torch.randn(cols, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        sync(device)
+        t = time.perf_counter()
+        torch.mv(w, x)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return w.numel() * w.element_size() / best
+
+
+def matvec_step_seconds(model, reps: int = 10) -> float:
+    """Best time of one matrix-vector product per weight matrix of a decode step (the model's shapes)."""
+    weights = [p for p in model.parameters() if p.dim() == 2 and p is not model.tok_embeddings.weight]
+    if model.args.tie_embeddings:
+        weights.append(model.tok_embeddings.weight)
+    xs = {w.shape[1]: torch.randn(w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            sync(weights[0].device)
+            t = time.perf_counter()
+            for w in weights:
+                torch.mv(w, xs[w.shape[1]])
+            sync(weights[0].device)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- runners -------------------------------------------------------------------------------------
+def interleaf_runner(pipe, prompt: str, batch: int, n_tokens: int):
+    """Greedy text generation of n_tokens per row through the streaming sampler."""
+    from interleaf.sampling.events import Done
+    from interleaf.sampling.generate import Request, stream_requests
+
+    def run() -> int:
+        reqs = [Request(prompt, mode="text", max_new_tokens=n_tokens, temperature=0, seed=i) for i in range(batch)]
+        return sum(e.n_generated_tokens for e in stream_requests(pipe, reqs) if isinstance(e, Done))
+
+    return run
+
+
+def hf_runner(hf, pipe, prompt: str, batch: int, n_tokens: int, device):
+    """transformers' generate on the same ids, greedy, exactly n_tokens per row."""
+    ids = torch.tensor([[pipe.vocab.bos_id] + pipe.text.encode(prompt)] * batch, device=device)
+
+    def run() -> int:
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens,
+                              min_new_tokens=n_tokens, do_sample=False, pad_token_id=pipe.vocab.pad_id)
+        return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+    return run
+
+
+def time_alternating(runners: dict, repeats: int, device) -> dict:
+    """Run each runner `repeats` times, alternating; seconds and tokens of every run."""
+    for fn in runners.values():  # warm-up
+        fn()
+    runs = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            sync(device)
+            t = time.perf_counter()
+            n = fn()
+            sync(device)
+            runs[name].append((time.perf_counter() - t, n))
+    return runs
+
+
+def prompt_text(pipe, length: int) -> str:
+    """A text whose prompt (<bos> + text) is about `length` ids."""
+    words = " ".join(SENTENCES).split()
+    text = ""
+    for w in words * 8:
+        if 1 + len(pipe.text.encode(text + " " + w)) > length:
+            break
+        text = (text + " " + w).strip()
+    return text
+
+
+def time_image_and_caption(pipe, repeats: int) -> dict:
+    """Seconds for a whole image (CFG 3, sampled) and a whole caption (32 tokens, greedy)."""
+    from interleaf.sampling.events import Done, ImageDone
+
+    out = {}
+    image = None
+    for name in ("image", "caption"):
+        best = float("inf")
+        for r in range(repeats):
+            t = time.perf_counter()
+            if name == "image":
+                events = list(pipe.stream("a red circle", mode="image", cfg_scale=3.0, seed=r))
+                image = next(e.image for e in events if isinstance(e, ImageDone))
+            else:
+                events = list(pipe.stream([image], mode="text", max_new_tokens=32, temperature=0))
+            best = min(best, time.perf_counter() - t)
+            done = next(e for e in events if isinstance(e, Done))
+        out[name] = {"seconds": best, "tokens": done.n_generated_tokens, "prompt_tokens": done.n_prompt_tokens}
+    return out
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    import interleaf
+    from interleaf.model.args import count_params
+
+    device = torch.device(opts.device)
+    tmp = Path(tempfile.mkdtemp(prefix="interleaf-bench-"))
+    model_dir = build_model_dir(tmp / "model", opts)
+    pipe = interleaf.load(model_dir, device=device)
+    hf = None
+    if not opts.no_hf:
+        from transformers import ChameleonForConditionalGeneration
+
+        from interleaf.model.convert import to_hf
+
+        to_hf(model_dir, tmp / "hf")
+        hf = ChameleonForConditionalGeneration.from_pretrained(tmp / "hf", dtype=torch.float32,
+                                                               attn_implementation="sdpa").to(device).eval()
+        check_same_function(pipe, hf, device)
+
+    bytes_per_token = weight_bytes_per_token(pipe.model)
+    bandwidth = matvec_bandwidth(device, torch.float32)
+    step = matvec_step_seconds(pipe.model)
+    args = pipe.model.args
+    print(f"device {device} ({torch.get_num_threads()} threads); model {count_params(args) / 1e6:.1f}M params "
+          f"(dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}); prompt {opts.prompt}, "
+          f"{opts.tokens} new tokens per row, greedy")
+    results = {"device": str(device), "threads": torch.get_num_threads(), "params": count_params(args),
+               "weight_bytes_per_token": bytes_per_token, "tokens_per_row": opts.tokens, "batches": {}}
+    for batch in [int(b) for b in opts.batches.split(",")]:
+        prompt = prompt_text(pipe, opts.prompt)  # the same prompt in every row
+        runners = {"interleaf": interleaf_runner(pipe, prompt, batch, opts.tokens)}
+        if hf is not None:
+            runners["transformers"] = hf_runner(hf, pipe, prompt, batch, opts.tokens, device)
+        runs = time_alternating(runners, opts.repeats, device)
+        bandwidth = max(bandwidth, matvec_bandwidth(device, torch.float32))
+        rates = {name: max(n / s for s, n in rs) for name, rs in runs.items()}
+        results["batches"][batch] = {"tokens_per_s": rates,
+                                     "median_tokens_per_s": {k: statistics.median(n / s for s, n in rs) for k, rs in runs.items()}}
+        line = f"batch {batch}: " + ", ".join(f"{k} {v:8.1f} tokens/s" for k, v in rates.items())
+        if "transformers" in rates:
+            line += f"  ({rates['interleaf'] / rates['transformers']:.2f}x transformers)"
+        print(line)
+        step = min(step, matvec_step_seconds(pipe.model))
+    bound = bandwidth / bytes_per_token
+    results.update(matvec_gb_per_s=bandwidth / 1e9, bound_tokens_per_s=bound, matvec_step_tokens_per_s=1 / step)
+    print(f"weight streaming: {bytes_per_token / 1e6:.1f} MB of weights per step / {bandwidth / 1e9:.1f} GB/s "
+          f"(matrix-vector, best in this run) = {bound:.1f} steps/s bound")
+    print(f"one matrix-vector product per weight of the model (its own shapes, best in this run): "
+          f"{step * 1e3:.1f} ms = {1 / step:.1f} steps/s")
+    b1 = results["batches"].get(1)
+    if b1:
+        frac = b1["tokens_per_s"]["interleaf"] / bound
+        results["batch1_fraction_of_bound"] = frac
+        print(f"batch 1: interleaf at {100 * frac:.0f}% of the weight-streaming bound")
+    whole = time_image_and_caption(pipe, max(1, opts.repeats - 1))
+    results["whole"] = whole
+    n = pipe.vocab.tokens_per_image
+    print(f"whole image ({n} tokens + <boi>/<eoi>, CFG 3 = 2 streams, sampled): {whole['image']['seconds']:.2f} s; "
+          f"whole caption (image prompt of {whole['caption']['prompt_tokens']} tokens, "
+          f"{whole['caption']['tokens']} tokens, greedy): {whole['caption']['seconds']:.2f} s")
+    if opts.json:
+        from interleaf.utils import write_json
+
+        write_json(opts.json, results)
+    return 0
+
+
+@torch.no_grad()
+def check_same_function(pipe, hf, device) -> None:
+    """Stop if the converted model does not compute the same logits (the comparison would be moot)."""
+    ids = torch.tensor([[pipe.vocab.bos_id] + pipe.text.encode(SENTENCES[0])], device=device)
+    ours = pipe.model(ids)
+    theirs = hf(input_ids=ids).logits.float()
+    text = pipe.vocab.text_mask().to(device)  # transformers masks the image ids of its logits
+    diff = (ours[..., : text.numel()][..., text] - theirs[..., : text.numel()][..., text]).abs().max().item()
+    if diff > 1e-3:
+        raise SystemExit(f"converted model differs from interleaf's: max |logit diff| = {diff:.2e}")
+    print(f"same weights: max |logit difference| interleaf vs transformers = {diff:.1e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

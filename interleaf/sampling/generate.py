@@ -1,0 +1,445 @@
+"""Streaming generation: prefill, a decode loop over a preallocated KV cache, events out.
+
+One batch holds several requests (each with its own mode, sampling options and seed). Cache rows:
+request r decodes its conditional stream in row r; a request that guides its images
+(classifier-free guidance) owns one or two extra rows, used only while it draws an image. At
+`<boi>` those rows are reset and prefilled with their short contexts (`<bos> <boi>`, and for the
+two-scale guidance of image-conditioned prompts `<bos> prompt-images <boi>`) in the same forward
+call that feeds `<boi>` to the conditional row, whose cache is kept: the prompt is never re-run.
+
+Every step is one `model.decode` call over all cache rows with per-row token counts `n_new`
+(0 for idle rows), one batched logit pipeline (guidance, repetition penalty, modality mask,
+temperature / top-k / top-p) and one per-row seeded draw.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from interleaf.errors import InterleafError
+from interleaf.sampling import logits as L
+from interleaf.sampling.events import Document, Done, Event, ImageDone, ImageProgress, ImageStart, TextDelta
+from interleaf.sampling.state import MODES, SequenceState
+from interleaf.tokenizer.vocab import ImageCodes
+
+PromptItem = Union[str, Path, Image.Image, ImageCodes]
+Prompt = Union[str, Sequence[PromptItem]]
+DEFAULT_TEXT_TOKENS = 256
+
+
+@dataclass
+class Request:
+    """One sequence to generate: prompt, mode and its own sampling options and seed."""
+
+    prompt: Prompt
+    mode: str = "text"  # "text" | "image" | "interleaved"
+    max_new_tokens: int | None = None  # None: 256 text tokens (+ room for max_images images)
+    max_images: int = 1  # interleaved mode only; image mode draws exactly one
+    temperature: float = 0.7  # text; 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.9  # 1 = off
+    image_temperature: float = 1.0  # images must be sampled: greedy image tokens degenerate
+    image_top_k: int = 0
+    image_top_p: float = 1.0
+    repetition_penalty: float = 1.0  # text tokens only; 1 = off
+    cfg_scale: float = 3.0  # guidance of image tokens; 1 = off
+    image_cfg_scale: float | None = None  # image-conditioned prompts; None = same as cfg_scale
+    seed: int = 0
+    preview_every: int = 0  # an ImageProgress preview every N codes; 0 = none
+
+    def validate(self) -> None:
+        """Raise InterleafError on impossible options."""
+        if self.mode not in MODES:
+            raise InterleafError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        checks = [
+            (self.max_new_tokens is None or self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.image_temperature >= 0, f"image temperature must be >= 0, got {self.image_temperature}"),
+            (self.top_k >= 0 and self.image_top_k >= 0, "top-k must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
+            (0 < self.image_top_p <= 1, f"image top-p must be in (0, 1], got {self.image_top_p}"),
+            (self.repetition_penalty > 0, f"repetition penalty must be > 0, got {self.repetition_penalty}"),
+            (self.cfg_scale >= 0, f"cfg scale must be >= 0, got {self.cfg_scale}"),
+            (self.image_cfg_scale is None or self.image_cfg_scale >= 0,
+             f"image cfg scale must be >= 0, got {self.image_cfg_scale}"),
+            (self.preview_every >= 0, f"preview_every must be >= 0, got {self.preview_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InterleafError(message)
+
+
+# ---- prompts ---------------------------------------------------------------------------------
+def prompt_segments(prompt: Prompt) -> list[PromptItem]:
+    """A prompt as a list: a bare string is one text segment; Paths, PIL images, ImageCodes are images."""
+    if isinstance(prompt, (str, Path, Image.Image, ImageCodes)):
+        return [prompt]
+    items = list(prompt)
+    for item in items:
+        if not isinstance(item, (str, Path, Image.Image, ImageCodes)):
+            raise InterleafError(f"prompt items must be text, a Path, a PIL image or ImageCodes, got {type(item).__name__}")
+    return items
+
+
+def encode_prompt(pipe, prompt: Prompt) -> list[int]:
+    """Prompt -> ids: `<bos>`, text and `<boi> codes <eoi>` per image, no `<eos>`."""
+    segments = prompt_segments(prompt)
+    if any(not isinstance(s, str) for s in segments) and pipe.vqgan is None:
+        raise InterleafError("this model directory has no VQ-GAN, so prompts cannot hold images")
+    return list(pipe.tokenizer.encode(segments, bos=True, eos=False))
+
+
+def image_context(ids: Sequence[int], vocab) -> list[int]:
+    """The image-only context of a prompt: `<bos>`, its `<boi> codes <eoi>` spans, then `<boi>`."""
+    out, inside = [vocab.bos_id], False
+    for t in ids:
+        inside = inside or t == vocab.boi_id
+        if inside:
+            out.append(int(t))
+        if t == vocab.eoi_id:
+            inside = False
+    return out + [vocab.boi_id]
+
+
+# ---- rows --------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """A request being decoded: its state machine, generator, cache rows and output so far."""
+
+    index: int
+    request: Request
+    state: SequenceState
+    generator: torch.Generator
+    prompt_ids: list[int]
+    guide_rows: list[int]  # cache rows of the guidance streams, [uncond] or [cond_image, uncond]
+    guide_contexts: list[list[int]]  # what each guidance row is prefilled with at <boi>
+    document: Document
+    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    codes: list[int] = field(default_factory=list)  # codes of the image being drawn
+    seconds: float = 0.0
+
+    @property
+    def guiding(self) -> bool:
+        """Whether this row's next token is an image code drawn with guidance."""
+        return bool(self.guide_rows) and self.state.in_image
+
+    def sampling(self) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p) for the next token's modality."""
+        r = self.request
+        if self.state.in_image:
+            return r.image_temperature, r.image_top_k, r.image_top_p
+        return r.temperature, r.top_k, r.top_p
+
+    def penalty(self) -> float:
+        """Repetition penalty for the next token (text only)."""
+        return 1.0 if self.state.in_image else self.request.repetition_penalty
+
+    def guidance_scales(self) -> tuple[float, float]:
+        """(text scale, image scale) of this row's guidance; both 1 when it is not guiding."""
+        if not self.guiding:
+            return 1.0, 1.0
+        r = self.request
+        s_img = r.cfg_scale if r.image_cfg_scale is None else r.image_cfg_scale
+        return r.cfg_scale, s_img if len(self.guide_rows) == 2 else r.cfg_scale
+
+
+def guidance_contexts(request: Request, prompt_ids: list[int], vocab) -> list[list[int]]:
+    """Contexts of the guidance streams: none, [uncond] or [cond_image, uncond]."""
+    if request.mode == "text":
+        return []
+    uncond = [vocab.bos_id, vocab.boi_id]
+    s_img = request.cfg_scale if request.image_cfg_scale is None else request.image_cfg_scale
+    has_image = vocab.boi_id in prompt_ids
+    if has_image and s_img != request.cfg_scale:
+        return [image_context(prompt_ids, vocab), uncond]
+    return [uncond] if request.cfg_scale != 1 else []
+
+
+def default_max_new_tokens(request: Request, tokens_per_image: int) -> int:
+    """Budget when none is given: the image for image mode, else 256 text tokens plus the images."""
+    if request.max_new_tokens is not None:
+        return request.max_new_tokens
+    image = tokens_per_image + 2
+    if request.mode == "image":
+        return image
+    if request.mode == "interleaved":
+        return DEFAULT_TEXT_TOKENS + request.max_images * image
+    return DEFAULT_TEXT_TOKENS
+
+
+def check_pipe(pipe, requests: Sequence[Request]) -> None:
+    """Raise InterleafError when the model cannot serve these requests."""
+    n_logits = pipe.model.args.vocab_size
+    if n_logits < pipe.vocab.size:
+        raise InterleafError(f"model has {n_logits} output ids but its vocabulary needs {pipe.vocab.size}")
+    if any(r.mode != "text" for r in requests):
+        if pipe.vqgan is None:
+            raise InterleafError("this model directory has no VQ-GAN, so it cannot draw images")
+        if not getattr(pipe.vqgan.config, "has_decoder", True):
+            raise InterleafError("this model's VQ-GAN has no decoder weights, so it cannot draw images")
+
+
+def make_rows(pipe, requests: Sequence[Request]) -> tuple[list[Row], int]:
+    """Validate and encode every request; return the rows and the number of cache rows."""
+    vocab, max_len = pipe.vocab, pipe.model.args.max_seq_len
+    n = vocab.tokens_per_image
+    rows, next_free = [], len(requests)
+    for i, req in enumerate(requests):
+        req.validate()
+        ids = encode_prompt(pipe, req.prompt)
+        if len(ids) >= max_len:
+            raise InterleafError(f"prompt is {len(ids)} tokens; the model's context is {max_len}")
+        state = SequenceState(req.mode, n, max_len, default_max_new_tokens(req, n), req.max_images, length=len(ids))
+        if req.mode == "image" and state.max_new_tokens < n + 2:
+            raise InterleafError(f"max_new_tokens={state.max_new_tokens} cannot hold an image ({n + 2} tokens)")
+        if req.mode == "image" and not state.can_start_image():
+            raise InterleafError(
+                f"prompt is {len(ids)} tokens; an image needs {n + 2} more and the context is {max_len}")
+        contexts = guidance_contexts(req, ids, vocab)
+        guide = list(range(next_free, next_free + len(contexts)))
+        next_free += len(contexts)
+        gen = torch.Generator(device=_device(pipe)).manual_seed(req.seed)
+        rows.append(Row(i, req, state, gen, ids, guide, contexts, Document(prompt=prompt_segments(req.prompt))))
+    return rows, next_free
+
+
+def _device(pipe) -> torch.device:
+    return next(pipe.model.parameters()).device
+
+
+# ---- one forward step ----------------------------------------------------------------------------
+@torch.no_grad()
+def forward_feeds(model, cache, feeds: dict[int, list[int]], n_rows: int, device) -> torch.Tensor:
+    """Append each cache row's new tokens; return the logits after each row's last one (B, V).
+
+    Rows missing from `feeds` take no token (their logits are garbage and unused).
+    """
+    width = max(len(f) for f in feeds.values())
+    rows = [feeds.get(r, []) for r in range(n_rows)]
+    tokens = torch.tensor([f + [0] * (width - len(f)) for f in rows], device=device)  # (B, T) right-padded
+    n_new = torch.tensor([len(f) for f in rows], device=device)  # (B,)
+    return model.decode(tokens, cache, n_new, last_only=True)  # (B, V)
+
+
+@torch.no_grad()
+def next_tokens(live: Sequence[Row], logits: torch.Tensor, masks: torch.Tensor, seen: torch.Tensor | None) -> list[int]:
+    """One token for each live row from the step's logits (cache rows, V)."""
+    device = logits.device
+    idx = [r.index for r in live]
+    rows = torch.tensor(idx, device=device)
+    x = logits[: len(idx)] if idx == list(range(len(idx))) else logits[rows]  # (R, V) conditional
+    if any(r.guiding for r in live):
+        x = guide(x, live, logits)
+    penalty = [r.penalty() for r in live]
+    if seen is not None and any(p != 1 for p in penalty):
+        x = L.apply_repetition_penalty(x, seen[rows], torch.tensor(penalty, device=device))
+    allowed = masks[torch.tensor([int(r.state.allowed()) for r in live], device=device)]  # (R, V)
+    x = L.apply_mask(x, allowed)
+    temperature, top_k, top_p = zip(*(r.sampling() for r in live))
+    filtering = L.needs_filter(top_k, top_p)
+    return L.sample(
+        x, torch.tensor(temperature, device=device), [r.generator for r in live],
+        torch.tensor(top_k, device=device) if filtering else None,
+        torch.tensor(top_p, device=device) if filtering else None,
+    ).tolist()
+
+
+def guide(x: torch.Tensor, live: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance for the rows drawing an image; other rows pass through unchanged."""
+    device = x.device
+    # a row without a stream uses its own conditional logits in that place (the term vanishes)
+    uncond = [r.guide_rows[-1] if r.guiding else r.index for r in live]
+    cond_image = [r.guide_rows[0] if r.guiding and len(r.guide_rows) == 2 else r.index for r in live]
+    s_text, s_image = zip(*(r.guidance_scales() for r in live))
+    u = logits[torch.tensor(uncond, device=device)]  # (R, V)
+    ci = logits[torch.tensor(cond_image, device=device)]
+    return L.cfg_combine_two_scale(x, ci, u, torch.tensor(s_text, device=device), torch.tensor(s_image, device=device))
+
+
+# ---- events ------------------------------------------------------------------------------------------
+def decode_image(pipe, codes: Sequence[int]) -> tuple[Image.Image, np.ndarray]:
+    """Codes of one image (raster order) -> (PIL image, (h, w) code grid)."""
+    from interleaf.tokenizer.image import to_pil
+
+    grid = np.asarray(codes, dtype=np.int64).reshape(pipe.vocab.image_grid)
+    with torch.no_grad():
+        x = pipe.vqgan.decode_code(torch.from_numpy(grid)[None])  # (1, 3, H, W)
+    return to_pil(x[0]), grid
+
+
+def preview_image(pipe, codes: Sequence[int]) -> Image.Image:
+    """A partial image: the codes drawn so far, the rest greyed out."""
+    n = pipe.vocab.tokens_per_image
+    h, w = pipe.vocab.image_grid
+    image, _ = decode_image(pipe, list(codes) + [0] * (n - len(codes)))
+    done_rows, done_cols = divmod(len(codes), w)
+    cell_h, cell_w = image.height / h, image.width / w
+    grey = Image.new("RGB", image.size, (128, 128, 128))
+    mask = Image.new("L", image.size, 255)
+    mask.paste(0, (0, 0, image.width, int(done_rows * cell_h)))
+    mask.paste(0, (0, int(done_rows * cell_h), int(done_cols * cell_w), int((done_rows + 1) * cell_h)))
+    return Image.composite(grey, image, mask)
+
+
+def take_token(pipe, row: Row, token: int, start: float) -> list[Event]:
+    """Advance a row's state machine by one token; return the events it causes."""
+    kind = row.state.advance(token, pipe.vocab)
+    row.document.token_ids.append(token)
+    events: list[Event] = []
+    n = pipe.vocab.tokens_per_image
+    if kind == "text":
+        events += _text(row, pipe.text.decode_bytes([token]))
+    elif kind == "boi":
+        events += _text(row, b"", final=True)
+        row.codes = []
+        events.append(ImageStart(row.index, row.state.n_images, n))
+    elif kind == "code":
+        row.codes.append(int(pipe.vocab.id_to_code(np.asarray([token]))[0]))
+        every = row.request.preview_every
+        preview = preview_image(pipe, row.codes) if every and len(row.codes) % every == 0 and len(row.codes) < n else None
+        events.append(ImageProgress(row.index, row.state.n_images, len(row.codes), n, preview))
+    elif kind == "eoi":
+        image, grid = decode_image(pipe, row.codes)
+        row.document.segments.append(image)
+        row.document.codes.append(grid)
+        events.append(ImageDone(row.index, row.state.n_images - 1, image, grid))
+    if row.state.finished:
+        events += _text(row, b"", final=True)
+        events.append(finish(row, start))
+    return events
+
+
+def _text(row: Row, data: bytes, final: bool = False) -> list[Event]:
+    text = row.utf8.decode(data, final=final)  # whole characters only; a split one waits
+    if final:
+        row.utf8.reset()
+    row.document.add_text(text)
+    return [TextDelta(row.index, text)] if text else []
+
+
+def finish(row: Row, start: float) -> Done:
+    """The Done event of a row that just finished."""
+    row.seconds = time.perf_counter() - start
+    n = row.state.n_generated
+    return Done(row.index, len(row.prompt_ids), n, row.seconds, n / max(row.seconds, 1e-9), row.document)
+
+
+def feeds_after(row: Row, token: int, kind_was_boi: bool) -> dict[int, list[int]]:
+    """What each of a row's cache rows takes in the next forward call."""
+    if row.state.finished:
+        return {}
+    feeds = {row.index: [token]}
+    if row.guide_rows and kind_was_boi:
+        feeds.update({g: list(ctx) for g, ctx in zip(row.guide_rows, row.guide_contexts)})
+    elif row.guide_rows and row.state.in_image:
+        feeds.update({g: [token] for g in row.guide_rows})
+    return feeds
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+def stream_requests(pipe, requests: Sequence[Request]) -> Iterator[Event]:
+    """Decode a batch of requests together; yield their events as tokens are drawn.
+
+    Requests are checked and prompts encoded before this returns, so bad input raises here, not
+    at the first `next()`.
+    """
+    requests = [replace(r) for r in requests]
+    check_pipe(pipe, requests)
+    rows, n_cache_rows = make_rows(pipe, requests)
+    return decode_loop(pipe, rows, n_cache_rows)
+
+
+def repetition_seen(pipe, rows: Sequence[Row]) -> torch.Tensor:
+    """Bool (R, V): the text ids each row's prompt holds (extended as text is generated)."""
+    V, device = pipe.model.args.vocab_size, _device(pipe)
+    seen = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
+    for r in rows:
+        seen[r.index, torch.tensor(r.prompt_ids, device=device)] = True
+    text = torch.nn.functional.pad(pipe.vocab.text_mask(), (0, V - pipe.vocab.size)).to(device)
+    return seen & text
+
+
+def cache_length(rows: Sequence[Row], tokens_per_image: int) -> int:
+    """Cache slots the longest row can use: its prompt and budget (or a guidance context + image)."""
+    need = [len(r.prompt_ids) + r.state.max_new_tokens for r in rows]
+    need += [len(c) + tokens_per_image for r in rows for c in r.guide_contexts]
+    # a guidance context never outgrows its prompt, and an image only starts if it fits
+    return min(max(need), rows[0].state.max_len)
+
+
+def decode_loop(pipe, rows: list[Row], n_cache_rows: int) -> Iterator[Event]:
+    """Prefill every prompt, then one forward call and one draw per step until all rows finish."""
+    model, vocab, device = pipe.model, pipe.vocab, _device(pipe)
+    with torch.no_grad():
+        cache = model.setup_cache(n_cache_rows, cache_length(rows, vocab.tokens_per_image))
+        masks = L.mask_table(vocab, model.args.vocab_size, device)
+    seen = repetition_seen(pipe, rows) if any(r.request.repetition_penalty != 1 for r in rows) else None
+    start = time.perf_counter()
+    feeds = {r.index: r.prompt_ids for r in rows}
+    while feeds:
+        logits = forward_feeds(model, cache, feeds, n_cache_rows, device)
+        live = [r for r in rows if not r.state.finished]
+        tokens = next_tokens(live, logits, masks, seen)
+        feeds = {}
+        for row, token in zip(live, tokens):
+            was_text = not row.state.in_image
+            yield from take_token(pipe, row, token, start)
+            if seen is not None and vocab.is_text(token):
+                seen[row.index, token] = True
+            boi = was_text and row.state.in_image
+            if boi and row.guide_rows:
+                with torch.no_grad():
+                    cache.reset(row.guide_rows)
+            feeds.update(feeds_after(row, token, boi))
+
+
+def build_requests(prompt: Prompt, num: int = 1, seed: int = 0, **options) -> list[Request]:
+    """`num` requests for one prompt, seeds `seed`, `seed + 1`, ..."""
+    if num < 1:
+        raise InterleafError(f"num must be >= 1, got {num}")
+    return [Request(prompt=prompt, seed=seed + i, **options) for i in range(num)]
+
+
+def stream(
+    pipe,
+    prompt: Prompt,
+    mode: str = "text",
+    max_new_tokens: int | None = None,
+    max_images: int = 1,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float = 0.9,
+    image_temperature: float = 1.0,
+    image_top_k: int = 0,
+    image_top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    cfg_scale: float = 3.0,
+    seed: int = 0,
+    num: int = 1,
+    preview_every: int = 0,
+    image_cfg_scale: float | None = None,
+) -> Iterator[Event]:
+    """Generate from one prompt (`num` samples, seeds seed..seed+num-1); yield events as they come."""
+    options = {k: v for k, v in locals().items() if k not in ("pipe", "prompt", "num", "seed")}
+    return stream_requests(pipe, build_requests(prompt, num, seed, **options))
+
+
+def generate(pipe, prompt: Prompt, **kwargs) -> Union[Document, list[Document]]:
+    """Like `stream`, collected: the Document (a list of them when num > 1)."""
+    docs = collect(stream(pipe, prompt, **kwargs))
+    return docs if kwargs.get("num", 1) > 1 else docs[0]
+
+
+def collect(events: Iterator[Event]) -> list[Document]:
+    """Run a stream to its end; return each row's Document in row order."""
+    done = {e.row: e.document for e in events if isinstance(e, Done)}
+    return [done[i] for i in sorted(done)]

@@ -1,0 +1,125 @@
+"""Write generated documents to a directory: `document.md`, `document.html` and the PNGs.
+
+Every file is written atomically (temp file + rename), so an interrupted run leaves each file
+either complete or absent. The HTML embeds its images as data URIs: it is one self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from interleaf.sampling.events import Document
+from interleaf.utils import atomic_path, atomic_write
+
+MARKDOWN_FILE = "document.md"
+HTML_FILE = "document.html"
+
+
+@dataclass
+class Rendered:
+    """Paths written by `write_documents`."""
+
+    markdown: Path
+    html: Path
+    images: list[Path]
+
+
+def _as_image(segment) -> Image.Image | None:
+    if isinstance(segment, Image.Image):
+        return segment
+    if isinstance(segment, Path):
+        with Image.open(segment) as im:
+            return im.convert("RGB")
+    return None
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Write one PNG atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def _data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _blocks(documents: Sequence[Document], out_dir: Path, written: list[Path]) -> list[tuple[str, object]]:
+    """Flatten prompt + documents into ("heading"|"text"|"image", payload) blocks; save the PNGs."""
+    blocks: list[tuple[str, object]] = []
+    prompt = documents[0].prompt if documents else []
+    if prompt:
+        blocks.append(("heading", "Prompt"))
+        for i, seg in enumerate(prompt):
+            image = _as_image(seg)
+            if image is None:
+                blocks.append(("text", seg if isinstance(seg, str) else "[tokenized image]"))
+            else:
+                written.append(save_png(image, out_dir / f"prompt-{i}.png"))
+                blocks.append(("image", (image, written[-1].name)))
+    for d, doc in enumerate(documents):
+        blocks.append(("heading", f"Sample {d + 1}" if len(documents) > 1 else "Output"))
+        n_image = 0
+        for seg in doc.segments:
+            if isinstance(seg, str):
+                blocks.append(("text", seg))
+            else:
+                written.append(save_png(seg, out_dir / f"image-{d}-{n_image}.png"))
+                blocks.append(("image", (seg, written[-1].name)))
+                n_image += 1
+    return blocks
+
+
+def to_markdown(blocks: list[tuple[str, object]]) -> str:
+    """Markdown text; images linked by file name."""
+    lines = ["# interleaf", ""]
+    for kind, payload in blocks:
+        if kind == "heading":
+            lines += [f"## {payload}", ""]
+        elif kind == "text":
+            lines += [str(payload), ""]
+        else:
+            _, name = payload
+            lines += [f"![{name}]({name})", ""]
+    return "\n".join(lines)
+
+
+def to_html(blocks: list[tuple[str, object]]) -> str:
+    """Standalone HTML; images inline as data URIs."""
+    body = []
+    for kind, payload in blocks:
+        if kind == "heading":
+            body.append(f"<h2>{html.escape(str(payload))}</h2>")
+        elif kind == "text":
+            body.append(f'<p class="text">{html.escape(str(payload))}</p>')
+        else:
+            image, name = payload
+            body.append(f'<figure><img src="{_data_uri(image)}" alt="{html.escape(name)}" '
+                        f'width="{max(image.width, 256)}"><figcaption>{html.escape(name)}</figcaption></figure>')
+    style = ("body{font-family:sans-serif;max-width:48em;margin:2em auto}"
+             ".text{white-space:pre-wrap}img{image-rendering:pixelated}")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>interleaf</title>"
+            f"<style>{style}</style></head>\n<body>\n<h1>interleaf</h1>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_documents(out_dir: str | Path, documents: Sequence[Document]) -> Rendered:
+    """Write the PNGs, then `document.md` and `document.html`, into `out_dir`; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images: list[Path] = []
+    blocks = _blocks(documents, out_dir, images)
+    md_path, html_path = out_dir / MARKDOWN_FILE, out_dir / HTML_FILE
+    with atomic_write(md_path, encoding="utf-8") as f:
+        f.write(to_markdown(blocks))
+    with atomic_write(html_path, encoding="utf-8") as f:
+        f.write(to_html(blocks))
+    return Rendered(md_path, html_path, images)
