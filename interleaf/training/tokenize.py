@@ -171,13 +171,18 @@ def _worker_init(tokenizer_dir: str, device: str, counter) -> None:
 
     torch.set_num_threads(1)
     files = load_tokenizer_dir(tokenizer_dir, device=device)
-    _WORKER.update(tok=files.multimodal(), counter=counter)
+
+    def report(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    _WORKER.update(tok=files.multimodal(), report=report)
 
 
 def _tokenize_one(task: tuple[str, str, str, int, int, int]) -> dict:
     """Tokenize one document shard into token shards named `prefix-*.tar`; returns its counts."""
     src, out_dir, prefix, max_size, max_count, chunk = task
-    tok, counter = _WORKER["tok"], _WORKER.get("counter")
+    tok, report = _WORKER["tok"], _WORKER["report"]
     stats, n_docs, n_tokens, n_image = ReadStats(), 0, 0, 0
     writer = ShardWriter(out_dir, prefix=prefix, max_size=max_size, max_count=max_count)
     pending: list[tuple[str, list]] = []
@@ -189,9 +194,7 @@ def _tokenize_one(task: tuple[str, str, str, int, int, int]) -> dict:
             n_docs += 1
             n_tokens += len(doc.ids)
             n_image += int(sum(e - s for k, s, e in doc.segs if k == IMAGE))
-        if counter is not None:
-            with counter.get_lock():
-                counter.value += len(pending)
+        report(len(pending))
         pending.clear()
 
     try:
@@ -267,12 +270,8 @@ def _run_tasks(tasks, tokenizer_dir, files, workers, device, total, progress) ->
     bar = tqdm(total=total, unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
     try:
         if workers <= 0:
-            _WORKER.update(tok=files.multimodal(), counter=None)
-            results = []
-            for t in tasks:
-                results.append(_tokenize_one(t))
-                bar.update(results[-1]["documents"])
-            return results
+            _WORKER.update(tok=files.multimodal(), report=bar.update)
+            return [_tokenize_one(t) for t in tasks]
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
