@@ -322,7 +322,7 @@ def test_sigint_while_streaming_leaves_no_output_file(model_dir, tmp_path):
         while time.time() < deadline and not sel.select(timeout=1):  # wait for the first streamed output
             pass
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err.decode()[-500:]

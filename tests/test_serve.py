@@ -368,7 +368,7 @@ BAD_REQUESTS = {
                        413, "request body"),
     "foreign host": (dict(json={"prompt": "x"}, headers={"host": "evil.example:80"}), 400, "is not served here"),
     "cross origin": (dict(json={"prompt": "x"}, headers={"origin": "http://evil.example"}), 403, "cross-origin"),
-    "sampler refuses": (dict(json={"prompt": "x", "max_new_tokens": 1, "mode": "image"}), 200, "an image needs"),
+    "sampler refuses": (dict(json={"prompt": "x", "max_new_tokens": 1, "mode": "image"}), 200, "cannot hold an image"),
 }  # fmt: skip
 
 

@@ -575,6 +575,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = eng.pick_device()
+    env_before = set(os.environ)
     rank, world = eng.init_distributed(device)
     trainer = Trainer(plan, rank, device, resume)
     try:
@@ -596,3 +597,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
             trainer.tb.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        # leave the process as it was found: a later run in it (demo, tests) must not look launched
+        for key in set(os.environ) - env_before:
+            del os.environ[key]
