@@ -165,13 +165,23 @@ def test_packed_equals_separate(name):
 
 # ---- decoding ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
-def test_kv_cache_decoding_equals_full_forward(name):
+@pytest.mark.parametrize("inference", [False, True], ids=["grad", "no_grad"])
+def test_kv_cache_decoding_equals_full_forward(name, inference):
+    # no_grad takes the inference fast paths (fused weights, plain norms, prefix-only attention)
+    with torch.set_grad_enabled(not inference):
+        _check_cached_decoding(name)
+
+
+def _check_cached_decoding(name):
     model = make(name)
     B, total = 3, 24  # B * total >= FUSE_MIN_TOKENS: the full pass uses fused projections, decoding not
     assert B * total >= FUSE_MIN_TOKENS
     g = torch.Generator().manual_seed(4)
     seqs = torch.randint(0, model.args.vocab_size, (B, total), generator=g)
     full = model(seqs)  # (B, total, V)
+    if not torch.is_grad_enabled():
+        with torch.enable_grad():
+            torch.testing.assert_close(full, model(seqs), rtol=1e-6, atol=1e-6)
     cache = model.setup_cache(B, 32)
     got = torch.zeros_like(full)
     done = torch.zeros(B, dtype=torch.long)
@@ -192,6 +202,21 @@ def test_kv_cache_decoding_equals_full_forward(name):
         feed((done < total).long())  # one token per unfinished row
     assert cache.lengths.tolist() == [total] * B
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_inference_fast_path_sees_weight_updates():
+    model = make("gqa-layernorm-pre")
+    tokens = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(9))
+    cache = model.setup_cache(1, 8)
+    model.decode(tokens, cache)
+    model.layers[0].attention.wq.weight.mul_(1.5)  # in place: fused weights must be rebuilt
+    model.layers[0].feed_forward.w3.weight = torch.nn.Parameter(model.layers[0].feed_forward.w3.weight * 0.5)
+    cache.reset()
+    got = model.decode(tokens, cache)
+    with torch.enable_grad():
+        want = model(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_last_only_and_fork_rows():

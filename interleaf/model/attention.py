@@ -103,6 +103,8 @@ class AttentionMask:
     backend: str
     mask: Any = None
     flat: bool = False  # xformers block-diagonal masks: all rows as one (1, B*T) sequence
+    n_keys: int | None = None  # decoding: attend to this prefix of the cache slots (None: all)
+    causal: bool = True  # with mask None: causal (sdpa is_causal), or every query sees every key
 
 
 def build_mask(backend: str, doc_ids: torch.Tensor | None, T: int) -> AttentionMask:
@@ -117,8 +119,15 @@ def build_mask(backend: str, doc_ids: torch.Tensor | None, T: int) -> AttentionM
     return AttentionMask(backend, None if doc_ids is None else packed_causal_mask(doc_ids))
 
 
-def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int) -> AttentionMask:
-    """Mask for T new tokens per row appended after `lengths` (B,) cached ones."""
+def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int, n_keys: int | None = None,
+                     positions: torch.Tensor | None = None, shape: str = "dense") -> AttentionMask:
+    """Mask for T new tokens per row appended after `lengths` (B,) cached ones.
+
+    sdpa only: `n_keys` (>= every row's lengths + new tokens) limits attention to that prefix of
+    the cache; `positions` is `lengths[:, None] + arange(T)` if the caller has it. `shape` says
+    what the caller knows of the rows: "dense" (anything: a bool mask), "all" (one token per row,
+    every row holding n_keys tokens after it: no mask) or "causal" (empty rows, T tokens each).
+    """
     if backend == "xformers":
         from xformers.ops import fmha
 
@@ -128,8 +137,14 @@ def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int) 
             q_seqlen=[T] * B, kv_padding=max_len + 1, kv_seqlen=kv_len
         )
         return AttentionMask(backend, bias, flat=True)
-    positions = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, T)
-    return AttentionMask(backend, cache_mask(positions, max_len + 1, max_len))
+    if shape != "dense" and n_keys is not None:
+        return AttentionMask(backend, None, n_keys=n_keys, causal=shape == "causal")
+    if positions is None:
+        positions = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, T)
+    if n_keys is None or n_keys > max_len:
+        return AttentionMask(backend, cache_mask(positions, max_len + 1, max_len))
+    keys = torch.arange(n_keys, device=positions.device)  # all before the scratch slot
+    return AttentionMask(backend, (keys <= positions[:, :, None])[:, None], n_keys=n_keys)  # (B, 1, T, n_keys)
 
 
 # ---- kernels -------------------------------------------------------------------------------
@@ -140,7 +155,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
     gqa = q.shape[2] != k.shape[2]
     if mask.mask is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=mask.causal, dropout_p=dropout, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.mask, dropout_p=dropout, enable_gqa=gqa)
     return out.transpose(1, 2)  # (B, T, H, hd)

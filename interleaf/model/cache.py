@@ -41,16 +41,34 @@ class KVCache:
         """(n_layers, B, n_kv_heads, max_len, head_dim) view of the values."""
         return self.v_store[:, :, : self.max_len].transpose(2, 3)
 
-    def write_positions(self, T: int, n_new: torch.Tensor) -> torch.Tensor:
-        """(B, T) cache slots for T appended tokens; padding (t >= n_new) and overflow go to scratch."""
-        pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-        valid = (torch.arange(T, device=pos.device) < n_new[:, None]) & (pos < self.max_len)
+    def write_positions(self, T: int, n_new: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) cache slots for T appended tokens; padding (t >= n_new) and overflow go to scratch.
+
+        `positions` (B, T), when given, is `lengths[:, None] + arange(T)` computed by the caller.
+        """
+        t = torch.arange(T, device=self.lengths.device)
+        pos = self.lengths[:, None] + t if positions is None else positions  # (B, T)
+        valid = (t < n_new[:, None]) & (pos < self.max_len)
         return torch.where(valid, pos, self.max_len)
 
+    def write_index(self, T: int, n_new: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B * T,) flat slots (row * (max_len + 1) + slot) for `update`, from `write_positions`."""
+        slots = self.write_positions(T, n_new, positions)  # (B, T)
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None] * (self.max_len + 1)
+        return (rows + slots).flatten()
+
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v (B, T, n_kv_heads, hd) at `slots` (B, T); return the layer's (B, S+1, Hkv, hd) k, v."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(slots)
+        """Write k/v (B, T, n_kv_heads, hd) at `slots` (B, T) or flat `write_index` slots (B * T,).
+
+        Returns the layer's (B, S+1, Hkv, hd) keys and values.
+        """
         kc, vc = self.k_store[layer], self.v_store[layer]
+        if slots.dim() == 1:  # one index_copy_ per tensor
+            n = k.shape[0] * k.shape[1]
+            kc.flatten(0, 1).index_copy_(0, slots, k.reshape(n, *k.shape[2:]).to(kc.dtype))
+            vc.flatten(0, 1).index_copy_(0, slots, v.reshape(n, *v.shape[2:]).to(vc.dtype))
+            return kc, vc
+        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(slots)
         kc[rows, slots] = k.to(kc.dtype)
         vc[rows, slots] = v.to(vc.dtype)
         return kc, vc
@@ -63,6 +81,12 @@ class KVCache:
             raise InterleafError(
                 f"KV cache row {row} would hold {int(after[row])} tokens, more than its max_len {self.max_len}"
             )
+
+    def check_room_host(self, after: Sequence[int]) -> None:
+        """Like `check_room`, from the lengths each row would have (host ints)."""
+        for row, n in enumerate(after):
+            if n > self.max_len:
+                raise InterleafError(f"KV cache row {row} would hold {n} tokens, more than its max_len {self.max_len}")
 
     def copy_rows(self, src: Sequence[int], dst: Sequence[int]) -> None:
         """Fork rows: row dst[i] becomes a copy of row src[i] (keys, values and length)."""

@@ -5,6 +5,9 @@ over activations, not the matmuls, decide how close a training step gets to the 
 These functions compute the textbook formulas in fewer passes: RMSNorm in 3 passes forward and
 ~6 backward (autograd of the composite: 6 and ~12), SwiGLU from one fused [w1; w3] projection writing its gradient in place, RoPE as one complex multiply each way. Each has a plain reference
 (`*_reference`) that the tests compare against, values and gradients.
+
+Without autograd (inference under `torch.no_grad`, or no input requiring grad) the same formulas
+run as plain tensor ops: no graph, no saved tensors, fewer kernels per call.
 """
 
 from __future__ import annotations
@@ -21,15 +24,20 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- RMSNorm ----------------------------------------------------------------------------------
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y and the reciprocal rms r (..., 1); the kernels both paths (with or without autograd) run."""
+    xf = _up(x)
+    ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])  # (..., 1)
+    r = ms.add_(eps).rsqrt_()
+    return (xf * r).mul_(weight).to(x.dtype), r
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = _up(x)
-        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])  # (..., 1)
-        r = ms.add_(eps).rsqrt_()
-        y = (xf * r).mul_(weight)
+        y, r = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, r)
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -45,9 +53,16 @@ class _RMSNorm(torch.autograd.Function):
         return gx.to(x.dtype), gweight, None
 
 
+def needs_graph(*tensors: torch.Tensor) -> bool:
+    """True when autograd would record an op on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dim (statistics in float32 or wider)."""
-    return _RMSNorm.apply(x, weight, eps)
+    if needs_graph(x, weight):
+        return _RMSNorm.apply(x, weight, eps)
+    return _rms_norm_forward(x, weight, eps)[0]
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,7 +92,10 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """h = [a | b] (..., 2F) -> silu(a) * b (..., F)."""
-    return _SwiGLU.apply(h)
+    if needs_graph(h):
+        return _SwiGLU.apply(h)
+    a, b = h.chunk(2, dim=-1)
+    return F.silu(a).mul_(b)
 
 
 def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
@@ -93,12 +111,33 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return angles.cos()[:, :, None], angles.sin()[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by the angles (B, T, 1, hd/2)."""
+class RopeTable:
+    """The rotation cos + i sin of every position below a length, computed once, gathered by position."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+        self.table = None
+
+    def __call__(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, T) positions, all < length -> complex (B, T, 1, head_dim / 2), from `rope_angles`."""
+        t = self.table
+        if t is None or t.shape[0] < length or t.device != positions.device:
+            grid = torch.arange(length, device=positions.device)[None]  # (1, L)
+            self.table = t = torch.complex(*rope_angles(grid, self.head_dim, self.theta))[0]  # (L, 1, hd/2)
+        return t[positions]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by the angles (B, T, 1, hd/2).
+
+    With `sin` None, `cos` is the complex rotation cos + i sin itself (as `RopeTable` gives).
+    """
     if torch.compiler.is_compiling() or x.stride(-1) != 1:
+        if sin is None:
+            cos, sin = cos.real, cos.imag
         return apply_rope_reference(x, cos, sin)
     xc = torch.view_as_complex(_up(x).unflatten(-1, (-1, 2)))  # (B, T, H, hd/2) complex
-    out = torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2)
+    out = torch.view_as_real(xc * (torch.complex(cos, sin) if sin is not None else cos)).flatten(-2)
     return out.to(x.dtype)
 
 

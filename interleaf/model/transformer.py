@@ -6,7 +6,6 @@ Face checkpoints rotate halves instead, and `convert.py` permutes q/k weights be
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -20,7 +19,7 @@ from interleaf.model.attention import (
 )
 from interleaf.model.cache import KVCache
 from interleaf.model.loss import LossOutput, chunked_linear_cross_entropy
-from interleaf.model.ops import apply_rope, rms_norm, rope_angles, swiglu
+from interleaf.model.ops import RopeTable, apply_rope, rms_norm, rope_angles, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -60,6 +59,39 @@ def qk_norm(args: ModelArgs, n_heads: int) -> nn.Module:
 
 # Above this many tokens per call, q/k/v (and w1/w3) run as one matmul over concatenated weights.
 FUSE_MIN_TOKENS = 64
+# Without autograd, concatenated weights up to this size are kept between calls (so decoding
+# steps run one matmul for q/k/v and one for w1/w3); larger ones are not worth the memory.
+FUSED_CACHE_MAX_BYTES = 32 * 2**20
+
+
+class FusedWeight:
+    """The concatenation of some parameters along dim 0, kept for inference until one changes.
+
+    A parameter changes by an in-place op (its version counter moves) or by new data (its pointer
+    moves); the old tensors are held so that new data cannot reuse their address unnoticed.
+    """
+
+    def __init__(self):
+        self.key, self.value, self.sources = None, None, ()
+
+    def __call__(self, *params: torch.Tensor) -> torch.Tensor | None:
+        """The concatenated weight, or None when it would be larger than FUSED_CACHE_MAX_BYTES."""
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if key != self.key:
+            if sum(p.numel() * p.element_size() for p in params) > FUSED_CACHE_MAX_BYTES:
+                return None
+            self.sources = tuple(p.detach() for p in params)
+            self.value, self.key = torch.cat(self.sources), key
+        return self.value
+
+
+def _plain(module: nn.Module, x: torch.Tensor) -> bool:
+    """Inference fast paths apply: autograd records nothing here and no compiler is tracing."""
+    if _compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not x.requires_grad and not any(p.requires_grad for p in module.parameters())
 
 
 class Attention(nn.Module):
@@ -76,6 +108,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.q_norm = qk_norm(args, args.n_heads)
         self.k_norm = qk_norm(args, args.n_kv_heads)
+        self._wqkv, self._qk_weight, self._qk_bias = FusedWeight(), FusedWeight(), FusedWeight()
 
     def project(self, x: torch.Tensor):
         """q (B, T, H, hd), k and v (B, T, Hkv, hd); one fused matmul when there are many tokens."""
@@ -89,14 +122,49 @@ class Attention(nn.Module):
         return q.view(B, T, self.n_heads, self.head_dim), k.view(hkv), v.view(hkv)
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, slots=None):
+        """sin None: cos is the complex rotation (see apply_rope)."""
         B, T, _ = x.shape
-        q, k, v = self.project(x)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self._project_plain(x, cos, sin) if _plain(self, x) else None
+        if qkv is not None:
+            q, k, v = qkv
+        else:
+            q, k, v = self.project(x)
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, slots, k, v)  # (B, S + 1, Hkv, hd)
+            k, v = k[:, : mask.n_keys], v[:, : mask.n_keys]  # the prefix of slots in use
         out = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, T, H, hd)
         return self.wo(out.reshape(B, T, -1))
+
+    def _project_plain(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Inference: one matmul for q/k/v, then QK-norm and RoPE of queries and keys together.
+
+        Every element goes through the same kernels as in `project` + norms + `apply_rope`.
+        None when the concatenated weights are too large to keep.
+        """
+        w = self._wqkv(self.wq.weight, self.wk.weight, self.wv.weight)
+        if w is None:
+            return None
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = F.linear(x, w)  # (B, T, (H + 2 Hkv) hd)
+        qk = qkv[..., : (H + Hkv) * hd].unflatten(-1, (H + Hkv, hd))  # (B, T, H + Hkv, hd)
+        v = qkv[..., (H + Hkv) * hd :].unflatten(-1, (Hkv, hd))
+        qk = apply_rope(self._qk_norm_plain(qk), cos, sin)
+        return qk[:, :, :H], qk[:, :, H:], v
+
+    def _qk_norm_plain(self, qk: torch.Tensor) -> torch.Tensor:
+        """QK-norm of queries and keys at once, (B, T, H + Hkv, hd)."""
+        qn, kn = self.q_norm, self.k_norm
+        if isinstance(qn, HeadLayerNorm):
+            weight = self._qk_weight(qn.weight, kn.weight)  # (H + Hkv, hd)
+            bias = self._qk_bias(qn.bias, kn.bias)
+            return torch.addcmul(bias, F.layer_norm(qk, qk.shape[-1:], None, None, qn.eps), weight)
+        if isinstance(qn, RMSNorm):
+            H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+            weight = self._qk_weight(qn.weight.expand(H, hd), kn.weight.expand(Hkv, hd))  # (H + Hkv, hd)
+            return rms_norm(qk, weight, qn.eps)
+        return qk
 
 
 class FeedForward(nn.Module):
@@ -107,9 +175,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        self._w13 = FusedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
+        w = self._w13(self.w1.weight, self.w3.weight) if _plain(self, x) else None
+        if w is not None:  # inference: kept [w1; w3], silu(a) * b without autograd
+            return self.w2(swiglu(F.linear(x, w)))
         if B * T >= FUSE_MIN_TOKENS:  # one matmul for [w1; w3], gradient written in place
             return self.w2(swiglu(F.linear(x, torch.cat([self.w1.weight, self.w3.weight]))))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -148,9 +220,15 @@ class OutputHead(nn.Linear):
         return chunked_linear_cross_entropy(h, self.weight, targets, weights, is_image, z_coef, chunk)
 
 
-@functools.lru_cache(maxsize=None)
+_BACKENDS: dict[tuple[str, str], str] = {}
+
+
 def _backend(name: str, device_type: str) -> str:
-    return resolve_backend(name, device_type)
+    """resolve_backend, remembered (a plain dict: compilers trace through it without a break)."""
+    key = (name, device_type)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = resolve_backend(name, device_type)
+    return _BACKENDS[key]
 
 
 def _compiling() -> bool:
@@ -172,6 +250,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = OutputHead(args.dim, args.vocab_size, bias=False)
+        self._rope = RopeTable(args.head_dim, args.rope_theta)  # filled on first use, not a buffer
         self.tie_weights()
         self.init_weights()
 
@@ -260,29 +339,52 @@ class Transformer(nn.Module):
         return KVCache(a.n_layers, batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or p.dtype, p.device)
 
     def decode(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None,
-               last_only: bool = False) -> torch.Tensor:
+               last_only: bool = False, max_len_hint: int | None = None) -> torch.Tensor:
         """Append tokens (B, T) to the cache (row b: first n_new[b] count) -> logits (B, T, V).
 
         `last_only=True` returns (B, V): the logits of each row's last new token.
+        `max_len_hint`, an upper bound of every row's length after this call known on the host,
+        lets a compiled step attend to that prefix of the cache only (eager mode reads the
+        lengths itself; without either, a compiled step attends to the whole cache).
         """
         B, T = tokens.shape[0], tokens.shape[-1]
         self._check_tokens(tokens, cache.max_len, "the cache's max_len")
         if B != cache.batch_size:
             raise InterleafError(f"decode got {B} rows for a cache of {cache.batch_size}")
+        counts = None if n_new is None else n_new
         if n_new is None:
             n_new = torch.full((B,), T, dtype=torch.long, device=tokens.device)
-        if not _compiling():
-            cache.check_room(n_new)
         positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        slots = cache.write_positions(T, n_new)
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
-        mask = build_cache_mask(self.backend(tokens.device), cache.lengths, T, cache.max_len)
+        mask = self._cache_mask(tokens.device, cache, T, counts, positions, max_len_hint)
+        slots = cache.write_index(T, n_new, positions)  # (B * T,)
+        if _compiling():  # real angles: compilers handle them better than complex tensors
+            cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        else:  # the rotation cos + i sin gathered from a table (apply_rope: sin None)
+            cos, sin = self._rope(positions, max(self.args.max_seq_len, cache.max_len + T)), None
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache, slots)
         cache.lengths += n_new
-        h = self.norm(h)
-        if last_only:
-            h = h[torch.arange(B, device=h.device), (n_new - 1).clamp(min=0)]  # (B, D)
-        logits = self.output(h)
+        if last_only:  # (B, D): each row's last new token
+            h = h[:, 0] if T == 1 else h[torch.arange(B, device=h.device), (n_new - 1).clamp(min=0)]
+        logits = self.output(self.norm(h))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _cache_mask(self, device, cache: KVCache, T: int, n_new: torch.Tensor | None, positions: torch.Tensor,
+                    max_len_hint: int | None) -> AttentionMask:
+        """The decode step's mask; in eager mode also the room check and the prefix of slots in use."""
+        backend = self.backend(device)
+        if _compiling():
+            n_keys = None if max_len_hint is None else max(1, min(max_len_hint, cache.max_len))
+            return build_cache_mask(backend, cache.lengths, T, cache.max_len, n_keys, positions)
+        # one read of lengths and counts to the host (the only sync of the step)
+        if n_new is None:
+            lengths, counts = cache.lengths.tolist(), [T] * cache.batch_size
+        else:
+            lengths, counts = torch.stack([cache.lengths, n_new.to(cache.lengths)]).tolist()
+        after = [a + c for a, c in zip(lengths, counts)]
+        cache.check_room_host(after)
+        n_keys = max(1, max(after))
+        uniform = all(a == lengths[0] for a in lengths) and all(c == T for c in counts)
+        shape = "all" if uniform and T == 1 else "causal" if uniform and lengths[0] == 0 else "dense"
+        return build_cache_mask(backend, cache.lengths, T, cache.max_len, n_keys, positions, shape)
