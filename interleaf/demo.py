@@ -29,7 +29,7 @@ class DemoConfig:
     resolution: int = 64
     max_shapes: int = 3
     world_seed: int = 0
-    train_documents: int = 20_000
+    train_documents: int = 6_000
     val_documents: int = 300
     bpe_config: str = "configs/bpe/shapes-tiny.yaml"
     bpe: list[str] = field(default_factory=list)  # dotted overrides
