@@ -75,11 +75,20 @@ def assemble(batches):
     return docs
 
 
-def test_packing_trains_every_token_once_and_never_across_documents(shards):
+@pytest.mark.parametrize("split", [False, True])
+def test_packing_trains_every_token_once_and_never_across_documents(shards, split):
     d, docs = shards
-    s = spec([SourceConfig("a", [str(d)])], n_streams=4, micro=2, seq_len=24, image_first_prob=0.0,
-             resample=False, epochs=1)
+    T = 24
+    s = spec([SourceConfig("a", [str(d)])], n_streams=4, micro=2, seq_len=T, image_first_prob=0.0,
+             resample=False, epochs=1, split_documents=split)
     batches = list(StreamingLoader(s, 0, 1))
+    # a document that fits in a row is cut only when asked to (a cut piece loses its context)
+    n_short = sum(len(doc.ids) - 1 <= T for doc in docs.values())
+    assert 0 < n_short < len(docs), "the fixture needs documents shorter and longer than a row"
+    pieces = [(tok[row_ids == i], tgt[row_ids == i]) for b in batches
+              for tok, tgt, row_ids in zip(b["tokens"], b["targets"], b["doc_ids"]) for i in np.unique(row_ids)]
+    n_whole = sum(tok[0] == VOCAB.bos_id and tgt[-1] == VOCAB.eos_id for tok, tgt in pieces)
+    assert (n_whole < n_short) if split else (n_whole == n_short)
     # every document exactly once (every token except <bos> a target exactly once), nothing else
     got = sorted(doc for i in range(4) for doc in assemble(batches[i::4]))  # per stream, pieces chain in order
     assert got == sorted(tuple(doc.ids.tolist()) for doc in docs.values())
@@ -209,9 +218,13 @@ def test_stage_schedule_switches_the_mixture(tmp_path):
 def test_resampled_stream_is_infinite_and_epochs_are_not(shards):
     d, docs = shards
     total = sum(len(doc.ids) - 1 for doc in docs.values())
-    s = spec([SourceConfig("a", [str(d)])], n_streams=1, micro=1, seq_len=32)
+    s = spec([SourceConfig("a", [str(d)])], n_streams=1, micro=1, seq_len=32, split_documents=True)
     batches = take(StreamingLoader(s, 0, 1), total // 32 + 20)  # more than one pass
-    assert all((np.asarray(b["targets"]) != IGNORE).all() for b in batches)
+    assert all((np.asarray(b["targets"]) != IGNORE).all() for b in batches)  # no end-of-stream padding
+    s = spec([SourceConfig("a", [str(d)])], n_streams=1, micro=1, seq_len=32)  # whole documents: rows padded
+    batches = take(StreamingLoader(s, 0, 1), total // 16 + 20)
+    n = [int((np.asarray(b["targets"]) != IGNORE).sum()) for b in batches]
+    assert min(n) > 0 and sum(n) > total
     s2 = spec([SourceConfig("a", [str(d)])], n_streams=1, micro=1, seq_len=32, resample=False, epochs=2)
     n = sum(int((b["targets"] != IGNORE).sum()) for b in StreamingLoader(s2, 0, 1))
     assert n == 2 * total

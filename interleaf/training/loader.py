@@ -31,9 +31,13 @@ the documents it holds and re-read on resume (a few shards), plus the RNG state.
 
 Packing
 -------
-A document of L ids gives L-1 (input, target) pairs. Rows of `seq_len` pairs are filled greedily;
-a document that does not fit continues in the next row (that row's first input is the target of
-the previous row's last pair), so every token of every document except its <bos> is a target
+A document of L ids gives L-1 (input, target) pairs. Rows of `seq_len` pairs are filled greedily
+with whole documents: one that fits in a row but not in what is left of the current one starts the
+next row (the rest of this row is padding, target -100), because a piece cut from its start would
+be trained without its context (an image without its caption). Only documents longer than a row
+are cut: they continue in the next row (that row's first input is the target of the previous
+row's last pair). `data.split_documents: true` cuts every document that does not fit (no padding,
+for long-text corpora). Either way every token of every document except its <bos> is a target
 exactly once per pass. `doc_ids` number the document pieces of a row (0, 1, ...; padding at the
 end of a finite stream gets its own id and target -100): attention is block-diagonal causal over
 them and positions restart at each piece.
@@ -75,6 +79,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # documents per (stream, source)
     resample: bool = True  # True: shards drawn with replacement (infinite); False: epochs over the shards
     image_first_prob: float = 0.5  # image-caption pairs shown image->caption (else caption->image)
+    split_documents: bool = False  # False: a document that fits in a row is never cut (rows padded instead)
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
@@ -335,6 +340,7 @@ class StreamSpec:
     resample: bool
     shuffle_buffer: int
     image_first_prob: float
+    split_documents: bool
     text_loss_weight: float
     image_loss_weight: float
     image_table: np.ndarray  # bool (vocab size,): True on image-code ids
@@ -401,7 +407,10 @@ class PackedStream:
                     break
                 self.carry = (ids, 0)
             ids, off = self.carry
-            n = min(len(ids) - 1 - off, T - pos)
+            left = len(ids) - 1 - off  # (input, target) pairs still to place
+            if off == 0 and pos > 0 and T - pos < left <= T and not self.spec.split_documents:
+                break  # it fits in a row of its own: start the next row with it, whole
+            n = min(left, T - pos)
             tokens[pos : pos + n] = ids[off : off + n]
             targets[pos : pos + n] = ids[off + 1 : off + n + 1]
             doc_ids[pos : pos + n] = len(lens)
@@ -641,7 +650,7 @@ def make_spec(data: DataConfig, sources: list[Source], vocab, tokenizer_dir: str
         sources=sources, stages=[] if eval_mode else list(data.stages), total_steps=total_steps,
         n_streams=n_streams, micro_batch=micro_batch, seq_len=seq_len or data.seq_len, seed=data.seed,
         resample=False if eval_mode else data.resample, shuffle_buffer=1 if eval_mode else data.shuffle_buffer,
-        image_first_prob=data.image_first_prob, text_loss_weight=data.text_loss_weight,
-        image_loss_weight=data.image_loss_weight, image_table=vocab.image_mask().numpy(),
+        image_first_prob=data.image_first_prob, split_documents=data.split_documents,
+        text_loss_weight=data.text_loss_weight, image_loss_weight=data.image_loss_weight, image_table=vocab.image_mask().numpy(),
         pad_id=vocab.pad_id, decoder=Decoder(vocab.size, tokenizer_dir), epochs=1 if eval_mode else None,
     )
