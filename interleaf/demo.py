@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from interleaf.errors import ConfigError
 from interleaf.evaluate import EvalConfig
 from interleaf.utils import get_logger, write_json
 
@@ -29,7 +30,9 @@ class DemoConfig:
     resolution: int = 64
     max_shapes: int = 3
     world_seed: int = 0
-    train_documents: int = 6_000
+    train_documents: int = 6_000  # the world's mix: caption-image pairs, interleaved stories, text
+    train_pairs: int = 24_000  # extra caption-image pairs (what drawing and captioning learn from)
+    pair_weight: float = 0.7  # share of training documents drawn from the extra pairs
     val_documents: int = 300
     bpe_config: str = "configs/bpe/shapes-tiny.yaml"
     bpe: list[str] = field(default_factory=list)  # dotted overrides
@@ -44,6 +47,12 @@ class DemoConfig:
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True
+
+    def validate(self) -> None:
+        if self.train_documents < 1 or self.val_documents < 1 or self.train_pairs < 0:
+            raise ConfigError("demo: train_documents and val_documents must be >= 1, train_pairs >= 0")
+        if self.train_pairs and not 0.0 < self.pair_weight < 1.0:
+            raise ConfigError(f"demo: pair_weight must be in (0, 1), got {self.pair_weight}")
 
 
 def _path(p: str) -> Path:
@@ -82,6 +91,9 @@ def stage_shards(cfg: DemoConfig, out: Path) -> None:
 
     common = dict(resolution=cfg.resolution, max_shapes=cfg.max_shapes, seed=cfg.world_seed)
     write_documents(shapes_documents(cfg.train_documents, **common), out / "train")
+    if cfg.train_pairs:
+        pairs = shapes_documents(cfg.train_pairs, kind="pairs", start=20_000_000, **common)
+        write_documents(pairs, out / "pairs")
     write_documents(shapes_documents(cfg.val_documents, start=10_000_000, **common), out / "val")
 
 
@@ -130,7 +142,7 @@ def stage_tokenize(cfg: DemoConfig, shards: Path, tokenizer: Path, out: Path) ->
     """Images through the VQ-GAN once, text through BPE: token shards for training."""
     from interleaf.training.tokenize import tokenize_shards
 
-    for split in ("train", "val"):
+    for split in ("train", "pairs", "val") if cfg.train_pairs else ("train", "val"):
         s = tokenize_shards([str(shards / split)], out / split, tokenizer, progress=cfg.progress)
         print(f"    {split}: {s['documents']:,} documents, {s['tokens']:,} tokens ({s['image_tokens']:,} image)")
 
@@ -139,9 +151,11 @@ def stage_train(cfg: DemoConfig, tokenizer: Path, tokens: Path, out: Path) -> di
     """The transformer (one process; resumes an interrupted run)."""
     from interleaf.training.train import load_train_config, run_training
 
+    sources = [f"{{name: shapes, paths: [{tokens / 'train'}], weight: {1 - cfg.pair_weight if cfg.train_pairs else 1.0}}}"]
+    if cfg.train_pairs:
+        sources.append(f"{{name: pairs, paths: [{tokens / 'pairs'}], weight: {cfg.pair_weight}}}")
     overrides = [
-        f"run_dir={out}", f"tokenizer={tokenizer}",
-        f"data.sources=[{{name: shapes, paths: [{tokens / 'train'}], weight: 1.0}}]",
+        f"run_dir={out}", f"tokenizer={tokenizer}", f"data.sources=[{', '.join(sources)}]",
         f"data.eval_sources=[{{name: shapes-val, paths: [{tokens / 'val'}]}}]",
         *cfg.train,
     ]

@@ -233,13 +233,13 @@ def run_eval(model_dir: str | Path, cfg: EvalConfig, out: str | Path | None = No
 
 
 def summary_line(report: dict) -> str:
-    """One line with the headline numbers (CFG on drawing, captioning)."""
-    draw = (report.get("text_to_image") or [{}])[0]
+    """One line with the headline numbers: drawing at each CFG scale, captioning."""
     cap = report.get("image_to_text") or {}
     attrs = [cap.get(k) for k in ("colour", "shape", "size", "position")]
     attr = sum(attrs) / len(attrs) if all(a is not None for a in attrs) else None
-    return (f"text->image (cfg {draw.get('cfg_scale', 0):g}): colour {_pct(draw.get('colour'))}, shape {_pct(draw.get('shape'))}; "
-            f"image->text: attributes {_pct(attr)}, exact {_pct(cap.get('exact'))}")
+    draws = [f"text->image (cfg {d.get('cfg_scale', 0):g}): colour {_pct(d.get('colour'))}, shape {_pct(d.get('shape'))}"
+             for d in report.get("text_to_image") or []]
+    return "; ".join([*draws, f"image->text: attributes {_pct(attr)}, exact {_pct(cap.get('exact'))}"])
 
 
 def headline(report: dict) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from interleaf.cli import main
 
 TINY = [
-    "train_documents=48", "val_documents=12", "progress=false",
+    "train_documents=48", "train_pairs=24", "val_documents=12", "progress=false",
     "vqgan=[steps=6, batch_size=4, log_every=2, save_every=3, data.val_images=8]",
     "train=[steps=4, global_batch=2, micro_batch=1, log_every=1, eval_every=0, save_every=2, data.seq_len=160, "
     "data.shuffle_buffer=8, model_size=debug, model.max_seq_len=256]",
