@@ -234,6 +234,12 @@ def test_cli_generate_caption_draw(model_dir, tmp_path, picture, capsys):
     for png in re.findall(r"\((image-0-\d\.png)\)", md):
         assert str(out / png) in stdout and Image.open(out / png).size == (8, 8)
     assert "data:image/png;base64," in (out / "document.html").read_text()
+    # an <image> marker puts the image where it stands in the text
+    code, stdout, err = run_cli(capsys, "generate", model_dir, "--prompt", "a red <image> then", "--image", img,
+                                "--max-new-tokens", "4", "--out", tmp_path / "marked")
+    assert code == 0, err
+    prompt_md = (tmp_path / "marked" / "document.md").read_text().split("## Output")[0]
+    assert prompt_md.index("a red") < prompt_md.index("prompt-1.png") < prompt_md.index("then")
     code, stdout, err = run_cli(capsys, "draw", model_dir, "a red circle", "--out", tmp_path / "d", "--cfg", "2")
     assert code == 0, err
     assert (tmp_path / "d" / "image-0-0.png").is_file() and "image 1" in err
@@ -253,11 +259,15 @@ def test_cli_generate_caption_draw(model_dir, tmp_path, picture, capsys):
     (["generate", "{model}", "--prompt", "x", "--top-p", "1.5"], "top-p"),
     (["draw", "{model}", "{no_room}"], "an image needs"),
     (["generate", "{model}", "--prompt", "x", "--num", "0"], "num"),
+    (["generate", "{model}", "--prompt", "x <image> <image>", "--image", "{image}"], "2 <image> markers but 1 images"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(model_dir, pipe, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.png").write_text("not a png")
+    picture_path = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8)).save(picture_path)
     paths = dict(missing=tmp_path / "nope", empty=tmp_path / "empty", model=model_dir, bad_image=tmp_path / "bad.png",
+                 image=picture_path,
                  too_long=prompt_of_length(pipe, MAX_LEN), no_room=prompt_of_length(pipe, MAX_LEN - 10))
     argv = [a.format(**paths) for a in argv] + ["--out", tmp_path / "out"]
     code, stdout, err = run_cli(capsys, *argv)

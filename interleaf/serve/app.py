@@ -47,6 +47,7 @@ from starlette.routing import Route
 
 from interleaf.errors import InterleafError
 from interleaf.sampling.events import Done, ImageDone, ImageProgress, ImageStart, TextDelta
+from interleaf.tokenizer.multimodal import place_images
 from interleaf.utils import get_logger
 
 log = get_logger(__name__)
@@ -55,7 +56,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MODES = ("text", "image", "interleaved")
-IMAGE_MARKER = "<image>"  # where an uploaded image goes in the prompt text
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 KEEPALIVE_S = 10.0
 SECURITY_HEADERS = {
@@ -363,18 +363,10 @@ def build_prompt(text: str, images: list[Image.Image], limits: ServeLimits) -> l
         raise RequestError(400, "prompt must be text")
     if len(text) > limits.max_prompt_chars:
         raise RequestError(413, f"prompt is {len(text)} characters; the limit is {limits.max_prompt_chars}")
-    if IMAGE_MARKER in text:
-        pieces = text.split(IMAGE_MARKER)
-        if len(pieces) - 1 != len(images):
-            raise RequestError(
-                400, f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers but {len(images)} images were uploaded"
-            )
-        segments: list = [pieces[0]]
-        for img, piece in zip(images, pieces[1:]):
-            segments += [img, piece]
-    else:
-        segments = [*images, text]
-    segments = [s for s in segments if not (isinstance(s, str) and not s)]
+    try:
+        segments = place_images(text, images)
+    except InterleafError as e:
+        raise RequestError(400, f"{e} were uploaded") from None
     if not segments:
         raise RequestError(400, "the prompt is empty: write some text or upload an image")
     return segments

@@ -22,6 +22,21 @@ from interleaf.tokenizer.vocab import DecodedDocument, ImageCodes, Segment, Voca
 
 DocumentSegment = Union[str, Image.Image, Path, ImageCodes]
 IMAGE_BATCH = 16  # images per VQ-GAN call
+IMAGE_MARKER = "<image>"  # where an image goes in a prompt's text
+
+
+def place_images(text: str, images: Sequence, marker: str = IMAGE_MARKER) -> list:
+    """Prompt segments: each `marker` in the text takes the next image; without markers images come first."""
+    if marker in text:
+        pieces = text.split(marker)
+        if len(pieces) - 1 != len(images):
+            raise InterleafError(f"the prompt has {len(pieces) - 1} {marker} markers but {len(images)} images")
+        segments: list = [pieces[0]]
+        for image, piece in zip(images, pieces[1:]):
+            segments += [image, piece]
+    else:
+        segments = [*images, text]
+    return [s for s in segments if not (isinstance(s, str) and not s)]
 
 
 class MultimodalTokenizer:
