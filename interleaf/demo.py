@@ -41,9 +41,9 @@ class DemoConfig:
     train_config: str = "configs/train/shapes-tiny.yaml"
     train: list[str] = field(default_factory=list)
     draw_prompt: str = "a large red circle at the top left and a small blue square at the bottom right"
-    interleaved_prompt: str = "A large green triangle at the top right."
+    story_index: int = 4  # the interleaved sample continues this held-out story from its first scene
     caption_image_index: int = 7
-    cfg_scale: float = 3.0
+    cfg_scale: float = 1.0  # guidance of the samples (at the demo's size guidance still hurts)
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True
@@ -151,7 +151,8 @@ def stage_train(cfg: DemoConfig, tokenizer: Path, tokens: Path, out: Path) -> di
     """The transformer (one process; resumes an interrupted run)."""
     from interleaf.training.train import load_train_config, run_training
 
-    sources = [f"{{name: shapes, paths: [{tokens / 'train'}], weight: {1 - cfg.pair_weight if cfg.train_pairs else 1.0}}}"]
+    mix_weight = 1 - cfg.pair_weight if cfg.train_pairs else 1.0
+    sources = [f"{{name: shapes, paths: [{tokens / 'train'}], weight: {mix_weight}}}"]
     if cfg.train_pairs:
         sources.append(f"{{name: pairs, paths: [{tokens / 'pairs'}], weight: {cfg.pair_weight}}}")
     overrides = [
@@ -171,7 +172,7 @@ def stage_export(cfg: DemoConfig, train: Path, tokenizer: Path, out: Path) -> No
 
 
 def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:
-    """A drawing, a caption and an interleaved document, rendered to Markdown/HTML + PNGs."""
+    """A drawing, a caption and a story continued from its first scene, rendered to Markdown/HTML + PNGs."""
     import interleaf
     from interleaf.data.shapes import ShapesWorld
     from interleaf.sampling.render import write_documents
@@ -179,10 +180,11 @@ def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:
     pipe = interleaf.load(model_dir)
     world = ShapesWorld(resolution=cfg.resolution, max_shapes=cfg.max_shapes, seed=cfg.eval.world_seed)
     image, truth, _ = world.pair(cfg.caption_image_index)
+    story, _ = world.document(cfg.story_index)  # [caption, image, change, image, ...]
     jobs = {
         "draw": (cfg.draw_prompt, dict(mode="image", cfg_scale=cfg.cfg_scale)),
         "caption": ([image], dict(mode="text", temperature=0.0, max_new_tokens=64)),
-        "interleaved": (cfg.interleaved_prompt, dict(mode="interleaved", max_images=3, cfg_scale=cfg.cfg_scale)),
+        "interleaved": (story[:2], dict(mode="interleaved", max_images=3, cfg_scale=cfg.cfg_scale)),
     }
     written = []
     for name, (prompt, options) in jobs.items():

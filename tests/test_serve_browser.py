@@ -3,7 +3,7 @@
 Skipped where no Chromium + chromedriver is installed (`make test` installs Debian's where it can).
 Run as a script to take the README screenshot mid-generation:
 
-    python tests/test_serve_browser.py docs/viewer.png [MODEL_DIR]
+    python tests/test_serve_browser.py docs/viewer.png [MODEL_DIR [PROMPT [MODE]]]
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def test_page_shows_a_refused_upload_and_keeps_working(served, browser, tmp_path
 
 
 # ---- the README screenshot -----------------------------------------------------------------------
-def screenshot(out: Path, model_dir: Path | None = None, hold_at: int = 40) -> None:
+def screenshot(out: Path, model_dir: Path | None = None, prompt: str = "A red circle above a blue square.",
+               mode: str = "interleaved", hold_at: int = 40) -> None:
     """Serve a model in-process, hold its first image at `hold_at` codes, photograph the page."""
     import torch
     from selenium.webdriver.common.by import By
@@ -191,7 +192,7 @@ def screenshot(out: Path, model_dir: Path | None = None, hold_at: int = 40) -> N
         with LiveServer(app) as live:
             driver = start_browser(Path(tmp) / "profile")
             try:
-                submit(driver, live.url + "/", "A red circle above a blue square.", mode="interleaved", seed=1)
+                submit(driver, live.url + "/", prompt, mode=mode, seed=1)
                 held = f"{hold_at - 1} / {n} tokens"
                 wait_for(driver, lambda d: held in d.find_element(By.ID, "doc").text, timeout=120, what=held)
                 time.sleep(0.3)  # let the last preview paint
@@ -202,4 +203,4 @@ def screenshot(out: Path, model_dir: Path | None = None, hold_at: int = 40) -> N
 
 
 if __name__ == "__main__":
-    screenshot(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    screenshot(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None, *sys.argv[3:5])

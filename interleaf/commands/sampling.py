@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("model_dir", help="model directory (from `interleaf export` or `convert`)")
     p.add_argument("--prompt", default="", help="prompt text")
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="prompt image (repeatable); each <image> in --prompt takes the next one, else they come first")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="prompt image (repeatable); each <image> in --prompt takes the next one, else they come first")
     p.add_argument("--mode", choices=("text", "image", "interleaved"), default="text", help="what to generate (default text)")
     p.add_argument("--max-images", type=int, default=1, help="images at most in interleaved mode (default 1)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
