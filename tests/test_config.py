@@ -50,3 +50,19 @@ def test_bad_keys_and_types_name_the_key(override, key):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(Cfg, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["shapes-tiny", "shapes-long"])
+def test_shipped_demo_configs_load_with_their_stage_overrides(name):
+    """A demo config names other configs plus overrides: all of it must load, or the demo dies late."""
+    from interleaf.demo import REPO, DemoConfig, _path
+    from interleaf.tokenizer import vqgan_train
+    from interleaf.training import train
+
+    cfg = load_config(DemoConfig, REPO / "configs" / "demo" / f"{name}.yaml")
+    cfg.validate()
+    vq = vqgan_train.load_train_config(_path(cfg.vqgan_config), cfg.vqgan)
+    tr = train.load_train_config(_path(cfg.train_config), cfg.train)
+    assert vq.time_limit_min == 6
+    if name == "shapes-long":
+        assert (cfg.train_pairs, tr.steps, tr.data.image_first_prob) == (144_000, 16_000, 0.35)
