@@ -166,18 +166,22 @@ def eval_loss(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
 
 @torch.no_grad()
 def eval_vqgan(pipe, cfg: EvalConfig, n: int = 64) -> dict:
-    """VQ-GAN PSNR and codebook usage on held-out images."""
-    from interleaf.tokenizer.image import load_image
+    """VQ-GAN PSNR and codebook usage on held-out images, and the analyser's scores of the
+    reconstructions: what a perfect transformer could reach at text->image through these codes."""
+    from interleaf.data.analyse import mean_scores, score_image
+    from interleaf.tokenizer.image import load_image, to_pil
     from interleaf.tokenizer.vqgan import code_stats, psnr
 
     world = _world(pipe, cfg)
     vq = pipe.vqgan
     offset = 30 * max(cfg.n_draw, cfg.n_caption, 1)
-    x = torch.stack([load_image(world.pair(offset + i)[0], vq.config.resolution) for i in range(n)])
-    x = x.to(vq.device)
+    pairs = [world.pair(offset + i) for i in range(n)]
+    x = torch.stack([load_image(image, vq.config.resolution) for image, _, _ in pairs]).to(vq.device)
     codes = vq.encode(x)
     recon = vq.decode_code(codes)
-    return {"psnr": float(psnr(recon, x).mean()), **code_stats(codes, vq.config.n_embed), "n": n}
+    roundtrip = mean_scores(score_image(to_pil(r), scene) for r, (_, _, scene) in zip(recon, pairs))
+    return {"psnr": float(psnr(recon, x).mean()), **code_stats(codes, vq.config.n_embed), "n": n,
+            "roundtrip": roundtrip}
 
 
 def evaluate(pipe, cfg: EvalConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict:
@@ -206,6 +210,9 @@ def format_report(report: dict) -> str:
     if report.get("image_to_text"):
         r = report["image_to_text"]
         lines.append(f"{'image->text':<24}" + "".join(f"{_pct(r.get(k)):>10}" for k in keys))
+    r = (report.get("vqgan") or {}).get("roundtrip")
+    if r:  # the ceiling of text->image: drawings are read back through the VQ-GAN's decoder
+        lines.append(f"{'vq-gan round trip':<24}" + "".join(f"{_pct(r.get(k)):>10}" for k in keys))
     loss = report.get("loss") or {}
     if loss:
         lines.append(

@@ -135,3 +135,36 @@ def test_caption_parser_best_effort():
     scores = score_caption("a red circle", truth)
     assert scores["colour"] == 1 and scores["shape"] == 1 and scores["size"] == 0 and scores["exact"] == 0
     assert score_caption("nothing useful here", truth)["colour"] == 0
+
+
+class PixelCodec:
+    """A stand-in VQ-GAN whose 'codes' are the pixels: decode(encode(x)) == transform(x)."""
+
+    def __init__(self, transform=lambda x: x):
+        import types
+
+        self.transform = transform
+        self.config = types.SimpleNamespace(resolution=64, n_embed=256)
+        self.device = "cpu"
+
+    def encode(self, x):
+        return ((x + 1) * 127.5).round().long()
+
+    def decode_code(self, codes):
+        return self.transform(codes.float() / 127.5 - 1)
+
+
+def test_eval_reports_what_the_vqgan_round_trip_reads_back():
+    """The round-trip row is the text->image ceiling: 100 % for a lossless codec, not for one that loses colour."""
+    import types
+
+    from interleaf.evaluate import EvalConfig, eval_vqgan, format_report
+
+    cfg = EvalConfig(n_draw=4, n_caption=4)
+    lossless = eval_vqgan(types.SimpleNamespace(vqgan=PixelCodec()), cfg, n=16)
+    assert lossless["roundtrip"] == {"colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0, "count": 1.0, "exact": 1.0}
+    assert lossless["psnr"] > 60
+    swapped = eval_vqgan(types.SimpleNamespace(vqgan=PixelCodec(lambda x: x[:, [1, 0, 2]])), cfg, n=16)
+    assert swapped["roundtrip"]["colour"] < 0.6 and swapped["roundtrip"]["position"] == 1.0
+    table = format_report({"vqgan": swapped})
+    assert "vq-gan round trip" in table and f"{100 * swapped['roundtrip']['colour']:5.1f}%" in table
