@@ -63,6 +63,8 @@ def test_shipped_demo_configs_load_with_their_stage_overrides(name):
     cfg.validate()
     vq = vqgan_train.load_train_config(_path(cfg.vqgan_config), cfg.vqgan)
     tr = train.load_train_config(_path(cfg.train_config), cfg.train)
-    assert vq.time_limit_min == 6
-    if name == "shapes-long":
+    if name == "shapes-tiny":
+        assert (vq.time_limit_min, vq.steps, tr.steps) == (6, 1300, 2000)
+    else:
+        assert (vq.steps, vq.optim.lr, vq.time_limit_min) == (3000, 1e-3, 0)
         assert (cfg.train_pairs, tr.steps, tr.data.image_first_prob) == (144_000, 16_000, 0.35)
