@@ -44,6 +44,7 @@ class DemoConfig:
     story_index: int = 4  # the interleaved sample continues this held-out story from its first scene
     caption_image_index: int = 7
     cfg_scale: float = 1.0  # guidance of the samples (at the demo's size guidance still hurts)
+    image_temperature: float = 1.0  # of the samples' image codes
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True
@@ -181,10 +182,11 @@ def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:
     world = ShapesWorld(resolution=cfg.resolution, max_shapes=cfg.max_shapes, seed=cfg.eval.world_seed)
     image, truth, _ = world.pair(cfg.caption_image_index)
     story, _ = world.document(cfg.story_index)  # [caption, image, change, image, ...]
+    drawing = dict(cfg_scale=cfg.cfg_scale, image_temperature=cfg.image_temperature)
     jobs = {
-        "draw": (cfg.draw_prompt, dict(mode="image", cfg_scale=cfg.cfg_scale)),
+        "draw": (cfg.draw_prompt, dict(mode="image", **drawing)),
         "caption": ([image], dict(mode="text", temperature=0.0, max_new_tokens=64)),
-        "interleaved": (story[:2], dict(mode="interleaved", max_images=3, cfg_scale=cfg.cfg_scale)),
+        "interleaved": (story[:2], dict(mode="interleaved", max_images=3, **drawing)),
     }
     written = []
     for name, (prompt, options) in jobs.items():

@@ -68,3 +68,4 @@ def test_shipped_demo_configs_load_with_their_stage_overrides(name):
     else:
         assert (vq.steps, vq.optim.lr, vq.time_limit_min) == (3000, 1e-3, 0)
         assert (cfg.train_pairs, tr.steps, tr.data.image_first_prob) == (144_000, 16_000, 0.35)
+        assert (cfg.cfg_scale, cfg.image_temperature, cfg.eval.image_temperature) == (1.5, 0.3, 0.3)
