@@ -651,6 +651,6 @@ def make_spec(data: DataConfig, sources: list[Source], vocab, tokenizer_dir: str
         n_streams=n_streams, micro_batch=micro_batch, seq_len=seq_len or data.seq_len, seed=data.seed,
         resample=False if eval_mode else data.resample, shuffle_buffer=1 if eval_mode else data.shuffle_buffer,
         image_first_prob=data.image_first_prob, split_documents=data.split_documents,
-        text_loss_weight=data.text_loss_weight, image_loss_weight=data.image_loss_weight,
-        image_table=vocab.image_mask().numpy(), pad_id=vocab.pad_id, decoder=Decoder(vocab.size, tokenizer_dir), epochs=1 if eval_mode else None,
+        text_loss_weight=data.text_loss_weight, image_loss_weight=data.image_loss_weight, image_table=vocab.image_mask().numpy(),
+        pad_id=vocab.pad_id, decoder=Decoder(vocab.size, tokenizer_dir), epochs=1 if eval_mode else None,
     )
