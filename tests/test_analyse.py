@@ -1,5 +1,6 @@
 import dataclasses
 import io
+import types
 
 import numpy as np
 import pytest
@@ -141,8 +142,6 @@ class PixelCodec:
     """A stand-in VQ-GAN whose 'codes' are the pixels: decode(encode(x)) == transform(x)."""
 
     def __init__(self, transform=lambda x: x):
-        import types
-
         self.transform = transform
         self.config = types.SimpleNamespace(resolution=64, n_embed=256)
         self.device = "cpu"
@@ -156,8 +155,6 @@ class PixelCodec:
 
 def test_eval_reports_what_the_vqgan_round_trip_reads_back():
     """The round-trip row is the text->image ceiling: 100 % for a lossless codec, not for one that loses colour."""
-    import types
-
     from interleaf.evaluate import EvalConfig, eval_vqgan, format_report
 
     cfg = EvalConfig(n_draw=4, n_caption=4)
