@@ -11,7 +11,9 @@ from interleaf.config import load_config
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.model import ops
 from interleaf.model.args import MODEL_SIZES, ModelArgs, count_params, ffn_hidden_size, flops_per_token
-from interleaf.model.transformer import FUSE_MIN_TOKENS, HeadLayerNorm, RMSNorm, Transformer
+from interleaf.model.transformer import (
+    FUSE_MIN_TOKENS, MATVEC_MAX_ROWS, SPLIT_MAX_ROWS, FusedWeight, HeadLayerNorm, RMSNorm, Transformer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,13 +212,42 @@ def test_inference_fast_path_sees_weight_updates():
     tokens = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(9))
     cache = model.setup_cache(1, 8)
     model.decode(tokens, cache)
+    model.decode(tokens[:, :1], cache)  # one row: the decode layouts are kept too
     model.layers[0].attention.wq.weight.mul_(1.5)  # in place: fused weights must be rebuilt
     model.layers[0].feed_forward.w3.weight = torch.nn.Parameter(model.layers[0].feed_forward.w3.weight * 0.5)
+    model.output.weight.mul_(0.5)
+    model.layers[1].feed_forward.w2.weight.add_(0.1)
     cache.reset()
-    got = model.decode(tokens, cache)
+    got = model.decode(tokens[:, :4], cache)
+    step = model.decode(tokens[:, 4:], cache)
     with torch.enable_grad():
         want = model(tokens)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want[:, :4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step, want[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kept_weight_products_equal_linear(threads):
+    # the CPU decode layouts (transposed; split over threads) compute F.linear for any row count
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for n_out, n_in in [(48, 16), (16, 48), (32, 32), (40, 15)]:
+            parts = [torch.randn(n_out // 2, n_in, generator=g), torch.randn(n_out - n_out // 2, n_in, generator=g)]
+            kept = FusedWeight()
+            for rows in sorted({1, 2, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, SPLIT_MAX_ROWS, SPLIT_MAX_ROWS + 1}):
+                x = torch.randn(1, rows, n_in, generator=g)
+                want = F.linear(x, torch.cat(parts))
+                torch.testing.assert_close(kept.linear(x, *parts), want, rtol=1e-5, atol=1e-5)
+            other_layout = n_in % threads == 0 and (threads > 1 or n_out > n_in)
+            assert (kept.value_t is not None) == other_layout, (n_out, n_in)
+            parts[0].mul_(-2)  # in place: the kept layouts follow
+            x = torch.randn(1, 1, n_in, generator=g)
+            torch.testing.assert_close(kept.linear(x, *parts), F.linear(x, torch.cat(parts)), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_last_only_and_fork_rows():

@@ -62,6 +62,16 @@ FUSE_MIN_TOKENS = 64
 # Without autograd, concatenated weights up to this size are kept between calls (so decoding
 # steps run one matmul for q/k/v and one for w1/w3); larger ones are not worth the memory.
 FUSED_CACHE_MAX_BYTES = 32 * 2**20
+# Decoding on CPU, F.linear of a few rows reads its weight at a third to a half of the memory
+# bandwidth: MKL runs it on one thread, and reads an (out, in) weight with more outputs than
+# inputs slowly. So with several threads, products of up to SPLIT_MAX_ROWS rows run as one batched
+# matmul over slices of the inputs, one slice per thread, summed; with one thread, products of up
+# to MATVEC_MAX_ROWS rows by a weight with more outputs than inputs read it stored transposed,
+# (in, out). Such weights are kept a second time, transposed. A decode step's products run about
+# 2x faster with 2 threads, 1.4x with one (bench/RESULTS.md, "Decoding"); F.linear is as fast
+# from 32 rows on, and from 4 rows with one thread.
+SPLIT_MAX_ROWS = 16
+MATVEC_MAX_ROWS = 3
 
 
 class FusedWeight:
@@ -69,10 +79,12 @@ class FusedWeight:
 
     A parameter changes by an in-place op (its version counter moves) or by new data (its pointer
     moves); the old tensors are held so that new data cannot reuse their address unnoticed.
+    `linear` also keeps the transposed layout, (in, out), once a product on CPU wants it.
     """
 
     def __init__(self):
-        self.key, self.value, self.sources = None, None, ()
+        self.key, self.value, self.value_t, self.sources = None, None, None, ()
+        self.split, self.split_ways = None, 0  # value_t as (ways, in / ways, out)
 
     def __call__(self, *params: torch.Tensor) -> torch.Tensor | None:
         """The concatenated weight, or None when it would be larger than FUSED_CACHE_MAX_BYTES."""
@@ -81,8 +93,31 @@ class FusedWeight:
             if sum(p.numel() * p.element_size() for p in params) > FUSED_CACHE_MAX_BYTES:
                 return None
             self.sources = tuple(p.detach() for p in params)
-            self.value, self.key = torch.cat(self.sources), key
+            self.value = self.sources[0] if len(params) == 1 else torch.cat(self.sources)
+            self.value_t, self.split, self.key = None, None, key
         return self.value
+
+    def linear(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor | None:
+        """F.linear(x, cat(params)) from the kept weight (None when it is too large to keep)."""
+        w = self(*params)
+        if w is None:
+            return None
+        rows, (n_out, n_in), k = x.numel() // x.shape[-1], w.shape, torch.get_num_threads()
+        split = rows <= SPLIT_MAX_ROWS if k > 1 else rows <= MATVEC_MAX_ROWS and n_out > n_in
+        if x.device.type != "cpu" or not split or n_in % k:
+            return F.linear(x, w)
+        if self.split is None or self.split_ways != k:
+            if self.value_t is None:
+                self.value_t = w.t().contiguous()
+            self.split, self.split_ways = self.value_t.view(k, n_in // k, n_out), k
+        xs = x.reshape(k, 1, n_in // k) if rows == 1 else x.reshape(rows, k, n_in // k).transpose(0, 1)
+        y = torch.bmm(xs, self.split)  # (k, rows, out)
+        return (y[0] if k == 1 else y.sum(0)).view(*x.shape[:-1], n_out)
+
+    def apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """linear(x), through the kept weight when it can be kept."""
+        y = self.linear(x, linear.weight)
+        return linear(x) if y is None else y
 
 
 def _plain(module: nn.Module, x: torch.Tensor) -> bool:
@@ -108,7 +143,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.q_norm = qk_norm(args, args.n_heads)
         self.k_norm = qk_norm(args, args.n_kv_heads)
-        self._wqkv, self._qk_weight, self._qk_bias = FusedWeight(), FusedWeight(), FusedWeight()
+        self._wqkv, self._wo = FusedWeight(), FusedWeight()
+        self._qk_weight, self._qk_bias = FusedWeight(), FusedWeight()
 
     def project(self, x: torch.Tensor):
         """q (B, T, H, hd), k and v (B, T, Hkv, hd); one fused matmul when there are many tokens."""
@@ -124,7 +160,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, slots=None):
         """sin None: cos is the complex rotation (see apply_rope)."""
         B, T, _ = x.shape
-        qkv = self._project_plain(x, cos, sin) if _plain(self, x) else None
+        plain = _plain(self, x)
+        qkv = self._project_plain(x, cos, sin) if plain else None
         if qkv is not None:
             q, k, v = qkv
         else:
@@ -134,8 +171,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, slots, k, v)  # (B, S + 1, Hkv, hd)
             k, v = k[:, : mask.n_keys], v[:, : mask.n_keys]  # the prefix of slots in use
-        out = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, T, H, hd)
-        return self.wo(out.reshape(B, T, -1))
+        out = attend(q, k, v, mask, self.dropout if self.training else 0.0).reshape(B, T, -1)  # (B, T, H hd)
+        return self._wo.apply(out, self.wo) if plain else self.wo(out)
 
     def _project_plain(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Inference: one matmul for q/k/v, then QK-norm and RoPE of queries and keys together.
@@ -143,11 +180,10 @@ class Attention(nn.Module):
         Every element goes through the same kernels as in `project` + norms + `apply_rope`.
         None when the concatenated weights are too large to keep.
         """
-        w = self._wqkv(self.wq.weight, self.wk.weight, self.wv.weight)
-        if w is None:
+        qkv = self._wqkv.linear(x, self.wq.weight, self.wk.weight, self.wv.weight)  # (B, T, (H + 2 Hkv) hd)
+        if qkv is None:
             return None
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = F.linear(x, w)  # (B, T, (H + 2 Hkv) hd)
         qk = qkv[..., : (H + Hkv) * hd].unflatten(-1, (H + Hkv, hd))  # (B, T, H + Hkv, hd)
         v = qkv[..., (H + Hkv) * hd :].unflatten(-1, (Hkv, hd))
         qk = apply_rope(self._qk_norm_plain(qk), cos, sin)
@@ -175,13 +211,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
-        self._w13 = FusedWeight()
+        self._w13, self._w2 = FusedWeight(), FusedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        w = self._w13(self.w1.weight, self.w3.weight) if _plain(self, x) else None
-        if w is not None:  # inference: kept [w1; w3], silu(a) * b without autograd
-            return self.w2(swiglu(F.linear(x, w)))
+        h = self._w13.linear(x, self.w1.weight, self.w3.weight) if _plain(self, x) else None
+        if h is not None:  # inference: kept [w1; w3], silu(a) * b without autograd
+            return self._w2.apply(swiglu(h), self.w2)
         if B * T >= FUSE_MIN_TOKENS:  # one matmul for [w1; w3], gradient written in place
             return self.w2(swiglu(F.linear(x, torch.cat([self.w1.weight, self.w3.weight]))))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -214,9 +250,14 @@ class OutputHead(nn.Linear):
     forward hooks (ZeRO-3) see the weight being used.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._kept = FusedWeight()
+
     def forward(self, h, targets=None, weights=None, is_image=None, z_coef: float = 0.0, chunk: int = 1024):
         if targets is None:
-            return super().forward(h)
+            logits = self._kept.linear(h, self.weight) if _plain(self, h) else None
+            return super().forward(h) if logits is None else logits
         return chunked_linear_cross_entropy(h, self.weight, targets, weights, is_image, z_coef, chunk)
 
 
