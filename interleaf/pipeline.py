@@ -7,22 +7,26 @@
       tokenizer/          text tokenizer (tokenizer.json or spm.model)
       vqgan/              VQModel.save output (optional; encoder-only for converted Chameleon)
       hf/                 source config/tokenizer JSON of a converted HF checkpoint (optional)
+      sampling.yaml       sampling options that suit this model, e.g. its guidance scale (optional;
+                          options a caller gives win over these, these over the sampler's own)
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from interleaf.errors import InterleafError
+from interleaf.errors import ConfigError, InterleafError
 from interleaf.utils import atomic_path
 
 MODEL_FILE = "model.safetensors"
 ARGS_FILE = "model.yaml"
 TOKENIZER_DIR = "tokenizer"
 VQGAN_DIR = "vqgan"
+SAMPLING_FILE = "sampling.yaml"
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
@@ -37,12 +41,74 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return value
 
 
-class Interleaf:
-    """A loaded model: `.model` `.vocab` `.text` `.vqgan` `.tokenizer`, and generation."""
+@dataclass
+class SamplingDefaults:
+    """Sampling options a model directory sets for itself (DIR/sampling.yaml); None = not set.
 
-    def __init__(self, model, vocab, text, vqgan=None, directory: str | Path | None = None):
+    A small model may draw best with weak guidance and a cold image temperature, a large one with
+    the sampler's defaults; the demo writes what its evaluation used.
+    """
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    image_temperature: float | None = None
+    image_top_k: int | None = None
+    image_top_p: float | None = None
+    repetition_penalty: float | None = None
+    cfg_scale: float | None = None
+    image_cfg_scale: float | None = None
+
+    def options(self) -> dict:
+        """The options set, as keyword arguments of `stream`."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def validate(self) -> None:
+        from interleaf.sampling.generate import Request
+
+        Request(prompt="", **self.options()).validate()
+
+
+def read_sampling_defaults(directory: str | Path) -> dict:
+    """The options DIR/sampling.yaml sets ({} without the file); a bad file is an InterleafError."""
+    from interleaf.config import load_config
+
+    path = Path(directory) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return load_config(SamplingDefaults, path).options()
+    except ConfigError as e:
+        raise InterleafError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    except InterleafError as e:  # a value the sampler refuses
+        raise InterleafError(f"{path}: {e}") from None
+
+
+def write_sampling_defaults(directory: str | Path, **options) -> Path:
+    """Write DIR/sampling.yaml (atomically) with these options; checked as `read_sampling_defaults` would."""
+    import yaml
+
+    from interleaf.config import from_dict
+    from interleaf.utils import atomic_write
+
+    defaults = from_dict(SamplingDefaults, options)
+    path = Path(directory) / SAMPLING_FILE
+    with atomic_write(path) as f:
+        yaml.safe_dump(defaults.options(), f, sort_keys=False)
+    return path
+
+
+class Interleaf:
+    """A loaded model: `.model` `.vocab` `.text` `.vqgan` `.tokenizer`, and generation.
+
+    `.sampling_defaults` (from DIR/sampling.yaml) fill the options `stream` / `generate` are not given.
+    """
+
+    def __init__(self, model, vocab, text, vqgan=None, directory: str | Path | None = None,
+                 sampling_defaults: Mapping | None = None):
         self.model, self.vocab, self.text, self.vqgan = model, vocab, text, vqgan
         self.directory = Path(directory) if directory is not None else None
+        self.sampling_defaults = dict(sampling_defaults or {})
         self._tokenizer = None
 
     @property
@@ -62,13 +128,13 @@ class Interleaf:
         """Events of a generation as they happen (see interleaf.sampling.generate.stream)."""
         from interleaf.sampling.generate import stream
 
-        return stream(self, prompt, **options)
+        return stream(self, prompt, **{**self.sampling_defaults, **options})
 
     def generate(self, prompt, **options):
         """A whole generation (see interleaf.sampling.generate.generate)."""
         from interleaf.sampling.generate import generate
 
-        return generate(self, prompt, **options)
+        return generate(self, prompt, **{**self.sampling_defaults, **options})
 
     def __repr__(self) -> str:
         a = self.model.args
@@ -173,10 +239,11 @@ def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
     directory = Path(directory)
     if not directory.is_dir():
         raise InterleafError(f"model directory not found: {directory}")
+    sampling = read_sampling_defaults(directory)
     model = load_model(directory, device, dtype)
     vocab = Vocabulary.load(directory)
     if vocab.size > model.args.vocab_size:
         raise InterleafError(f"{directory}: vocabulary of {vocab.size} ids does not fit the model's {model.args.vocab_size} outputs")
     text = TextTokenizer.load(directory / TOKENIZER_DIR)
     vqgan = VQModel.load(directory / VQGAN_DIR, device=device) if (directory / VQGAN_DIR).is_dir() else None
-    return Interleaf(model, vocab, text, vqgan, directory)
+    return Interleaf(model, vocab, text, vqgan, directory, sampling)

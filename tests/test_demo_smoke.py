@@ -14,6 +14,7 @@ TINY = [
     "train=[steps=4, global_batch=2, micro_batch=1, log_every=1, eval_every=0, save_every=2, data.seq_len=160, "
     "data.shuffle_buffer=8, model_size=debug, model.max_seq_len=256]",
     "eval.n_draw=2", "eval.n_caption=2", "eval.n_loss=2", "eval.batch_size=2", "eval.cfg_scales=[2.0]",
+    "cfg_scale=1.5", "image_temperature=0.8",
 ]
 
 
@@ -39,6 +40,10 @@ def test_every_stage_finished_and_outputs_exist(demo_run):
         assert 0.0 <= report["image_to_text"][key] <= 1.0
     assert report["loss"]["text_tokens"] > 0 and report["loss"]["image_tokens"] > 0
     assert report["vqgan"]["psnr"] > 0
+    # the exported model draws by default as the demo's samples did
+    from interleaf.pipeline import read_sampling_defaults
+
+    assert read_sampling_defaults(demo_run / "export" / "model") == {"cfg_scale": 1.5, "image_temperature": 0.8}
 
 
 def test_rerun_reuses_finished_stages(demo_run, capsys):

@@ -338,3 +338,61 @@ def test_sigint_while_streaming_leaves_no_output_file(model_dir, tmp_path):
     assert proc.returncode == 130, err.decode()[-500:]
     assert b"interrupted" in err and b"Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+# ---- the model's own sampling defaults (DIR/sampling.yaml) ------------------------------------------
+@pytest.fixture()
+def model_with_defaults(model_dir, tmp_path):
+    import shutil
+
+    from interleaf.pipeline import write_sampling_defaults
+
+    d = tmp_path / "with-defaults"
+    shutil.copytree(model_dir, d)
+    write_sampling_defaults(d, cfg_scale=1.0, image_temperature=0.5)
+    return d
+
+
+
+def test_model_sampling_defaults_fill_what_the_caller_leaves_out(model_with_defaults, model_dir):
+    pipe = interleaf.load(model_with_defaults)
+    assert pipe.sampling_defaults == {"cfg_scale": 1.0, "image_temperature": 0.5}
+    plain = interleaf.load(model_dir)
+    assert plain.sampling_defaults == {}
+    # the same function of the same weights: defaults from the file == the options given by hand
+    by_file = pipe.generate("a red", mode="image", seed=3)
+    by_hand = plain.generate("a red", mode="image", seed=3, cfg_scale=1.0, image_temperature=0.5)
+    sampler_default = plain.generate("a red", mode="image", seed=3)  # cfg 3, image temperature 1
+    ids = [np.asarray(d.images[0]) for d in (by_file, by_hand, sampler_default)]
+    assert np.array_equal(ids[0], ids[1]) and not np.array_equal(ids[0], ids[2])
+    # an option the caller gives wins over the file
+    given = pipe.generate("a red", mode="image", seed=3, cfg_scale=3.0, image_temperature=1.0)
+    assert np.array_equal(np.asarray(given.images[0]), ids[2])
+
+
+def test_cli_uses_the_models_sampling_defaults_unless_flags_say_otherwise(model_with_defaults, tmp_path, capsys):
+    def draw(*flags):
+        out = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        code, _, err = run_cli(capsys, "draw", model_with_defaults, "a red circle", "--seed", "4", "--out", out, *flags)
+        assert code == 0, err
+        return np.asarray(Image.open(out / "image-0-0.png"))
+
+    by_file = draw()
+    assert np.array_equal(by_file, draw("--cfg", "1", "--image-temperature", "0.5"))
+    assert not np.array_equal(by_file, draw("--cfg", "3", "--image-temperature", "1"))
+    code, stdout, _ = run_cli(capsys, "info", model_with_defaults)
+    assert code == 0 and "sampling defaults (sampling.yaml): image_temperature 0.5, cfg_scale 1\n" in stdout
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cfg_scale: -1\n", "cfg scale must be >= 0"),
+    ("guidance: 2\n", "unknown config key 'guidance'"),
+    ("top_k: 2.5\n", "expected int"),
+    ("- 1\n", "mapping"),
+])
+def test_bad_sampling_yaml_is_one_line_naming_the_file(model_with_defaults, tmp_path, capsys, text, message):
+    (model_with_defaults / "sampling.yaml").write_text(text)
+    code, _, err = run_cli(capsys, "draw", model_with_defaults, "a red circle", "--out", tmp_path / "o")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message in err and "sampling.yaml" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -69,7 +69,7 @@ def info_command(args: argparse.Namespace) -> int:
 
 
 def directory_summary(directory: Path) -> str:
-    """Vocabulary and tokenizer facts of a model directory."""
+    """Vocabulary, tokenizer and sampling-default facts of a model directory."""
     from interleaf.tokenizer.vocab import Vocabulary
 
     lines = []
@@ -87,4 +87,9 @@ def directory_summary(directory: Path) -> str:
                      f"decoder {'yes' if c.get('has_decoder', True) else 'no (encoder only)'}")
     else:
         lines.append("vqgan: none")
+    from interleaf.pipeline import read_sampling_defaults
+
+    sampling = read_sampling_defaults(directory)
+    if sampling:
+        lines.append("sampling defaults (sampling.yaml): " + ", ".join(f"{k} {v:g}" for k, v in sampling.items()))
     return "\n".join(lines)

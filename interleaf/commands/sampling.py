@@ -14,21 +14,36 @@ from pathlib import Path
 DEFAULT_OUT = "interleaf-out"
 
 
-def add_sampling_args(p: argparse.ArgumentParser, cfg: float = 3.0, temperature: float = 0.7) -> None:
-    """The options shared by generate, caption and draw."""
+# flag -> Request field, for the options a model directory may set in its sampling.yaml: a flag
+# left out takes the model's value, else the sampler's default (shown in the help)
+MODEL_OPTION_FLAGS = {
+    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty",
+    "image_temperature": "image_temperature", "image_top_k": "image_top_k", "image_top_p": "image_top_p",
+    "cfg": "cfg_scale", "image_cfg": "image_cfg_scale",
+}
+
+
+def _or_model(value) -> str:
+    return f"(default: the model's sampling.yaml, else {value})"
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = None) -> None:
+    """The options shared by generate, caption and draw (`temperature`: this command's own default)."""
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="generated tokens at most (default: 256 text tokens, plus room for the images)")
-    g.add_argument("--temperature", type=float, default=temperature, help=f"text temperature, 0 = greedy (default {temperature})")
-    g.add_argument("--top-k", type=int, default=0, help="text top-k, 0 = off (default 0)")
-    g.add_argument("--top-p", type=float, default=0.9, help="text nucleus mass in (0, 1] (default 0.9)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="text repetition penalty, 1 = off")
-    g.add_argument("--image-temperature", type=float, default=1.0, help="image-token temperature (default 1.0)")
-    g.add_argument("--image-top-k", type=int, default=0, help="image-token top-k, 0 = off (default 0)")
-    g.add_argument("--image-top-p", type=float, default=1.0, help="image-token nucleus mass (default 1.0 = off)")
-    g.add_argument("--cfg", type=float, default=cfg, help=f"classifier-free guidance scale for images, 1 = off (default {cfg})")
+    g.add_argument("--temperature", type=float, default=temperature, help="text temperature, 0 = greedy "
+                   + (f"(default {temperature:g})" if temperature is not None else _or_model(0.7)))
+    g.add_argument("--top-k", type=int, default=None, help="text top-k, 0 = off " + _or_model(0))
+    g.add_argument("--top-p", type=float, default=None, help="text nucleus mass in (0, 1] " + _or_model(0.9))
+    g.add_argument("--repetition-penalty", type=float, default=None, help="text repetition penalty, 1 = off " + _or_model(1))
+    g.add_argument("--image-temperature", type=float, default=None, help="image-token temperature " + _or_model(1.0))
+    g.add_argument("--image-top-k", type=int, default=None, help="image-token top-k, 0 = off " + _or_model(0))
+    g.add_argument("--image-top-p", type=float, default=None, help="image-token nucleus mass, 1 = off " + _or_model(1.0))
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale for images, 1 = off "
+                   + _or_model(3.0))
     g.add_argument("--image-cfg", type=float, default=None,
-                   help="guidance scale toward the prompt's images (two-scale guidance; default: same as --cfg)")
+                   help="guidance scale toward the prompt's images (two-scale guidance) " + _or_model("--cfg"))
     g.add_argument("--seed", type=int, default=0, help="random seed; sample i uses seed + i (default 0)")
     g.add_argument("--num", type=int, default=1, help="number of samples, decoded as one batch (default 1)")
     g.add_argument("--preview-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
@@ -88,16 +103,16 @@ def draw_command(args: argparse.Namespace) -> int:
 def requests_from_args(args: argparse.Namespace, prompt: list):
     """Validated requests (one per sample) from the command line."""
     from interleaf.errors import InterleafError
+    from interleaf.pipeline import read_sampling_defaults
     from interleaf.sampling.generate import build_requests
 
     if not prompt:
         raise InterleafError("the prompt is empty: give --prompt TEXT and/or --image PATH")
+    given = {field: getattr(args, flag) for flag, field in MODEL_OPTION_FLAGS.items() if getattr(args, flag) is not None}
+    model = read_sampling_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}
     requests = build_requests(
         prompt, num=args.num, seed=args.seed, mode=args.mode, max_new_tokens=args.max_new_tokens,
-        max_images=args.max_images, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        image_temperature=args.image_temperature, image_top_k=args.image_top_k, image_top_p=args.image_top_p,
-        repetition_penalty=args.repetition_penalty, cfg_scale=args.cfg, image_cfg_scale=args.image_cfg,
-        preview_every=args.preview_every,
+        max_images=args.max_images, preview_every=args.preview_every, **{**model, **given},
     )
     for r in requests:
         r.validate()
