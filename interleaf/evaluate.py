@@ -249,15 +249,6 @@ def summary_line(report: dict) -> str:
     return "; ".join([*draws, f"image->text: attributes {_pct(attr)}, exact {_pct(cap.get('exact'))}"])
 
 
-def headline(report: dict) -> dict:
-    """The numbers issue-level targets speak of, as fractions."""
-    draw = (report.get("text_to_image") or [{}])[0]
-    cap = report.get("image_to_text") or {}
-    attrs = [cap.get(k, 0.0) for k in ("colour", "shape", "size", "position")]
-    return {"draw_colour": draw.get("colour"), "draw_shape": draw.get("shape"),
-            "caption_attributes": sum(attrs) / len(attrs) if cap else None}
-
-
 def parse_scales(values: Sequence[str]) -> list[float]:
     try:
         return [float(v) for v in values]

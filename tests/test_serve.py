@@ -204,6 +204,17 @@ def from_data_url(url: str) -> np.ndarray:
 
 
 # ---- tests -----------------------------------------------------------------------------------------
+def test_page_defaults_are_the_models_sampling_yaml_over_the_samplers():
+    import types
+
+    from interleaf.serve.app import sampler_defaults
+
+    own = sampler_defaults()
+    assert own["cfg_scale"] == 3.0 and own["temperature"] == 0.7 and own["top_p"] == 0.9
+    pipe = types.SimpleNamespace(sampling_defaults={"cfg_scale": 1.5, "image_temperature": 0.3})
+    assert sampler_defaults(pipe) == {**own, "cfg_scale": 1.5}  # the page has no image-temperature field
+
+
 def test_health_and_model_description(client, pipe):
     assert client.get("/health").json() == {"status": "ok", "queued": 0, "running": False}
     info = client.get("/api/model").json()
@@ -357,7 +368,7 @@ BAD_REQUESTS = {
     "unknown field": (dict(json={"prompt": "x", "temprature": 1}), 400, "unknown field 'temprature'"),
     "json image": (dict(json={"prompt": "x", "image": "abc"}), 400, "send images as multipart"),
     "marker mismatch": (dict(data={"prompt": "<image> and <image>"}, files={"image": ("a.png", _png(8, 8))}), 400,
-                        "2 <image> markers but 1 images"),
+                        "2 <image> markers but 1 images were uploaded"),
     "empty prompt": (dict(json={"prompt": ""}), 400, "the prompt is empty"),
     "malformed json": (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "malformed JSON"),
     "malformed multipart": (dict(content=b"--xyz\r\nrubbish",

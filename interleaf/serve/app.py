@@ -47,7 +47,7 @@ from starlette.routing import Route
 
 from interleaf.errors import InterleafError
 from interleaf.sampling.events import Done, ImageDone, ImageProgress, ImageStart, TextDelta
-from interleaf.tokenizer.multimodal import place_images
+from interleaf.tokenizer.multimodal import MarkerCountError, place_images
 from interleaf.utils import get_logger
 
 log = get_logger(__name__)
@@ -128,15 +128,18 @@ class RequestError(Exception):
         self.message = message
 
 
-def sampler_defaults() -> dict:
-    """The sampler's own defaults for the options the page shows (so page = CLI = library)."""
+def sampler_defaults(pipe=None) -> dict:
+    """The defaults of the options the page shows: the model's sampling.yaml over the sampler's own
+    (so page = CLI = library)."""
     try:
         from interleaf.sampling.generate import stream
     except ImportError:
         return {}
     names = {f.name for f in fields(GenerateOptions)}
     params = inspect.signature(stream).parameters.values()
-    return {p.name: p.default for p in params if p.name in names and p.default is not inspect.Parameter.empty}
+    own = {p.name: p.default for p in params if p.name in names and p.default is not inspect.Parameter.empty}
+    model = getattr(pipe, "sampling_defaults", {})
+    return {**own, **{k: v for k, v in model.items() if k in names}}
 
 
 def _number(name: str, raw: Any, kind: type, lo: float, hi: float):
@@ -365,8 +368,8 @@ def build_prompt(text: str, images: list[Image.Image], limits: ServeLimits) -> l
         raise RequestError(413, f"prompt is {len(text)} characters; the limit is {limits.max_prompt_chars}")
     try:
         segments = place_images(text, images)
-    except InterleafError as e:
-        raise RequestError(400, f"{e} were uploaded") from None
+    except MarkerCountError as e:
+        raise RequestError(400, f"the prompt has {e.markers} {e.marker} markers but {e.images} images were uploaded") from None
     if not segments:
         raise RequestError(400, "the prompt is empty: write some text or upload an image")
     return segments
@@ -630,7 +633,7 @@ def create_app(
     limits = limits or ServeLimits()
     worker = Worker(pipe, limits.max_queue)
     info = {"model": describe_model(pipe, model_name), "limits": asdict(limits), "defaults": {}}
-    info["defaults"] = {**sampler_defaults(), "mode": "interleaved", "preview_every": preview_every}
+    info["defaults"] = {**sampler_defaults(pipe), "mode": "interleaved", "preview_every": preview_every}
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=SECURITY_HEADERS)

@@ -25,12 +25,20 @@ IMAGE_BATCH = 16  # images per VQ-GAN call
 IMAGE_MARKER = "<image>"  # where an image goes in a prompt's text
 
 
+class MarkerCountError(InterleafError):
+    """The prompt's image markers and its images do not pair up; the counts are attributes."""
+
+    def __init__(self, markers: int, images: int, marker: str = IMAGE_MARKER):
+        super().__init__(f"the prompt has {markers} {marker} markers but {images} images")
+        self.markers, self.images, self.marker = markers, images, marker
+
+
 def place_images(text: str, images: Sequence, marker: str = IMAGE_MARKER) -> list:
     """Prompt segments: each `marker` in the text takes the next image; without markers images come first."""
     if marker in text:
         pieces = text.split(marker)
         if len(pieces) - 1 != len(images):
-            raise InterleafError(f"the prompt has {len(pieces) - 1} {marker} markers but {len(images)} images")
+            raise MarkerCountError(len(pieces) - 1, len(images), marker)
         segments: list = [pieces[0]]
         for image, piece in zip(images, pieces[1:]):
             segments += [image, piece]
