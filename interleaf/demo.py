@@ -43,8 +43,8 @@ class DemoConfig:
     draw_prompt: str = "a large red circle at the top left and a small blue square at the bottom right"
     story_index: int = 4  # the interleaved sample continues this held-out story from its first scene
     caption_image_index: int = 7
-    cfg_scale: float = 1.0  # guidance of the samples (at the demo's size guidance still hurts)
-    image_temperature: float = 1.0  # of the samples' image codes
+    cfg_scale: float = 1.0  # guidance of the samples, also written to the model's sampling.yaml
+    image_temperature: float = 1.0  # of the samples' image codes (and sampling.yaml)
     seed: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True

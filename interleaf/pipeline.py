@@ -46,7 +46,7 @@ class SamplingDefaults:
     """Sampling options a model directory sets for itself (DIR/sampling.yaml); None = not set.
 
     A small model may draw best with weak guidance and a cold image temperature, a large one with
-    the sampler's defaults; the demo writes what its evaluation used.
+    the sampler's defaults; the demo writes what its samples use.
     """
 
     temperature: float | None = None
