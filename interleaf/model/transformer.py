@@ -88,7 +88,7 @@ class FusedWeight:
 
     def __call__(self, *params: torch.Tensor) -> torch.Tensor | None:
         """The concatenated weight, or None when it would be larger than FUSED_CACHE_MAX_BYTES."""
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = [(p.data_ptr(), p._version) for p in params]
         if key != self.key:
             if sum(p.numel() * p.element_size() for p in params) > FUSED_CACHE_MAX_BYTES:
                 return None
@@ -184,8 +184,8 @@ class Attention(nn.Module):
         if qkv is None:
             return None
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qk = qkv[..., : (H + Hkv) * hd].unflatten(-1, (H + Hkv, hd))  # (B, T, H + Hkv, hd)
-        v = qkv[..., (H + Hkv) * hd :].unflatten(-1, (Hkv, hd))
+        heads = qkv.unflatten(-1, (H + 2 * Hkv, hd))
+        qk, v = heads[:, :, : H + Hkv], heads[:, :, H + Hkv :]  # (B, T, H + Hkv, hd), (B, T, Hkv, hd)
         qk = apply_rope(self._qk_norm_plain(qk), cos, sin)
         return qk[:, :, :H], qk[:, :, H:], v
 
