@@ -64,9 +64,23 @@ class SamplingDefaults:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     def validate(self) -> None:
+        import math
+
         from interleaf.sampling.generate import Request
 
+        for name, value in self.options().items():
+            if not math.isfinite(value):
+                raise InterleafError(f"{name} must be a finite number, got {value}")
         Request(prompt="", **self.options()).validate()
+
+
+def with_sampling_defaults(defaults: Mapping, given: Mapping) -> dict:
+    """Options for `stream`: those given, then a model's defaults for the rest. A given cfg_scale
+    without image_cfg_scale guides toward images too (as in the sampler), over the file's."""
+    merged = {**defaults, **given}
+    if "cfg_scale" in given and "image_cfg_scale" not in given:
+        merged.pop("image_cfg_scale", None)
+    return merged
 
 
 def read_sampling_defaults(directory: str | Path) -> dict:
@@ -128,13 +142,13 @@ class Interleaf:
         """Events of a generation as they happen (see interleaf.sampling.generate.stream)."""
         from interleaf.sampling.generate import stream
 
-        return stream(self, prompt, **{**self.sampling_defaults, **options})
+        return stream(self, prompt, **with_sampling_defaults(self.sampling_defaults, options))
 
     def generate(self, prompt, **options):
         """A whole generation (see interleaf.sampling.generate.generate)."""
         from interleaf.sampling.generate import generate
 
-        return generate(self, prompt, **{**self.sampling_defaults, **options})
+        return generate(self, prompt, **with_sampling_defaults(self.sampling_defaults, options))
 
     def __repr__(self) -> str:
         a = self.model.args

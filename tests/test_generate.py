@@ -389,6 +389,7 @@ def test_cli_uses_the_models_sampling_defaults_unless_flags_say_otherwise(model_
     ("guidance: 2\n", "unknown config key 'guidance'"),
     ("top_k: 2.5\n", "expected int"),
     ("- 1\n", "mapping"),
+    ("image_temperature: .inf\n", "finite"),
 ])
 def test_bad_sampling_yaml_is_one_line_naming_the_file(model_with_defaults, tmp_path, capsys, text, message):
     (model_with_defaults / "sampling.yaml").write_text(text)
@@ -396,3 +397,14 @@ def test_bad_sampling_yaml_is_one_line_naming_the_file(model_with_defaults, tmp_
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert message in err and "sampling.yaml" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_given_options_win_and_a_given_cfg_also_guides_toward_images():
+    from interleaf.pipeline import with_sampling_defaults
+
+    model = {"cfg_scale": 1.5, "image_cfg_scale": 1.2, "image_temperature": 0.3}
+    assert with_sampling_defaults(model, {}) == model
+    assert with_sampling_defaults(model, {"image_temperature": 1.0}) == {**model, "image_temperature": 1.0}
+    # as without a file, --cfg alone sets both scales: the file's image scale does not linger
+    assert with_sampling_defaults(model, {"cfg_scale": 5.0}) == {"cfg_scale": 5.0, "image_temperature": 0.3}
+    assert with_sampling_defaults(model, {"cfg_scale": 5.0, "image_cfg_scale": 2.0})["image_cfg_scale"] == 2.0

@@ -250,6 +250,23 @@ def test_kept_weight_products_equal_linear(threads):
         torch.set_num_threads(old)
 
 
+@torch.no_grad()
+def test_kept_weights_only_where_they_compute_the_same():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 1, 16, generator=g), torch.randn(48, 16, generator=g)
+    kept = FusedWeight()
+    half = kept.linear(x.bfloat16(), w.bfloat16())
+    assert kept.value_t is None and torch.equal(half, F.linear(x.bfloat16(), w.bfloat16()))  # F.linear: CPU bmm is slow there
+    with_bias = torch.nn.Linear(16, 48)
+    torch.testing.assert_close(FusedWeight().apply(x, with_bias), with_bias(x))
+    hooked = torch.nn.Linear(16, 48, bias=False)
+    hooked.register_forward_hook(lambda module, inputs, out: 2 * out)
+    torch.testing.assert_close(FusedWeight().apply(x, hooked), 2 * F.linear(x, hooked.weight))
+    managed = torch.nn.Parameter(w.clone())
+    managed.ds_id = 0  # a ZeRO-3 parameter: gathered and released by its engine, never kept
+    assert FusedWeight()(managed) is None and FusedWeight()(torch.empty(0, 16)) is None
+
+
 def test_last_only_and_fork_rows():
     model = make("gqa-layernorm-pre")
     g = torch.Generator().manual_seed(5)

@@ -213,6 +213,8 @@ def test_page_defaults_are_the_models_sampling_yaml_over_the_samplers():
     assert own["cfg_scale"] == 3.0 and own["temperature"] == 0.7 and own["top_p"] == 0.9
     pipe = types.SimpleNamespace(sampling_defaults={"cfg_scale": 1.5, "image_temperature": 0.3})
     assert sampler_defaults(pipe) == {**own, "cfg_scale": 1.5}  # the page has no image-temperature field
+    pipe.sampling_defaults = {"cfg_scale": 60.0, "temperature": 0.2}  # the page could not send 60 back
+    assert sampler_defaults(pipe) == {**own, "temperature": 0.2}
 
 
 def test_health_and_model_description(client, pipe):

@@ -103,7 +103,7 @@ def draw_command(args: argparse.Namespace) -> int:
 def requests_from_args(args: argparse.Namespace, prompt: list):
     """Validated requests (one per sample) from the command line."""
     from interleaf.errors import InterleafError
-    from interleaf.pipeline import read_sampling_defaults
+    from interleaf.pipeline import read_sampling_defaults, with_sampling_defaults
     from interleaf.sampling.generate import build_requests
 
     if not prompt:
@@ -112,7 +112,7 @@ def requests_from_args(args: argparse.Namespace, prompt: list):
     model = read_sampling_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}
     requests = build_requests(
         prompt, num=args.num, seed=args.seed, mode=args.mode, max_new_tokens=args.max_new_tokens,
-        max_images=args.max_images, preview_every=args.preview_every, **{**model, **given},
+        max_images=args.max_images, preview_every=args.preview_every, **with_sampling_defaults(model, given),
     )
     for r in requests:
         r.validate()

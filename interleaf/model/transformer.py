@@ -69,7 +69,7 @@ FUSED_CACHE_MAX_BYTES = 32 * 2**20
 # to MATVEC_MAX_ROWS rows by a weight with more outputs than inputs read it stored transposed,
 # (in, out). Such weights are kept a second time, transposed. A decode step's products run about
 # 2x faster with 2 threads, 1.4x with one (bench/RESULTS.md, "Decoding"); F.linear is as fast
-# from 32 rows on, and from 4 rows with one thread.
+# at 32 rows, and from 4 rows with one thread. float32 only: CPU bmm in half precision is slow.
 SPLIT_MAX_ROWS = 16
 MATVEC_MAX_ROWS = 3
 
@@ -79,7 +79,9 @@ class FusedWeight:
 
     A parameter changes by an in-place op (its version counter moves) or by new data (its pointer
     moves); the old tensors are held so that new data cannot reuse their address unnoticed.
-    `linear` also keeps the transposed layout, (in, out), once a product on CPU wants it.
+    Writes through `p.data` move neither: after such a write, run the next pass with autograd on
+    or reload the model. `linear` also keeps the transposed layout, (in, out), once a product on
+    CPU wants it. Parameters a wrapper manages (ZeRO-3 partitions: `ds_id`) are never kept.
     """
 
     def __init__(self):
@@ -87,10 +89,13 @@ class FusedWeight:
         self.split, self.split_ways = None, 0  # value_t as (ways, in / ways, out)
 
     def __call__(self, *params: torch.Tensor) -> torch.Tensor | None:
-        """The concatenated weight, or None when it would be larger than FUSED_CACHE_MAX_BYTES."""
+        """The concatenated weight; None when it would be larger than FUSED_CACHE_MAX_BYTES, or a
+        parameter is not a whole 2-D tensor of its own."""
         key = [(p.data_ptr(), p._version) for p in params]
         if key != self.key:
             if sum(p.numel() * p.element_size() for p in params) > FUSED_CACHE_MAX_BYTES:
+                return None
+            if any(p.dim() != 2 or not p.numel() or hasattr(p, "ds_id") for p in params):
                 return None
             self.sources = tuple(p.detach() for p in params)
             self.value = self.sources[0] if len(params) == 1 else torch.cat(self.sources)
@@ -104,7 +109,7 @@ class FusedWeight:
             return None
         rows, (n_out, n_in), k = x.numel() // x.shape[-1], w.shape, torch.get_num_threads()
         split = rows <= SPLIT_MAX_ROWS if k > 1 else rows <= MATVEC_MAX_ROWS and n_out > n_in
-        if x.device.type != "cpu" or not split or n_in % k:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or not split or n_in % k:
             return F.linear(x, w)
         if self.split is None or self.split_ways != k:
             if self.value_t is None:
@@ -115,8 +120,10 @@ class FusedWeight:
         return (y[0] if k == 1 else y.sum(0)).view(*x.shape[:-1], n_out)
 
     def apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        """linear(x), through the kept weight when it can be kept."""
-        y = self.linear(x, linear.weight)
+        """linear(x), through the kept weight when that computes the same: a plain nn.Linear
+        without bias or hooks (a wrapped, quantised or hooked module runs its own forward)."""
+        plain = type(linear) is nn.Linear and linear.bias is None
+        y = self.linear(x, linear.weight) if plain and not (linear._forward_hooks or linear._forward_pre_hooks) else None
         return linear(x) if y is None else y
 
 

@@ -139,7 +139,8 @@ def sampler_defaults(pipe=None) -> dict:
     params = inspect.signature(stream).parameters.values()
     own = {p.name: p.default for p in params if p.name in names and p.default is not inspect.Parameter.empty}
     model = getattr(pipe, "sampling_defaults", {})
-    return {**own, **{k: v for k, v in model.items() if k in names}}
+    shown = {k: v for k, v in model.items() if k in names and OPTION_RANGES[k][1] <= v <= OPTION_RANGES[k][2]}
+    return {**own, **shown}  # a value the page could not send back keeps the sampler's own
 
 
 def _number(name: str, raw: Any, kind: type, lo: float, hi: float):
