@@ -204,15 +204,17 @@ def _pct(x) -> str:
 def format_report(report: dict) -> str:
     """A table a person can read."""
     keys = ("colour", "shape", "size", "position", "count", "exact")
+
+    def row(task: str, scores: dict) -> str:
+        return f"{task:<24}" + "".join(f"{_pct(scores.get(k)):>10}" for k in keys)
+
     lines = [f"{'task':<24}" + "".join(f"{k:>10}" for k in keys)]
-    for r in report.get("text_to_image", []):
-        lines.append(f"{'text->image cfg ' + format(r['cfg_scale'], 'g'):<24}" + "".join(f"{_pct(r.get(k)):>10}" for k in keys))
+    lines += [row(f"text->image cfg {r['cfg_scale']:g}", r) for r in report.get("text_to_image", [])]
     if report.get("image_to_text"):
-        r = report["image_to_text"]
-        lines.append(f"{'image->text':<24}" + "".join(f"{_pct(r.get(k)):>10}" for k in keys))
+        lines.append(row("image->text", report["image_to_text"]))
     r = (report.get("vqgan") or {}).get("roundtrip")
     if r:  # the ceiling of text->image: drawings are read back through the VQ-GAN's decoder
-        lines.append(f"{'vq-gan round trip':<24}" + "".join(f"{_pct(r.get(k)):>10}" for k in keys))
+        lines.append(row("vq-gan round trip", r))
     loss = report.get("loss") or {}
     if loss:
         lines.append(
