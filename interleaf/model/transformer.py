@@ -86,7 +86,7 @@ class FusedWeight:
 
     def __init__(self):
         self.key, self.value, self.value_t, self.sources = None, None, None, ()
-        self.split, self.split_ways = None, 0  # value_t as (ways, in / ways, out)
+        self.split = None  # value_t viewed as (ways, in / ways, out)
 
     def __call__(self, *params: torch.Tensor) -> torch.Tensor | None:
         """The concatenated weight; None when it would be larger than FUSED_CACHE_MAX_BYTES, or a
@@ -111,10 +111,10 @@ class FusedWeight:
         split = rows <= SPLIT_MAX_ROWS if k > 1 else rows <= MATVEC_MAX_ROWS and n_out > n_in
         if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or not split or n_in % k:
             return F.linear(x, w)
-        if self.split is None or self.split_ways != k:
+        if self.split is None or self.split.shape[0] != k:
             if self.value_t is None:
                 self.value_t = w.t().contiguous()
-            self.split, self.split_ways = self.value_t.view(k, n_in // k, n_out), k
+            self.split = self.value_t.view(k, n_in // k, n_out)
         xs = x.reshape(k, 1, n_in // k) if rows == 1 else x.reshape(rows, k, n_in // k).transpose(0, 1)
         y = torch.bmm(xs, self.split)  # (k, rows, out)
         return (y[0] if k == 1 else y.sum(0)).view(*x.shape[:-1], n_out)
