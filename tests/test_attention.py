@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+import interleaf.model.attention as attention
 from interleaf.errors import ConfigError
 from interleaf.model.attention import (
-    attend, build_cache_mask, build_mask, cache_mask, document_lengths, document_positions,
+    attend, blocked_attention, build_cache_mask, build_mask, cache_mask, document_lengths, document_positions,
     mask_from_lengths, packed_causal_mask, resolve_backend, segment_ids, xformers_available,
 )
 
@@ -77,6 +78,53 @@ def test_sdpa_with_cache_mask_equals_naive_attention():
     positions = lengths[:, None] + torch.arange(T)
     out = attend(q, k, v, mask)
     torch.testing.assert_close(out, naive_attention(q, k, v, cache_mask(positions, S + 1, S)[:, 0]), rtol=1e-5, atol=1e-6)
+
+
+def random_docs(B, T, g):
+    return torch.cumsum((torch.rand(B, T, generator=g) < 0.1).long(), 1)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_blocked_attention_equals_naive_attention_values_and_gradients(n_kv, monkeypatch):
+    """Several blocks and a ragged last one (T = 23 with blocks of 8), causal and packed, with GQA."""
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 8)
+    g = torch.Generator().manual_seed(2)
+    B, T, H, hd = 2, 23, 4, 8
+    q = torch.randn(B, T, H, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, T, n_kv, hd, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    docs = random_docs(B, T, g)
+    grad = torch.randn(B, T, H, hd, generator=g, dtype=torch.float64)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)
+    for doc_ids, allowed in ((None, causal), (docs, packed_causal_mask(docs)[:, 0])):
+        mask = build_mask("sdpa", doc_ids, T)
+        got = blocked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask.mask).transpose(1, 2)
+        want = naive_attention(q, k, v, allowed)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    small = [t[:1, :10].detach().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda q, k, v: blocked_attention(q, k, v), tuple(t.transpose(1, 2) for t in small))
+
+
+def test_attend_takes_the_blocked_path_only_for_cpu_training_within_budget(monkeypatch):
+    calls = []
+    real = attention.blocked_attention
+    monkeypatch.setattr(attention, "blocked_attention", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    B, T, H, hd = 2, 16, 2, 4
+    q, k, v = (torch.randn(B, T, H, hd, generator=g, requires_grad=True) for _ in range(3))
+    mask = build_mask("sdpa", None, T)
+    want = naive_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T))
+    torch.testing.assert_close(attend(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+    with torch.no_grad():  # inference: PyTorch's kernel
+        attend(q, k, v, mask)
+    attend(q, k, v, mask, dropout=0.1)
+    scratch = torch.cat([k, k[:, :1]], 1)  # a cache of T slots and its scratch slot
+    attend(q, scratch, scratch, build_cache_mask("sdpa", torch.zeros(B, dtype=torch.long), T, T))
+    monkeypatch.setattr(attention, "BLOCKED_MAX_BYTES", B * H * T * T * 4 // 2 - 1)  # the probabilities do not fit
+    torch.testing.assert_close(attend(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
 
 
 def test_backend_resolution():

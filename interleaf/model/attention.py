@@ -7,7 +7,9 @@ document ids (packed rows) or the cache lengths (decoding) and handed to every l
     packed documents      sdpa: bool (B, 1, T, T)         xformers: BlockDiagonalCausalMask
     decoding with cache   sdpa: bool (B, 1, T, S)         xformers: BlockDiagonalCausalWithOffsetPaddedKeysMask
 
-q, k, v arrive in the token-major layout (B, T, H, hd) that the projections produce.
+q, k, v arrive in the token-major layout (B, T, H, hd) that the projections produce. On CPU, the
+sdpa backend runs a training pass's causal attention as blocks of queries against their key
+prefix (`blocked_attention`): the same function as PyTorch's kernel, faster to differentiate.
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     if mask.backend == "xformers":
         return _attend_xformers(q, k, v, mask, dropout)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+    if _blocked_applies(qt, kt, vt, mask, dropout):
+        return blocked_attention(qt, kt, vt, mask.mask).transpose(1, 2)
     gqa = q.shape[2] != k.shape[2]
     if mask.mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=mask.causal, dropout_p=dropout, enable_gqa=gqa)
@@ -177,3 +181,84 @@ def _attend_xformers(q, k, v, mask: AttentionMask, dropout: float) -> torch.Tens
         v = v.reshape(1, -1, *v.shape[2:])
     out = memory_efficient_attention(q, k, v, attn_bias=mask.mask, p=dropout)
     return out.reshape(B, T, H, hd)
+
+
+# ---- blocked causal attention (CPU training) ----------------------------------------------
+# PyTorch's CPU flash kernel differentiates causal attention at about a third of the matmul rate.
+# Cut into blocks of BLOCK_ROWS queries, each against its key prefix (two matmuls, a masked
+# diagonal, one softmax), forward + backward run 1.2-1.6x faster on this project's 2-core box
+# (bench/RESULTS.md, "Training step"). The blocks keep their probabilities for the backward
+# pass, about B H T^2 / 2 numbers, so they run only while those fit in BLOCKED_MAX_BYTES.
+BLOCK_ROWS = 64
+BLOCKED_MAX_BYTES = 64 * 2**20
+
+
+def _blocked_applies(q, k, v, mask: AttentionMask, dropout: float) -> bool:
+    """A CPU training pass over whole rows (no cache), causal or packed, that fits the budget."""
+    B, H, T, _ = q.shape
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or dropout:
+        return False
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return False
+    if torch.compiler.is_compiling() or k.shape[2] != T or H % k.shape[1] or mask.n_keys is not None:
+        return False
+    if mask.mask is None and not mask.causal or mask.mask is not None and mask.mask.shape[-2:] != (T, T):
+        return False
+    return B * H * T * (T + BLOCK_ROWS) // 2 * q.element_size() <= BLOCKED_MAX_BYTES
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal softmax attention, q (B, H, T, hd), k/v (B, Hkv, T, hd) -> (B, H, T, hd).
+
+    `allowed` (B, 1, T, T) bool, when given, is the whole mask (packed documents); queries of a
+    GQA group share their keys, as in SDPA's enable_gqa.
+    """
+    return _BlockedCausal.apply(q.contiguous(), k.contiguous(), v.contiguous(), allowed)
+
+
+def _rows(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """(B, Hkv, G, T, d) -> (B, Hkv, G * (r1 - r0), d): rows r0:r1 of every head of a group."""
+    B, Hkv, G, _, d = x.shape
+    return x[:, :, :, r0:r1].reshape(B, Hkv, G * (r1 - r0), d)
+
+
+class _BlockedCausal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, allowed):
+        B, H, T, hd = q.shape
+        Hkv = k.shape[1]
+        scale = hd ** -0.5
+        qs = (q * scale).view(B, Hkv, H // Hkv, T, hd)
+        out = torch.empty_like(qs)
+        probs = []
+        for r0 in range(0, T, BLOCK_ROWS):
+            r1 = min(r0 + BLOCK_ROWS, T)
+            s = torch.matmul(_rows(qs, r0, r1), k[:, :, :r1].transpose(-1, -2))  # (B, Hkv, G rows, r1)
+            s5 = s.view(B, Hkv, H // Hkv, r1 - r0, r1)
+            if allowed is None:
+                above = torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).triu_(1)
+                s5[..., r0:r1].masked_fill_(above, float("-inf"))
+            else:
+                s5.masked_fill_(~allowed[:, :, None, r0:r1, :r1], float("-inf"))
+            p = torch.softmax(s, -1)
+            out[:, :, :, r0:r1] = torch.matmul(p, v[:, :, :r1]).view(B, Hkv, H // Hkv, r1 - r0, hd)
+            probs.append(p)
+        ctx.save_for_backward(qs, k, v, out, *probs)
+        ctx.scale = scale
+        return out.view(B, H, T, hd)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qs, k, v, out, *probs = ctx.saved_tensors
+        g = grad.contiguous().view(out.shape)  # (B, Hkv, G, T, hd)
+        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
+        rowdot = (g * out).sum(-1, keepdim=True)  # sum over keys of p * dp, softmax's backward
+        for i, p in enumerate(probs):
+            r0 = i * BLOCK_ROWS
+            r1 = min(r0 + BLOCK_ROWS, qs.shape[3])
+            gb = _rows(g, r0, r1)
+            dv[:, :, :r1] += torch.matmul(p.transpose(-1, -2), gb)
+            ds = torch.matmul(gb, v[:, :, :r1].transpose(-1, -2)).sub_(_rows(rowdot, r0, r1)).mul_(p)
+            dq[:, :, :, r0:r1] = torch.matmul(ds, k[:, :, :r1]).mul_(ctx.scale).view(dq[:, :, :, r0:r1].shape)
+            dk[:, :, :r1] += torch.matmul(ds.transpose(-1, -2), _rows(qs, r0, r1))
+        return dq.view(grad.shape), dk, dv, None
