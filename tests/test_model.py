@@ -354,6 +354,23 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(tokens), make("gqa-layernorm-pre")(tokens), rtol=0, atol=0)
 
 
+def test_inference_path_keeps_hooks_and_dropout():
+    # without autograd a block runs its parts as plain functions, unless a hook or dropout needs the modules
+    model = make("gqa-layernorm-pre", dropout=0.3)
+    tokens = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        plain = model(tokens)
+        handle = model.layers[1].feed_forward.register_forward_hook(lambda module, inputs, out: 0 * out)
+        no_ffn = model(tokens)
+        handle.remove()
+        torch.testing.assert_close(model(tokens), plain, rtol=0, atol=0)
+        model.train()
+        assert not torch.allclose(model(tokens), model(tokens))  # dropout, though nothing records a graph
+        model.eval()
+        model.layers[1].feed_forward.w2.weight.zero_()  # the hook's effect by hand: no feed-forward branch
+        torch.testing.assert_close(model(tokens), no_ffn, rtol=1e-6, atol=1e-6)
+
+
 def test_tied_embeddings_share_one_tensor():
     model = make("mqa-rms-swin-tied")
     assert model.output.weight is model.tok_embeddings.weight
