@@ -169,11 +169,10 @@ def stage_train(cfg: DemoConfig, tokenizer: Path, tokens: Path, out: Path) -> di
 def stage_export(cfg: DemoConfig, train: Path, tokenizer: Path, out: Path) -> None:
     """The model directory, with the guidance and image temperature the demo draws with as its
     sampling defaults (so `interleaf draw` and the viewer draw as the evaluation did)."""
-    from interleaf.pipeline import write_sampling_defaults
     from interleaf.training.export import export
 
-    export(train, out / "model", tokenizer=tokenizer)
-    write_sampling_defaults(out / "model", cfg_scale=cfg.cfg_scale, image_temperature=cfg.image_temperature)
+    export(train, out / "model", tokenizer=tokenizer,
+           sampling={"cfg_scale": cfg.cfg_scale, "image_temperature": cfg.image_temperature})
 
 
 def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:

@@ -160,6 +160,22 @@ def test_export_from_zero3_matches_the_engine(runs, tmp_path):
     assert main(["export", str(runs / "D"), str(tmp_path / "m2"), "--step", "3"]) == 2  # pruned / never saved
 
 
+def test_export_writes_and_keeps_sampling_defaults(runs, tmp_path, capsys):
+    from interleaf.pipeline import read_sampling_defaults
+
+    out = tmp_path / "model"
+    assert main(["export", str(runs / "D"), str(out), "--cfg", "1.5", "--image-temperature", "0.3"]) == 0
+    assert read_sampling_defaults(out) == {"image_temperature": 0.3, "cfg_scale": 1.5}
+    assert main(["export", str(runs / "D"), str(out), "--top-k", "5"]) == 0  # again: the earlier values stay
+    assert read_sampling_defaults(out) == {"top_k": 5, "image_temperature": 0.3, "cfg_scale": 1.5}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["export", str(runs / "D"), str(out), "--top-p", "2"]) == 2
+    assert "sampling defaults: top-p must be in (0, 1], got 2.0" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and read_sampling_defaults(out)["top_k"] == 5
+    assert main(["export", str(runs / "D"), str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "sampling.yaml").exists()
+
+
 def test_launcher_environments(monkeypatch):
     from interleaf.training.engine import dist_env
 

@@ -23,6 +23,20 @@ MODEL_OPTION_FLAGS = {
 }
 
 
+def add_model_default_args(p: argparse.ArgumentParser) -> None:
+    """`export`: the MODEL_OPTION_FLAGS, to write into the model directory's sampling.yaml."""
+    g = p.add_argument_group("sampling defaults", "written to the model's sampling.yaml; an earlier export's "
+                             "values are kept for the options not given")
+    for flag, field in MODEL_OPTION_FLAGS.items():
+        g.add_argument("--" + flag.replace("_", "-"), type=int if field.endswith("top_k") else float,
+                       default=None, metavar="N" if field.endswith("top_k") else "X", help=f"sampling.yaml: {field}")
+
+
+def given_model_options(args: argparse.Namespace) -> dict:
+    """The MODEL_OPTION_FLAGS given on the command line, by Request field."""
+    return {field: getattr(args, flag) for flag, field in MODEL_OPTION_FLAGS.items() if getattr(args, flag) is not None}
+
+
 def _or_model(value) -> str:
     return f"(default: the model's sampling.yaml, else {value})"
 
@@ -108,7 +122,7 @@ def requests_from_args(args: argparse.Namespace, prompt: list):
 
     if not prompt:
         raise InterleafError("the prompt is empty: give --prompt TEXT and/or --image PATH")
-    given = {field: getattr(args, flag) for flag, field in MODEL_OPTION_FLAGS.items() if getattr(args, flag) is not None}
+    given = given_model_options(args)
     model = read_sampling_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}
     requests = build_requests(
         prompt, num=args.num, seed=args.seed, mode=args.mode, max_new_tokens=args.max_new_tokens,

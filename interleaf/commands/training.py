@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from interleaf.commands.sampling import add_model_default_args, given_model_options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -34,6 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("out_dir")
     p.add_argument("--step", type=int, default=None, help="export this step's checkpoint (default: latest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, if the run has none")
+    add_model_default_args(p)
     p.set_defaults(func=export_command)
 
 
@@ -117,6 +120,7 @@ def _stop(procs) -> None:
 def export_command(args: argparse.Namespace) -> int:
     from interleaf.training.export import export
 
-    out = export(args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer)
+    out = export(args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer,
+                 sampling=given_model_options(args))
     print(f"exported {args.run_dir} -> {out}")
     return 0

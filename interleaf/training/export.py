@@ -4,7 +4,8 @@ The engine state is consolidated offline into full fp32 weights with DeepSpeed's
 `zero_to_fp32` (ZeRO 1, 2 and 3 alike: no processes, no GPU), loaded into a `Transformer`, and
 written with `interleaf.pipeline.save_model_dir` (model.safetensors, model.yaml, vocab.json,
 tokenizer/, vqgan/) that `interleaf.load` opens. The training config of the run is kept beside
-it as train.yaml. The output folder is assembled under a temporary name and renamed at the end.
+it as train.yaml, and sampling defaults, when given or set by an earlier export into the same
+folder, as sampling.yaml. The output folder is assembled under a temporary name and renamed at the end.
 """
 
 from __future__ import annotations
@@ -74,11 +75,18 @@ def build_model(args, state: dict):
 
 
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
-           tokenizer: str | Path | None = None) -> Path:
-    """Write the model directory of a run's checkpoint; returns `out_dir`."""
-    from interleaf.config import load_config
+           tokenizer: str | Path | None = None, sampling: dict | None = None) -> Path:
+    """Write the model directory of a run's checkpoint; returns `out_dir`.
+
+    `sampling`: options for the directory's sampling.yaml (`pipeline.SamplingDefaults` fields),
+    over those of an earlier export into `out_dir`, which are kept otherwise (merged as
+    `pipeline.with_sampling_defaults` merges a command line's options over a model's).
+    """
+    from interleaf.config import from_dict, load_config
     from interleaf.model.args import ModelArgs
-    from interleaf.pipeline import save_model_dir
+    from interleaf.pipeline import (
+        SamplingDefaults, read_sampling_defaults, save_model_dir, with_sampling_defaults, write_sampling_defaults,
+    )
     from interleaf.tokenizer.text import TextTokenizer
     from interleaf.tokenizer.vocab import Vocabulary
     from interleaf.tokenizer.vqgan import VQModel
@@ -87,6 +95,11 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     ckpt = checkpoint_for(run_dir, step)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "training.json").is_file():
         raise InterleafError(f"{out_dir} exists and is not an earlier export: choose an empty or new folder")
+    earlier = read_sampling_defaults(out_dir) if out_dir.is_dir() else {}
+    try:
+        sampling = from_dict(SamplingDefaults, with_sampling_defaults(earlier, sampling or {})).options()
+    except InterleafError as e:
+        raise InterleafError(f"sampling defaults: {e}") from None
     args = load_config(ModelArgs, ckpt / "model.yaml")
     tok_dir = Path(tokenizer) if tokenizer is not None else run_dir
     text_src = tok_dir / "tokenizer" if (tok_dir / "tokenizer").exists() else tok_dir
@@ -107,6 +120,8 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     trainer = json.loads((ckpt / "trainer.json").read_text())
     write_json(tmp / "training.json", {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name,
                                        "step": trainer["step"], "tokens": trainer["tokens"]})
+    if sampling:
+        write_sampling_defaults(tmp, **sampling)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
