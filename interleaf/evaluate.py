@@ -1,11 +1,14 @@
 """`interleaf eval MODEL_DIR`: score a model on held-out scenes of the built-in shapes world.
 
-Four measurements, all deterministic for a given seed:
+Five measurements, all deterministic for a given seed:
 
 - text -> image: draw each held-out caption, read the drawing back with the world's analyser
   (`interleaf.data.analyse`) and score colours, shapes, sizes, positions and exact scenes,
   with classifier-free guidance on and off;
 - image -> text: caption each held-out image (greedy) and score the parsed caption the same way;
+- story steps (interleaved): given a scene's caption, its image and a change ("then the red
+  circle moves to the top left"), draw the next scene and score it against the scene the change
+  leads to, beside the scores of leaving the scene as it was (what ignoring the text gets);
 - held-out loss and perplexity per modality (text tokens, image tokens) on caption->image and
   image->caption documents;
 - VQ-GAN reconstruction PSNR and codebook usage on the held-out images.
@@ -39,6 +42,7 @@ class EvalConfig:
     n_draw: int = 48  # held-out captions drawn (per CFG setting)
     n_caption: int = 48  # held-out images captioned
     n_loss: int = 64  # held-out pairs for the loss (each in both orders)
+    n_story: int = 48  # held-out story steps drawn (at the first of cfg_scales)
     cfg_scales: list[float] = field(default_factory=lambda: [3.0, 1.0])
     world_seed: int = HELDOUT_WORLD_SEED
     max_shapes: int = 3
@@ -49,7 +53,7 @@ class EvalConfig:
     image_top_p: float = 1.0
 
     def validate(self) -> None:
-        if min(self.n_draw, self.n_caption, self.n_loss) < 0:
+        if min(self.n_draw, self.n_caption, self.n_loss, self.n_story) < 0:
             raise InterleafError("eval sizes must be >= 0")
         if self.batch_size < 1:
             raise InterleafError("eval batch_size must be >= 1")
@@ -100,6 +104,41 @@ def eval_draw(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) ->
         bar.update(len(batch))
     bar.close()
     return {"cfg_scale": cfg_scale, "n": cfg.n_draw, **mean_scores(scores), "examples": examples}
+
+
+def eval_story(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -> dict:
+    """Draw the scene after the first change of held-out stories; score it against that scene.
+
+    `unchanged` holds the scores the scene before the change would get (a model that ignores the
+    text), `copied` the share of drawings that show the scene before the change again.
+    """
+    from interleaf.data.analyse import analyse, mean_scores, score_scene
+    from interleaf.sampling.generate import Request
+
+    world = _world(pipe, cfg)
+    offset = 40 * max(cfg.n_draw, cfg.n_caption, 1)
+    scores, unchanged, copied, examples = [], [], [], []
+    bar = tqdm(total=cfg.n_story, desc=f"story step (cfg {cfg_scale:g})", unit="img", disable=not progress)
+    for batch in _batches(cfg.n_story, cfg.batch_size):
+        steps = [world.story_step(offset + i) for i in batch]
+        requests = [
+            Request(prompt=prompt, mode="image", cfg_scale=cfg_scale, seed=cfg.seed + i,
+                    image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
+                    image_top_p=cfg.image_top_p)
+            for i, (prompt, _, _) in zip(batch, steps)
+        ]
+        for (prompt, before, after), doc in zip(steps, _run_requests(pipe, requests)):
+            drawn = analyse(doc.images[0]) if doc.images else None
+            s = score_scene(drawn, after)
+            scores.append(s)
+            unchanged.append(score_scene(before, after))
+            copied.append(score_scene(drawn, before)["exact"])
+            if len(examples) < 4:
+                examples.append({"change": prompt[2], "scores": s})
+        bar.update(len(batch))
+    bar.close()
+    return {"cfg_scale": cfg_scale, "n": cfg.n_story, **mean_scores(scores), "copied": sum(copied) / max(len(copied), 1),
+            "unchanged": mean_scores(unchanged), "examples": examples}
 
 
 def score_image_missing() -> dict:
@@ -193,6 +232,7 @@ def evaluate(pipe, cfg: EvalConfig, progress: bool = True, log: Callable[[str], 
     report["loss"] = eval_loss(pipe, cfg, progress) if cfg.n_loss else {}
     report["text_to_image"] = [eval_draw(pipe, cfg, s, progress) for s in cfg.cfg_scales] if cfg.n_draw else []
     report["image_to_text"] = eval_caption(pipe, cfg, progress) if cfg.n_caption else {}
+    report["story"] = eval_story(pipe, cfg, cfg.cfg_scales[0], progress) if cfg.n_story and cfg.cfg_scales else {}
     report["seconds"] = time.time() - start
     return report
 
@@ -212,6 +252,10 @@ def format_report(report: dict) -> str:
     lines += [row(f"text->image cfg {r['cfg_scale']:g}", r) for r in report.get("text_to_image", [])]
     if report.get("image_to_text"):
         lines.append(row("image->text", report["image_to_text"]))
+    story = report.get("story")
+    if story:  # interleaved: the next scene of a story, against leaving the scene as it was
+        lines.append(row(f"story step cfg {story['cfg_scale']:g}", story))
+        lines.append(row("  scene left unchanged", story["unchanged"]))
     r = (report.get("vqgan") or {}).get("roundtrip")
     if r:  # the ceiling of text->image: drawings are read back through the VQ-GAN's decoder
         lines.append(row("vq-gan round trip", r))
@@ -224,6 +268,9 @@ def format_report(report: dict) -> str:
     vq = report.get("vqgan") or {}
     if vq:
         lines.append(f"vq-gan: PSNR {vq['psnr']:.2f} dB, codebook usage {vq['usage']:.1f}%, perplexity {vq['perplexity']:.1f}")
+    if story:
+        lines.append(f"story steps: {_pct(story['exact']).strip()} drawn as the text says, "
+                     f"{_pct(story['copied']).strip()} the scene before the change again")
     lines.append(f"evaluated in {report.get('seconds', 0):.0f} s")
     return "\n".join(lines)
 
@@ -248,7 +295,9 @@ def summary_line(report: dict) -> str:
     attr = sum(attrs) / len(attrs) if all(a is not None for a in attrs) else None
     draws = [f"text->image (cfg {d.get('cfg_scale', 0):g}): colour {_pct(d.get('colour'))}, shape {_pct(d.get('shape'))}"
              for d in report.get("text_to_image") or []]
-    return "; ".join([*draws, f"image->text: attributes {_pct(attr)}, exact {_pct(cap.get('exact'))}"])
+    story = report.get("story") or {}
+    steps = [f"story step: exact {_pct(story.get('exact'))}"] if story else []
+    return "; ".join([*draws, f"image->text: attributes {_pct(attr)}, exact {_pct(cap.get('exact'))}", *steps])
 
 
 def parse_scales(values: Sequence[str]) -> list[float]:

@@ -165,3 +165,34 @@ def test_eval_reports_what_the_vqgan_round_trip_reads_back():
     assert swapped["roundtrip"]["colour"] < 0.6 and swapped["roundtrip"]["position"] == 1.0
     table = format_report({"vqgan": swapped})
     assert "vq-gan round trip" in table and f"{100 * swapped['roundtrip']['colour']:5.1f}%" in table
+
+
+def test_story_steps_score_the_scene_after_the_change(monkeypatch):
+    """A model that draws the next scene scores 100 %; one that redraws the previous image is 'copied'."""
+    import interleaf.evaluate as evaluate
+    from interleaf.data.shapes import ShapesWorld
+
+    cfg = evaluate.EvalConfig(n_draw=0, n_caption=0, n_story=12, batch_size=5)
+    world = ShapesWorld(resolution=64, max_shapes=cfg.max_shapes, seed=cfg.world_seed)
+    pipe = types.SimpleNamespace(vqgan=PixelCodec())
+    offset = 40
+
+    def next_scene(pipe, requests):
+        docs = []
+        for r in requests:
+            _, _, after = world.story_step(offset + r.seed - cfg.seed)
+            assert r.mode == "image" and isinstance(r.prompt[1], Image.Image) and r.prompt[2].startswith("Then ")
+            docs.append(types.SimpleNamespace(images=[world.render(after)]))
+        return docs
+
+    monkeypatch.setattr(evaluate, "_run_requests", next_scene)
+    good = evaluate.eval_story(pipe, cfg, 1.5, progress=False)
+    assert good["exact"] == 1.0 and good["copied"] == 0.0 and good["n"] == 12
+    assert good["unchanged"]["exact"] == 0.0 and good["unchanged"]["colour"] < 1.0  # every step changes the scene
+    monkeypatch.setattr(evaluate, "_run_requests", lambda pipe, requests: [
+        types.SimpleNamespace(images=[r.prompt[1]]) for r in requests])
+    copy = evaluate.eval_story(pipe, cfg, 1.5, progress=False)
+    assert copy["copied"] == 1.0 and copy["exact"] == 0.0
+    assert {k: copy[k] for k in copy["unchanged"]} == copy["unchanged"]  # copying scores what leaving it unchanged does
+    table = evaluate.format_report({"story": copy})
+    assert "story step cfg 1.5" in table and "0.0% drawn as the text says, 100.0% the scene before" in table

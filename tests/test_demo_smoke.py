@@ -13,7 +13,7 @@ TINY = [
     "vqgan=[steps=6, batch_size=4, log_every=2, save_every=3, data.val_images=8]",
     "train=[steps=4, global_batch=2, micro_batch=1, log_every=1, eval_every=0, save_every=2, data.seq_len=160, "
     "data.shuffle_buffer=8, model_size=debug, model.max_seq_len=256]",
-    "eval.n_draw=2", "eval.n_caption=2", "eval.n_loss=2", "eval.batch_size=2", "eval.cfg_scales=[2.0]",
+    "eval.n_draw=2", "eval.n_caption=2", "eval.n_loss=2", "eval.n_story=2", "eval.batch_size=2", "eval.cfg_scales=[2.0]",
     "cfg_scale=1.5", "image_temperature=0.8",
 ]
 
@@ -40,6 +40,7 @@ def test_every_stage_finished_and_outputs_exist(demo_run):
         assert 0.0 <= report["image_to_text"][key] <= 1.0
     assert report["loss"]["text_tokens"] > 0 and report["loss"]["image_tokens"] > 0
     assert report["vqgan"]["psnr"] > 0
+    assert report["story"]["n"] == 2 and 0.0 <= report["story"]["exact"] <= 1.0 and "copied" in report["story"]
     # the exported model draws by default as the demo's samples did
     from interleaf.pipeline import read_sampling_defaults
 
@@ -55,7 +56,7 @@ def test_rerun_reuses_finished_stages(demo_run, capsys):
 def test_eval_command_writes_report(demo_run, tmp_path, capsys):
     out = tmp_path / "r.json"
     model = demo_run / "export" / "model"
-    assert main(["eval", str(model), "n_draw=1", "n_caption=1", "n_loss=1", "cfg_scales=[1.0]", "--out", str(out), "--quiet"]) == 0
+    assert main(["eval", str(model), "n_draw=1", "n_caption=1", "n_loss=1", "n_story=1", "cfg_scales=[1.0]", "--out", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["model_dir"] == str(model)
     assert "text->image" in capsys.readouterr().out
 

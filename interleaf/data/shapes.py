@@ -288,6 +288,14 @@ class ShapesWorld:
         segments = [x if isinstance(x, str) else self.render(x) for x in plan]
         return segments, [x for x in plan if isinstance(x, Scene)]
 
+    def story_step(self, index: int) -> tuple[list[str | Image.Image], Scene, Scene]:
+        """Document `index` up to its first change, [caption, image, change], with the scene
+        before the change and the scene it leads to (what the document shows next)."""
+        plan = self._document_plan(index)
+        if len(plan) < 4:
+            raise ValueError("a story step needs a world whose documents hold two or more images (max_images >= 2)")
+        return [plan[0], self.render(plan[1]), plan[2]], plan[1], plan[3]
+
     def document_texts(self, index: int) -> list[str]:
         """The text segments of `document(index)`, without rendering its images."""
         return [x for x in self._document_plan(index) if isinstance(x, str)]
