@@ -115,12 +115,11 @@ def eval_story(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -
     from interleaf.data.analyse import analyse, mean_scores, score_scene
     from interleaf.sampling.generate import Request
 
-    world = _world(pipe, cfg)
-    offset = 40 * max(cfg.n_draw, cfg.n_caption, 1)
+    world = _world(pipe, cfg)  # documents come from their own stream: no scene of the other measurements
     scores, unchanged, copied, examples = [], [], [], []
     bar = tqdm(total=cfg.n_story, desc=f"story step (cfg {cfg_scale:g})", unit="img", disable=not progress)
     for batch in _batches(cfg.n_story, cfg.batch_size):
-        steps = [world.story_step(offset + i) for i in batch]
+        steps = [world.story_step(i) for i in batch]
         requests = [
             Request(prompt=prompt, mode="image", cfg_scale=cfg_scale, seed=cfg.seed + i,
                     image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
