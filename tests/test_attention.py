@@ -117,12 +117,25 @@ def test_attend_takes_the_blocked_path_only_for_cpu_training_within_budget(monke
     want = naive_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T))
     torch.testing.assert_close(attend(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
     assert len(calls) == 1
+    grad = torch.autograd.grad(attend(q, k, v, mask).sum(), q, create_graph=True)[0]  # first order only:
+    with pytest.raises(RuntimeError):  # a second derivative is an error, never a wrong number
+        torch.autograd.grad(grad.sum(), q)
+    calls.clear()
     with torch.no_grad():  # inference: PyTorch's kernel
         attend(q, k, v, mask)
     attend(q, k, v, mask, dropout=0.1)
     scratch = torch.cat([k, k[:, :1]], 1)  # a cache of T slots and its scratch slot
     attend(q, scratch, scratch, build_cache_mask("sdpa", torch.zeros(B, dtype=torch.long), T, T))
-    monkeypatch.setattr(attention, "BLOCKED_MAX_BYTES", B * H * T * T * 4 // 2 - 1)  # the probabilities do not fit
+    everywhere = torch.ones(B, 1, T, T, dtype=torch.bool)  # a mask that is not causal: SDPA's
+    want_all = naive_attention(q, k, v, everywhere[:, 0])
+    torch.testing.assert_close(attend(q, k, v, attention.AttentionMask("sdpa", everywhere)), want_all, rtol=1e-5, atol=1e-6)
+    additive = torch.zeros(B, 1, T, T)
+    torch.testing.assert_close(attend(q, k, v, attention.AttentionMask("sdpa", additive)), want_all, rtol=1e-5, atol=1e-6)
+    assert not calls
+    need = B * H * T * (T + attention.BLOCK_ROWS) // 2 * 4  # bytes of the probabilities kept
+    monkeypatch.setattr(attention, "BLOCKED_MAX_BYTES", need)
+    attend(q, k, v, mask)
+    monkeypatch.setattr(attention, "BLOCKED_MAX_BYTES", need - 1)  # they no longer fit
     torch.testing.assert_close(attend(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
     assert len(calls) == 1
 

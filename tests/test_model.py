@@ -365,7 +365,15 @@ def test_inference_path_keeps_hooks_and_dropout():
         handle.remove()
         torch.testing.assert_close(model(tokens), plain, rtol=0, atol=0)
         model.train()
+        for layer in model.layers:
+            layer.attention.dropout = 0.0  # only the blocks' residual dropout is left
         assert not torch.allclose(model(tokens), model(tokens))  # dropout, though nothing records a graph
+        model.eval()
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+        model(tokens)
+        handle.remove()
+        assert "FeedForward" in seen and "Attention" in seen  # a global hook sees every part
         model.eval()
         model.layers[1].feed_forward.w2.weight.zero_()  # the hook's effect by hand: no feed-forward branch
         torch.testing.assert_close(model(tokens), no_ffn, rtol=1e-6, atol=1e-6)

@@ -14,31 +14,42 @@ from pathlib import Path
 DEFAULT_OUT = "interleaf-out"
 
 
-# flag -> Request field, for the options a model directory may set in its sampling.yaml: a flag
-# left out takes the model's value, else the sampler's default (shown in the help)
-MODEL_OPTION_FLAGS = {
-    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty",
-    "image_temperature": "image_temperature", "image_top_k": "image_top_k", "image_top_p": "image_top_p",
-    "cfg": "cfg_scale", "image_cfg": "image_cfg_scale",
+# The options a model directory may set in its sampling.yaml, as flag: (Request field, type, what
+# it is, the sampler's default). In generate, caption and draw a flag left out takes the model's
+# value, else the sampler's default (shown in the help); export writes the given ones to the file.
+MODEL_OPTIONS = {
+    "temperature": ("temperature", float, "text temperature, 0 = greedy", 0.7),
+    "top_k": ("top_k", int, "text top-k, 0 = off", 0),
+    "top_p": ("top_p", float, "text nucleus mass in (0, 1]", 0.9),
+    "repetition_penalty": ("repetition_penalty", float, "text repetition penalty, 1 = off", 1),
+    "image_temperature": ("image_temperature", float, "image-token temperature", 1.0),
+    "image_top_k": ("image_top_k", int, "image-token top-k, 0 = off", 0),
+    "image_top_p": ("image_top_p", float, "image-token nucleus mass, 1 = off", 1.0),
+    "cfg": ("cfg_scale", float, "classifier-free guidance scale for images, 1 = off", 3.0),
+    "image_cfg": ("image_cfg_scale", float, "guidance scale toward the prompt's images (two-scale guidance)", "--cfg"),
 }
 
 
+def _add_model_options(g, defaults: dict, help_tail) -> None:
+    """One flag per MODEL_OPTIONS entry; `defaults` sets a command's own ones, `help_tail` ends each help."""
+    for flag, (_, kind, what, sampler) in MODEL_OPTIONS.items():
+        default = defaults.get(flag)
+        tail = f"(default {default:g})" if default is not None else help_tail(sampler)
+        g.add_argument("--" + flag.replace("_", "-"), type=kind, default=default, metavar="N" if kind is int else "X",
+                       help=f"{what} {tail}")
+
+
 def add_model_default_args(p: argparse.ArgumentParser) -> None:
-    """`export`: the MODEL_OPTION_FLAGS, to write into the model directory's sampling.yaml."""
+    """`export`: the MODEL_OPTIONS, to write into the model directory's sampling.yaml."""
     g = p.add_argument_group("sampling defaults", "written to the model's sampling.yaml; an earlier export's "
-                             "values are kept for the options not given")
-    for flag, field in MODEL_OPTION_FLAGS.items():
-        g.add_argument("--" + flag.replace("_", "-"), type=int if field.endswith("top_k") else float,
-                       default=None, metavar="N" if field.endswith("top_k") else "X", help=f"sampling.yaml: {field}")
+                             "values are kept for the options not given (a given --cfg without --image-cfg "
+                             "sets image guidance too, as for generate)")
+    _add_model_options(g, {}, lambda sampler: f"(the sampler's default: {sampler})")
 
 
 def given_model_options(args: argparse.Namespace) -> dict:
-    """The MODEL_OPTION_FLAGS given on the command line, by Request field."""
-    return {field: getattr(args, flag) for flag, field in MODEL_OPTION_FLAGS.items() if getattr(args, flag) is not None}
-
-
-def _or_model(value) -> str:
-    return f"(default: the model's sampling.yaml, else {value})"
+    """The MODEL_OPTIONS given on the command line, by Request field."""
+    return {field: getattr(args, flag) for flag, (field, *_) in MODEL_OPTIONS.items() if getattr(args, flag) is not None}
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = None) -> None:
@@ -46,18 +57,8 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = No
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="generated tokens at most (default: 256 text tokens, plus room for the images)")
-    g.add_argument("--temperature", type=float, default=temperature, help="text temperature, 0 = greedy "
-                   + (f"(default {temperature:g})" if temperature is not None else _or_model(0.7)))
-    g.add_argument("--top-k", type=int, default=None, help="text top-k, 0 = off " + _or_model(0))
-    g.add_argument("--top-p", type=float, default=None, help="text nucleus mass in (0, 1] " + _or_model(0.9))
-    g.add_argument("--repetition-penalty", type=float, default=None, help="text repetition penalty, 1 = off " + _or_model(1))
-    g.add_argument("--image-temperature", type=float, default=None, help="image-token temperature " + _or_model(1.0))
-    g.add_argument("--image-top-k", type=int, default=None, help="image-token top-k, 0 = off " + _or_model(0))
-    g.add_argument("--image-top-p", type=float, default=None, help="image-token nucleus mass, 1 = off " + _or_model(1.0))
-    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale for images, 1 = off "
-                   + _or_model(3.0))
-    g.add_argument("--image-cfg", type=float, default=None,
-                   help="guidance scale toward the prompt's images (two-scale guidance) " + _or_model("--cfg"))
+    _add_model_options(g, {"temperature": temperature},
+                       lambda sampler: f"(default: the model's sampling.yaml, else {sampler})")
     g.add_argument("--seed", type=int, default=0, help="random seed; sample i uses seed + i (default 0)")
     g.add_argument("--num", type=int, default=1, help="number of samples, decoded as one batch (default 1)")
     g.add_argument("--preview-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)

@@ -107,6 +107,7 @@ class AttentionMask:
     flat: bool = False  # xformers block-diagonal masks: all rows as one (1, B*T) sequence
     n_keys: int | None = None  # decoding: attend to this prefix of the cache slots (None: all)
     causal: bool = True  # with mask None: causal (sdpa is_causal), or every query sees every key
+    packed: bool = False  # mask is `packed_causal_mask`: causal inside each document, (B, 1, T, T)
 
 
 def build_mask(backend: str, doc_ids: torch.Tensor | None, T: int) -> AttentionMask:
@@ -118,7 +119,9 @@ def build_mask(backend: str, doc_ids: torch.Tensor | None, T: int) -> AttentionM
             return AttentionMask(backend, fmha.attn_bias.LowerTriangularMask())
         bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(document_lengths(doc_ids))
         return AttentionMask(backend, bias, flat=True)
-    return AttentionMask(backend, None if doc_ids is None else packed_causal_mask(doc_ids))
+    if doc_ids is None:
+        return AttentionMask(backend)
+    return AttentionMask(backend, packed_causal_mask(doc_ids), packed=True)
 
 
 def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int, n_keys: int | None = None,
@@ -188,13 +191,14 @@ def _attend_xformers(q, k, v, mask: AttentionMask, dropout: float) -> torch.Tens
 # Cut into blocks of BLOCK_ROWS queries, each against its key prefix (two matmuls, a masked
 # diagonal, one softmax), forward + backward run 1.2-1.6x faster on this project's 2-core box
 # (bench/RESULTS.md, "Training step"). The blocks keep their probabilities for the backward
-# pass, about B H T^2 / 2 numbers, so they run only while those fit in BLOCKED_MAX_BYTES.
+# pass, about B H T^2 / 2 numbers, so they run only while those fit in BLOCKED_MAX_BYTES (per
+# layer: a training step keeps n_layers times that until its backward pass).
 BLOCK_ROWS = 64
 BLOCKED_MAX_BYTES = 64 * 2**20
 
 
 def _blocked_applies(q, k, v, mask: AttentionMask, dropout: float) -> bool:
-    """A CPU training pass over whole rows (no cache), causal or packed, that fits the budget."""
+    """A CPU training pass over whole rows (no cache), plain causal or packed, that fits the budget."""
     B, H, T, _ = q.shape
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or dropout:
         return False
@@ -202,7 +206,7 @@ def _blocked_applies(q, k, v, mask: AttentionMask, dropout: float) -> bool:
         return False
     if torch.compiler.is_compiling() or k.shape[2] != T or H % k.shape[1] or mask.n_keys is not None:
         return False
-    if mask.mask is None and not mask.causal or mask.mask is not None and mask.mask.shape[-2:] != (T, T):
+    if not ((mask.mask is None and mask.causal) or (mask.packed and mask.mask.shape[-2:] == (T, T))):
         return False
     return B * H * T * (T + BLOCK_ROWS) // 2 * q.element_size() <= BLOCKED_MAX_BYTES
 
@@ -223,6 +227,12 @@ def _rows(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 
 
 class _BlockedCausal(torch.autograd.Function):
+    """q (B, H, T, hd), k/v (B, Hkv, T, hd), contiguous; allowed (B, 1, T, T) bool or None.
+
+    Query heads are viewed as (B, Hkv, G, T, hd), G = H / Hkv; a block's rows of all G heads of a
+    group form one matrix against the group's keys. The backward pass is first-order only.
+    """
+
     @staticmethod
     def forward(ctx, q, k, v, allowed):
         B, H, T, hd = q.shape
@@ -244,18 +254,19 @@ class _BlockedCausal(torch.autograd.Function):
             out[:, :, :, r0:r1] = torch.matmul(p, v[:, :, :r1]).view(B, Hkv, H // Hkv, r1 - r0, hd)
             probs.append(p)
         ctx.save_for_backward(qs, k, v, out, *probs)
-        ctx.scale = scale
+        ctx.scale, ctx.rows = scale, BLOCK_ROWS
         return out.view(B, H, T, hd)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         qs, k, v, out, *probs = ctx.saved_tensors
         g = grad.contiguous().view(out.shape)  # (B, Hkv, G, T, hd)
         dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
         rowdot = (g * out).sum(-1, keepdim=True)  # sum over keys of p * dp, softmax's backward
         for i, p in enumerate(probs):
-            r0 = i * BLOCK_ROWS
-            r1 = min(r0 + BLOCK_ROWS, qs.shape[3])
+            r0 = i * ctx.rows
+            r1 = min(r0 + ctx.rows, qs.shape[3])
             gb = _rows(g, r0, r1)
             dv[:, :, :r1] += torch.matmul(p.transpose(-1, -2), gb)
             ds = torch.matmul(gb, v[:, :, :r1].transpose(-1, -2)).sub_(_rows(rowdot, r0, r1)).mul_(p)

@@ -25,7 +25,7 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 # ---- RMSNorm ----------------------------------------------------------------------------------
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """y and the reciprocal rms r (..., 1); the kernels both paths (with or without autograd) run."""
+    """y and the reciprocal rms r (..., 1): the autograd path's forward (and half precision's without it)."""
     xf = _up(x)
     ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])  # (..., 1)
     r = ms.add_(eps).rsqrt_()
@@ -62,7 +62,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dim (statistics in float32 or wider)."""
     if needs_graph(x, weight):
         return _RMSNorm.apply(x, weight, eps)
-    if weight.dim() == 1 and x.dtype == weight.dtype and x.dtype not in _HALF:  # one fused kernel, the same values
+    if weight.dim() == 1 and x.dtype == weight.dtype and x.dtype not in _HALF:  # one fused kernel (equal to ~1e-6)
         return F.rms_norm(x, x.shape[-1:], weight, eps)
     return _rms_norm_forward(x, weight, eps)[0]
 

@@ -184,7 +184,7 @@ class Attention(nn.Module):
     def _project_plain(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Inference: one matmul for q/k/v, then QK-norm and RoPE of queries and keys together.
 
-        Every element goes through the same kernels as in `project` + norms + `apply_rope`.
+        The same formulas as `project` + norms + `apply_rope`, for queries and keys at once.
         None when the concatenated weights are too large to keep.
         """
         qkv = self._wqkv.linear(x, self.wq.weight, self.wk.weight, self.wv.weight)  # (B, T, (H + 2 Hkv) hd)
@@ -253,8 +253,16 @@ class TransformerBlock(nn.Module):
         return h + self.drop(self.feed_forward(self.ffn_norm(h)))
 
     def _direct(self) -> bool:
-        """The parts may run as plain functions: no hooks on them, no dropout to apply."""
+        """The parts may run as plain functions: this class's own parts, no hooks on them (their
+        own or global ones), no dropout to apply."""
         if self.training and isinstance(self.drop, nn.Dropout):
+            return False
+        if (type(self.attention), type(self.feed_forward), type(self.attention_norm), type(self.ffn_norm)) != (
+            Attention, FeedForward, RMSNorm, RMSNorm
+        ):
+            return False
+        hooks = torch.nn.modules.module
+        if getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None):
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
 
