@@ -73,6 +73,15 @@ def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def _drawing(prompt, cfg: EvalConfig, cfg_scale: float, i: int):
+    """The Request that draws one image for `prompt` (item i of a measurement)."""
+    from interleaf.sampling.generate import Request
+
+    return Request(prompt=prompt, mode="image", cfg_scale=cfg_scale, seed=cfg.seed + i,
+                   image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
+                   image_top_p=cfg.image_top_p)
+
+
 def _run_requests(pipe, requests) -> list:
     from interleaf.sampling.generate import collect, stream_requests
 
@@ -82,19 +91,13 @@ def _run_requests(pipe, requests) -> list:
 def eval_draw(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -> dict:
     """Draw held-out captions; score each drawing with the analyser."""
     from interleaf.data.analyse import mean_scores, score_image
-    from interleaf.sampling.generate import Request
 
     world = _world(pipe, cfg)
     scores, examples = [], []
     bar = tqdm(total=cfg.n_draw, desc=f"draw (cfg {cfg_scale:g})", unit="img", disable=not progress)
     for batch in _batches(cfg.n_draw, cfg.batch_size):
         pairs = [world.pair(i) for i in batch]
-        requests = [
-            Request(prompt=caption, mode="image", cfg_scale=cfg_scale, seed=cfg.seed + i,
-                    image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
-                    image_top_p=cfg.image_top_p)
-            for i, (_, caption, _) in zip(batch, pairs)
-        ]
+        requests = [_drawing(caption, cfg, cfg_scale, i) for i, (_, caption, _) in zip(batch, pairs)]
         for (_, caption, scene), doc in zip(pairs, _run_requests(pipe, requests)):
             image = doc.images[0] if doc.images else None
             s = score_image(image, scene) if image is not None else score_image_missing()
@@ -113,19 +116,13 @@ def eval_story(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -
     text), `copied` the share of drawings that show the scene before the change again.
     """
     from interleaf.data.analyse import analyse, mean_scores, score_scene
-    from interleaf.sampling.generate import Request
 
     world = _world(pipe, cfg)  # documents come from their own stream: no scene of the other measurements
     scores, unchanged, copied, examples = [], [], [], []
     bar = tqdm(total=cfg.n_story, desc=f"story step (cfg {cfg_scale:g})", unit="img", disable=not progress)
     for batch in _batches(cfg.n_story, cfg.batch_size):
         steps = [world.story_step(i) for i in batch]
-        requests = [
-            Request(prompt=prompt, mode="image", cfg_scale=cfg_scale, seed=cfg.seed + i,
-                    image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
-                    image_top_p=cfg.image_top_p)
-            for i, (prompt, _, _) in zip(batch, steps)
-        ]
+        requests = [_drawing(prompt, cfg, cfg_scale, i) for i, (prompt, _, _) in zip(batch, steps)]
         for (prompt, before, after), doc in zip(steps, _run_requests(pipe, requests)):
             drawn = analyse(doc.images[0]) if doc.images else None
             s = score_scene(drawn, after)

@@ -355,7 +355,7 @@ def test_dropout_only_in_training():
 
 
 def test_inference_path_keeps_hooks_and_dropout():
-    # without autograd a block runs its parts as plain functions, unless a hook or dropout needs the modules
+    # without autograd a block calls its parts' forward functions, unless hooks need the module calls; dropout still applies
     model = make("gqa-layernorm-pre", dropout=0.3)
     tokens = torch.randint(0, 64, (2, 10))
     with torch.no_grad():

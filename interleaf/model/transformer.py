@@ -164,10 +164,10 @@ class Attention(nn.Module):
         hkv = (B, T, self.n_kv_heads, self.head_dim)
         return q.view(B, T, self.n_heads, self.head_dim), k.view(hkv), v.view(hkv)
 
-    def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, slots=None, plain=None):
-        """sin None: cos is the complex rotation (see apply_rope). `plain`: `_plain` is known."""
+    def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, slots=None):
+        """sin None: cos is the complex rotation (see apply_rope)."""
         B, T, _ = x.shape
-        plain = _plain(self, x) if plain is None else plain
+        plain = _plain(self, x)
         qkv = self._project_plain(x, cos, sin) if plain else None
         if qkv is not None:
             q, k, v = qkv
@@ -220,10 +220,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self._w13, self._w2 = FusedWeight(), FusedWeight()
 
-    def forward(self, x: torch.Tensor, plain: bool | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        plain = _plain(self, x) if plain is None else plain
-        h = self._w13.linear(x, self.w1.weight, self.w3.weight) if plain else None
+        h = self._w13.linear(x, self.w1.weight, self.w3.weight) if _plain(self, x) else None
         if h is not None:  # inference: kept [w1; w3], silu(a) * b without autograd
             return self._w2.apply(swiglu(h), self.w2)
         if B * T >= FUSE_MIN_TOKENS:  # one matmul for [w1; w3], gradient written in place
@@ -244,36 +243,23 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(args.dropout) if args.dropout > 0 else nn.Identity()
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, slots=None):
-        if _plain(self, x) and self._direct():
-            return self._forward_plain(x, cos, sin, mask, cache, slots)
+        if _plain(self, x) and self._unhooked():  # inference: the parts' forward functions, no module calls
+            attn, ffn = self.attention.forward, self.feed_forward.forward
+            n1, n2, drop = self.attention_norm.forward, self.ffn_norm.forward, self.drop.forward
+        else:
+            attn, ffn, n1, n2, drop = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm, self.drop
         if self.swin:  # h = x + norm(attn(x)); out = h + norm(ffn(h))
-            h = x + self.drop(self.attention_norm(self.attention(x, cos, sin, mask, cache, slots)))
-            return h + self.drop(self.ffn_norm(self.feed_forward(h)))
-        h = x + self.drop(self.attention(self.attention_norm(x), cos, sin, mask, cache, slots))
-        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
+            h = x + drop(n1(attn(x, cos, sin, mask, cache, slots)))
+            return h + drop(n2(ffn(h)))
+        h = x + drop(attn(n1(x), cos, sin, mask, cache, slots))
+        return h + drop(ffn(n2(h)))
 
-    def _direct(self) -> bool:
-        """The parts may run as plain functions: this class's own parts, no hooks on them (their
-        own or global ones), no dropout to apply."""
-        if self.training and isinstance(self.drop, nn.Dropout):
-            return False
-        if (type(self.attention), type(self.feed_forward), type(self.attention_norm), type(self.ffn_norm)) != (
-            Attention, FeedForward, RMSNorm, RMSNorm
-        ):
-            return False
+    def _unhooked(self) -> bool:
+        """No forward hooks on the parts, their own or global ones: calling their forward is the same."""
         hooks = torch.nn.modules.module
         if getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None):
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
-
-    def _forward_plain(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None, slots):
-        """Inference: forward without a module call per part (decoding runs this for every token)."""
-        attn, ffn, n1, n2 = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
-        if self.swin:
-            h = x + rms_norm(attn.forward(x, cos, sin, mask, cache, slots, plain=True), n1.weight, n1.eps)
-            return h + rms_norm(ffn.forward(h, plain=True), n2.weight, n2.eps)
-        h = x + attn.forward(rms_norm(x, n1.weight, n1.eps), cos, sin, mask, cache, slots, plain=True)
-        return h + ffn.forward(rms_norm(h, n2.weight, n2.eps), plain=True)
 
 
 class OutputHead(nn.Linear):
