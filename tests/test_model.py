@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from interleaf import cli
 from interleaf.config import load_config
 from interleaf.errors import ConfigError, InterleafError
-from interleaf.model import ops
+from interleaf.model import ops, transformer
 from interleaf.model.args import MODEL_SIZES, ModelArgs, count_params, ffn_hidden_size, flops_per_token
 from interleaf.model.transformer import (
-    FUSE_MIN_TOKENS, MATVEC_MAX_ROWS, SPLIT_MAX_ROWS, FusedWeight, HeadLayerNorm, RMSNorm, Transformer,
+    MATVEC_MAX_ROWS, SPLIT_MAX_ROWS, FusedWeight, HeadLayerNorm, RMSNorm, Transformer,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,8 +176,7 @@ def test_kv_cache_decoding_equals_full_forward(name, inference):
 
 def _check_cached_decoding(name):
     model = make(name)
-    B, total = 3, 24  # B * total >= FUSE_MIN_TOKENS: the full pass uses fused projections, decoding not
-    assert B * total >= FUSE_MIN_TOKENS
+    B, total = 3, 24
     g = torch.Generator().manual_seed(4)
     seqs = torch.randint(0, model.args.vocab_size, (B, total), generator=g)
     full = model(seqs)  # (B, total, V)
@@ -204,6 +203,38 @@ def _check_cached_decoding(name):
         feed((done < total).long())  # one token per unfinished row
     assert cache.lengths.tolist() == [total] * B
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
+def test_fused_projections_equal_separate_ones(name, monkeypatch):
+    # the concatenated q/k/v and w1/w3 weights of a training pass off CPU, forced here
+    model = make(name).double().train()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    assert tokens.numel() >= transformer.FUSE_MIN_TOKENS
+
+    calls = []
+
+    def counted_swiglu(h):  # only the fused feed-forward path calls it
+        calls.append(h.shape)
+        return ops.swiglu(h)
+
+    monkeypatch.setattr(transformer, "swiglu", counted_swiglu)
+
+    def loss_and_grads(fuse: bool):
+        monkeypatch.setattr(transformer, "FUSE_ON_CPU", fuse)
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused, fused_grads = loss_and_grads(True)
+    assert len(calls) == model.args.n_layers
+    separate, separate_grads = loss_and_grads(False)
+    assert len(calls) == model.args.n_layers
+    torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
+    assert fused_grads.keys() == separate_grads.keys()
+    for n in fused_grads:
+        torch.testing.assert_close(fused_grads[n], separate_grads[n], rtol=1e-10, atol=1e-12, msg=n)
 
 
 @torch.no_grad()

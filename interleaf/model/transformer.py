@@ -57,8 +57,12 @@ def qk_norm(args: ModelArgs, n_heads: int) -> nn.Module:
     return nn.Identity()
 
 
-# Above this many tokens per call, q/k/v (and w1/w3) run as one matmul over concatenated weights.
+# With autograd, from this many tokens per call, q/k/v (and w1/w3) run as one matmul over
+# concatenated weights, except on CPU unless FUSE_ON_CPU: there the separate products make a
+# training step 1.5-2.7% faster (bench/RESULTS.md, "Training step"): the concatenation, its
+# gradient's split and the strided q/k/v slices cost more than the one larger matmul saves.
 FUSE_MIN_TOKENS = 64
+FUSE_ON_CPU = False
 # Without autograd, concatenated weights up to this size are kept between calls (so decoding
 # steps run one matmul for q/k/v and one for w1/w3); larger ones are not worth the memory.
 FUSED_CACHE_MAX_BYTES = 32 * 2**20
@@ -127,6 +131,11 @@ class FusedWeight:
         return linear(x) if y is None else y
 
 
+def _fused_projections(x: torch.Tensor) -> bool:
+    """Whether a pass with autograd runs q/k/v and w1/w3 as one matmul each (see FUSE_MIN_TOKENS)."""
+    return x.shape[0] * x.shape[1] >= FUSE_MIN_TOKENS and (FUSE_ON_CPU or x.device.type != "cpu")
+
+
 def _plain(module: nn.Module, x: torch.Tensor) -> bool:
     """Inference fast paths apply: autograd records nothing here and no compiler is tracing."""
     if _compiling():
@@ -154,12 +163,12 @@ class Attention(nn.Module):
         self._qk_weight, self._qk_bias = FusedWeight(), FusedWeight()
 
     def project(self, x: torch.Tensor):
-        """q (B, T, H, hd), k and v (B, T, Hkv, hd); one fused matmul when there are many tokens."""
+        """q (B, T, H, hd), k and v (B, T, Hkv, hd); one matmul when `_fused_projections`."""
         B, T, _ = x.shape
-        if B * T >= FUSE_MIN_TOKENS:
+        if _fused_projections(x):
             w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
             q, k, v = F.linear(x, w).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
-        else:  # decoding: concatenating the weights would cost more than the matmuls
+        else:  # few tokens, or CPU: concatenating the weights would cost more than it saves
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         hkv = (B, T, self.n_kv_heads, self.head_dim)
         return q.view(B, T, self.n_heads, self.head_dim), k.view(hkv), v.view(hkv)
@@ -221,11 +230,10 @@ class FeedForward(nn.Module):
         self._w13, self._w2 = FusedWeight(), FusedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
         h = self._w13.linear(x, self.w1.weight, self.w3.weight) if _plain(self, x) else None
         if h is not None:  # inference: kept [w1; w3], silu(a) * b without autograd
             return self._w2.apply(swiglu(h), self.w2)
-        if B * T >= FUSE_MIN_TOKENS:  # one matmul for [w1; w3], gradient written in place
+        if _fused_projections(x):  # one matmul for [w1; w3], gradient written in place
             return self.w2(swiglu(F.linear(x, torch.cat([self.w1.weight, self.w3.weight]))))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
