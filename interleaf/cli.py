@@ -2,7 +2,8 @@
 
 Each area of the package declares its commands in `interleaf/commands/<area>.py` with a
 `register(subparsers)` function; the parsers call into the library with `set_defaults(func=...)`.
-User mistakes raise `InterleafError` and end as one line on stderr with exit status 2.
+User mistakes raise `InterleafError` and end as one line on stderr with exit status 2; an
+unforeseen OSError (a full disk, a file that vanished) is one line too, with status 1.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from interleaf.errors import InterleafError
 from interleaf.utils import setup_logging
@@ -67,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interleaf {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # what the commands' own checks did not foresee: a full disk, a vanished file
+        if args.verbose:
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"interleaf {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     return int(status or 0)
 
 

@@ -217,21 +217,27 @@ def check_state_dict(state: Mapping[str, torch.Tensor], args, source: str) -> No
             raise InterleafError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, model.yaml implies {shape}")
 
 
-def load_model(directory: str | Path, device="cpu", dtype=None):
-    """The Transformer of a model directory, in eval mode, on `device` (stored dtype unless given)."""
+def read_weights(path: str | Path) -> dict:
+    """The tensors of a safetensors file; a missing or unreadable one is an InterleafError."""
     from safetensors.torch import load_file
 
+    path = Path(path)
+    if not path.is_file():
+        raise InterleafError(f"{path.parent} has no {path.name}")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise InterleafError(f"cannot read {path}: {e}") from None
+
+
+def load_model(directory: str | Path, device="cpu", dtype=None):
+    """The Transformer of a model directory, in eval mode, on `device` (stored dtype unless given)."""
     from interleaf.model.transformer import Transformer
 
     directory = Path(directory)
     args = read_model_args(directory)
     path = directory / MODEL_FILE
-    if not path.is_file():
-        raise InterleafError(f"{directory} has no {MODEL_FILE}")
-    try:
-        state = load_file(str(path))
-    except Exception as e:
-        raise InterleafError(f"cannot read {path}: {e}") from None
+    state = read_weights(path)
     check_state_dict(state, args, str(path))
     dtype = parse_dtype(dtype)
     state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}

@@ -33,3 +33,15 @@ def test_unknown_flag_is_rejected():
 def test_python_dash_m_runs():
     r = subprocess.run([sys.executable, "-m", "interleaf", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "interleaf" in r.stdout
+
+
+def test_an_unforeseen_os_error_is_one_line(monkeypatch, capsys):
+    from interleaf.commands import model
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device", "/data/out/model.safetensors")
+
+    monkeypatch.setattr(model, "info_command", full_disk)
+    assert main(["info", "debug"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interleaf info: error: No space left on device: /data/out/model.safetensors"]

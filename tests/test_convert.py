@@ -253,3 +253,46 @@ def test_mismatched_checkpoints_fail_clearly(prenorm, tmp_path, capsys):
     assert "has no tokenizer.json" in capsys.readouterr().err
     assert cli.main(["convert", "to-hf", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "not an interleaf model directory" in capsys.readouterr().err
+
+
+def test_malformed_sources_and_used_destinations_fail_clearly(prenorm, tmp_path, capsys):
+    import shutil
+
+    _, root, _ = prenorm
+    src = tmp_path / "src"
+    shutil.copytree(root / "hf", src)
+    cfg = json.loads((src / "config.json").read_text())
+
+    def fails(argv, message):
+        assert cli.main(["convert", *map(str, argv)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+
+    for text, message in [("[1, 2]", "must hold a JSON object"), (json.dumps(dict(cfg, hidden_size="abc")), "config.json:"),
+                          (json.dumps(dict(cfg, hidden_size=None)), "config.json:"),
+                          (json.dumps(dict(cfg, vocabulary_map=5)), "is a token table")]:
+        (src / "config.json").write_text(text)
+        fails(["from-hf", src, tmp_path / "out"], message)
+    (src / "config.json").write_bytes(b"\xff\xfe{}")
+    fails(["from-hf", src, tmp_path / "out"], "not a UTF-8 text file")
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert not (tmp_path / "out").exists()
+
+    # a destination holding other files is refused (no silent mix); an empty one is filled
+    used = tmp_path / "used"
+    shutil.copytree(root / "il", used)
+    fails(["from-hf", src, used], "is not empty")
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["convert", "from-hf", str(src), str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+    fails(["to-hf", root / "il", src], "is not empty")
+    (tmp_path / "afile").write_text("")
+    fails(["to-hf", root / "il", tmp_path / "afile"], "exists and is not a folder")
+    fails(["to-hf", root / "il", "/proc/interleaf-hf"], "cannot write in /proc")
+
+    # to-hf of a directory whose weights are gone or cut short
+    (used / "model.safetensors").write_bytes((used / "model.safetensors").read_bytes()[:100])
+    fails(["to-hf", used, tmp_path / "back"], "cannot read")
+    (used / "model.safetensors").unlink()
+    fails(["to-hf", used, tmp_path / "back"], "has no model.safetensors")
+    assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -4,6 +4,8 @@ The decode loop runs here against a stand-in model that returns adversarial rand
 the point is the invariants (modality, image length, <eoi>, budgets), whatever the model says.
 """
 
+import os
+import stat
 from types import SimpleNamespace
 
 import numpy as np
@@ -392,3 +394,32 @@ def test_render_writes_complete_files_atomically(tmp_path, vocab, monkeypatch):
         write_documents(tmp_path / "out", [Document(segments=["other"])])
     assert out.html.read_text() == page
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_render_into_an_earlier_output_keeps_one_set_of_files(tmp_path):
+    red, blue = Image.new("RGB", (8, 8), (200, 10, 10)), Image.new("RGB", (8, 8), (10, 10, 200))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "image-7-7.png").write_bytes(b"the user's own file")  # no document.md yet: kept
+    write_documents(out_dir, [Document(segments=["two", red, blue]), Document(segments=["one", red])])
+    assert {p.name for p in out_dir.glob("image-*")} == {"image-0-0.png", "image-0-1.png", "image-1-0.png", "image-7-7.png"}
+    out = write_documents(out_dir, [Document(segments=["now one", blue])])  # the earlier PNGs go
+    assert sorted(p.name for p in out_dir.iterdir()) == ["document.html", "document.md", "image-0-0.png"]
+    assert out.images == [out_dir / "image-0-0.png"]
+    assert np.array_equal(np.asarray(Image.open(out.images[0])), np.asarray(blue))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # a temp file is created 0600; the renamed result must not keep that
+    from interleaf.utils import atomic_path, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"x")
+        write_documents(tmp_path / "out", [Document(segments=["x", Image.new("RGB", (4, 4))])])
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "a.json", tmp_path / "b.bin", *(tmp_path / "out").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

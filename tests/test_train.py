@@ -176,6 +176,41 @@ def test_export_writes_and_keeps_sampling_defaults(runs, tmp_path, capsys):
     assert not (tmp_path / "plain" / "sampling.yaml").exists()
 
 
+def test_export_refuses_bad_destinations_and_damaged_checkpoints(runs, tmp_path, capsys, monkeypatch):
+    def refused(run, out, message):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert main(["export", str(run), str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp folder left, nothing replaced
+
+    earlier = tmp_path / "earlier"
+    assert main(["export", str(runs / "A"), str(earlier)]) == 0
+    capsys.readouterr()
+    kept = sorted(p.name for p in earlier.iterdir())
+    monkeypatch.chdir(earlier)
+    refused(runs / "A", ".", "is the current folder")  # replacing it would pull the folder from under the shell
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.name for p in earlier.iterdir()) == kept
+    (tmp_path / "afile").write_text("")
+    refused(runs / "A", tmp_path / "afile", "exists and is not a folder")
+    refused(runs / "A", tmp_path / "afile" / "sub", "is a file, not a folder")
+    refused(runs / "A", "/proc/interleaf-export", "cannot write in /proc")
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "A", run)
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    trainer = (ckpt / "trainer.json").read_text()
+    (ckpt / "trainer.json").write_text("{")
+    refused(run, tmp_path / "m", "is unreadable")
+    (ckpt / "trainer.json").write_bytes(b"\xff\xfe")
+    refused(run, tmp_path / "m", "not a UTF-8 text file")
+    (ckpt / "trainer.json").write_text(trainer)
+    for f in (ckpt / "ds").rglob("*model_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated engine state
+    refused(run, tmp_path / "m", "cannot read its engine state")
+
+
 def test_launcher_environments(monkeypatch):
     from interleaf.training.engine import dist_env
 

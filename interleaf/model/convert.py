@@ -25,7 +25,7 @@ import torch
 from interleaf.errors import InterleafError
 from interleaf.model.args import ModelArgs
 from interleaf.tokenizer.vocab import Vocabulary
-from interleaf.utils import atomic_path, write_json
+from interleaf.utils import atomic_dir, atomic_path, check_replaceable, check_writable, read_text, write_json
 
 HF_DIR = "hf"  # inside an interleaf model directory: the source's config and tokenizer files
 VQ_PREFIX = "model.vqmodel."
@@ -83,6 +83,8 @@ def _rope_theta(cfg: Mapping) -> float:
 
 def args_from_hf_config(cfg: Mapping) -> ModelArgs:
     """HF ChameleonConfig (as read from config.json) -> ModelArgs."""
+    if not isinstance(cfg, Mapping):
+        raise InterleafError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("model_type") != "chameleon":
         raise InterleafError(f"config.json: model_type is {cfg.get('model_type')!r}, expected 'chameleon'")
     for key in ("attention_bias", "mlp_bias"):
@@ -110,6 +112,8 @@ def args_from_hf_config(cfg: Mapping) -> ModelArgs:
         )
     except KeyError as e:
         raise InterleafError(f"config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a value of the wrong kind: "abc" or null for a number
+        raise InterleafError(f"config.json: {e}") from None
     args.validate()
     return args
 
@@ -284,9 +288,12 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise InterleafError(f"{path.parent} has no {path.name}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise InterleafError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InterleafError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ---- whole directories -----------------------------------------------------------------------
@@ -300,6 +307,7 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InterleafError(f"source directory not found: {src}")
+    _check_destination(dst)
     cfg = _read_json(src / "config.json")
     args = args_from_hf_config(cfg)
     hf = read_safetensors_dir(src)
@@ -327,15 +335,30 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
     if not (src / "tokenizer.json").is_file():
         raise InterleafError(f"{src} has no tokenizer.json")
     text = TextTokenizer.load(src / "tokenizer.json")
-    vocab_map = cfg.get("vocabulary_map") or json.loads((src / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab_map = cfg.get("vocabulary_map")
+    if not vocab_map:
+        model_part = _read_json(src / "tokenizer.json").get("model")
+        vocab_map = model_part.get("vocab") if isinstance(model_part, Mapping) else None
+    if not isinstance(vocab_map, Mapping):
+        raise InterleafError(f"{src}: neither config.json's vocabulary_map nor tokenizer.json's model.vocab "
+                             "is a token table")
     vocab = vocab_from_hf(vocab_map, args.vocab_size, grid)
 
-    save_model_dir(dst, model, vocab, text, vqgan)
-    _copy(src / "tokenizer.json", dst / "tokenizer" / "tokenizer.json")  # the exact bytes
-    for f in sorted(src.glob("*.json")):
-        if f.name not in ("tokenizer.json",) and not f.name.endswith(".index.json"):
-            _copy(f, dst / HF_DIR / f.name)
+    with atomic_dir(dst, "destination") as tmp:
+        save_model_dir(tmp, model, vocab, text, vqgan)
+        _copy(src / "tokenizer.json", tmp / "tokenizer" / "tokenizer.json")  # the exact bytes
+        for f in sorted(src.glob("*.json")):
+            if f.name not in ("tokenizer.json",) and not f.name.endswith(".index.json"):
+                _copy(f, tmp / HF_DIR / f.name)
     return dst
+
+
+def _check_destination(dst: Path) -> None:
+    """A conversion writes a new folder (or fills an empty one): never mixed with other files."""
+    check_writable(dst, "destination")
+    check_replaceable(dst, "destination")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise InterleafError(f"destination {dst} is not empty: choose an empty or new folder")
 
 
 def _grid_from_vq_config(vq: Mapping) -> tuple[int, int]:
@@ -357,17 +380,18 @@ def _copy(a: Path, b: Path) -> None:
 
 def to_hf(src: str | Path, dst: str | Path) -> Path:
     """Write an interleaf model directory as an HF Chameleon directory; returns dst."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from interleaf.pipeline import ARGS_FILE, MODEL_FILE, TOKENIZER_DIR, VQGAN_DIR, read_model_args
+    from interleaf.pipeline import ARGS_FILE, MODEL_FILE, TOKENIZER_DIR, VQGAN_DIR, read_model_args, read_weights
     from interleaf.tokenizer.text import TextTokenizer
     from interleaf.tokenizer.vqgan import VQModel, vq_config_to_hf
 
     src, dst = Path(src), Path(dst)
     if not (src / ARGS_FILE).is_file():
         raise InterleafError(f"{src} is not an interleaf model directory (no {ARGS_FILE})")
+    _check_destination(dst)
     args = read_model_args(src)
-    state = load_file(str(src / MODEL_FILE))
+    state = read_weights(src / MODEL_FILE)
     from interleaf.pipeline import check_state_dict
 
     check_state_dict(state, args, str(src / MODEL_FILE))
@@ -376,24 +400,23 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
     vq_state, vq_cfg = {}, None
     if (src / VQGAN_DIR).is_dir():
         vq_cfg = vq_config_to_hf(VQModel.load(src / VQGAN_DIR).config)
-        vq_state = load_file(str(src / VQGAN_DIR / "vqgan.safetensors"))  # raw: keeps the stored dtype
+        vq_state = read_weights(src / VQGAN_DIR / "vqgan.safetensors")  # raw: keeps the stored dtype
     base = _read_json(src / HF_DIR / "config.json") if (src / HF_DIR / "config.json").is_file() else None
     dtype = state["tok_embeddings.weight"].dtype
     cfg = hf_config_from_args(args, vocab, vocabulary_map_of(vocab, text), vq_cfg, base, dtype)
     hf = state_dict_to_hf(state, args)
     hf.update({VQ_PREFIX + k: v for k, v in vq_state.items() if k.startswith(VQ_KEEP)})
 
-    dst.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp), metadata={"format": "pt"})
-    write_json(dst / "config.json", cfg)
-    tok = src / TOKENIZER_DIR / "tokenizer.json"
-    if tok.is_file():
-        _copy(tok, dst / "tokenizer.json")
-    else:
-        text.save(dst)
-    if (src / HF_DIR).is_dir():
-        for f in sorted((src / HF_DIR).glob("*.json")):
-            if f.name != "config.json":
-                _copy(f, dst / f.name)
+    with atomic_dir(dst, "destination") as tmp:
+        save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", cfg)
+        tok = src / TOKENIZER_DIR / "tokenizer.json"
+        if tok.is_file():
+            _copy(tok, tmp / "tokenizer.json")
+        else:
+            text.save(tmp)
+        if (src / HF_DIR).is_dir():
+            for f in sorted((src / HF_DIR).glob("*.json")):
+                if f.name != "config.json":
+                    _copy(f, tmp / f.name)
     return dst

@@ -112,9 +112,14 @@ def to_html(blocks: list[tuple[str, object]]) -> str:
 
 
 def write_documents(out_dir: str | Path, documents: Sequence[Document]) -> Rendered:
-    """Write the PNGs, then `document.md` and `document.html`, into `out_dir`; return the paths."""
+    """Write the PNGs, then `document.md` and `document.html`, into `out_dir`; return the paths.
+
+    When `out_dir` holds earlier documents (a document.md), their PNGs that are not written
+    again (prompt-*.png, image-*-*.png) are removed, so the folder holds one set of documents.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = (out_dir / MARKDOWN_FILE).is_file()
     images: list[Path] = []
     blocks = _blocks(documents, out_dir, images)
     md_path, html_path = out_dir / MARKDOWN_FILE, out_dir / HTML_FILE
@@ -122,4 +127,7 @@ def write_documents(out_dir: str | Path, documents: Sequence[Document]) -> Rende
         f.write(to_markdown(blocks))
     with atomic_write(html_path, encoding="utf-8") as f:
         f.write(to_html(blocks))
+    for old in [*out_dir.glob("prompt-*.png"), *out_dir.glob("image-*-*.png")] if earlier else []:
+        if old not in images and old.is_file():
+            old.unlink()
     return Rendered(md_path, html_path, images)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from interleaf.errors import InterleafError
-from interleaf.utils import atomic_write, get_logger, write_json
+from interleaf.utils import atomic_write, get_logger, read_text, write_json
 
 log = get_logger(__name__)
 
@@ -191,9 +191,12 @@ def clean_partial(run_dir: Path) -> int:
 
 def read_trainer_state(ckpt: Path) -> dict:
     try:
-        return json.loads((ckpt / "trainer.json").read_text())
+        state = json.loads(read_text(ckpt / "trainer.json"))
     except (OSError, json.JSONDecodeError) as e:
         raise InterleafError(f"checkpoint {ckpt} is unreadable: {e}") from None
+    if not isinstance(state, dict):
+        raise InterleafError(f"checkpoint {ckpt}: trainer.json does not hold a JSON object")
+    return state
 
 
 # ---- loading -------------------------------------------------------------------------------

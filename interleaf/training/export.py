@@ -10,13 +10,11 @@ folder, as sampling.yaml. The output folder is assembled under a temporary name 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 from interleaf.errors import InterleafError
-from interleaf.utils import get_logger, write_json
+from interleaf.utils import atomic_dir, check_replaceable, check_writable, get_logger, write_json
 
 log = get_logger(__name__)
 
@@ -50,8 +48,12 @@ def consolidated_state(ckpt: Path) -> dict:
 
     from interleaf.training.checkpoint import DS_TAG
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # missing, truncated or foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InterleafError(f"checkpoint {ckpt}: cannot read its engine state ({first})") from None
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
@@ -91,10 +93,19 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     from interleaf.tokenizer.vocab import Vocabulary
     from interleaf.tokenizer.vqgan import VQModel
 
+    from interleaf.training.checkpoint import read_trainer_state
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpt = checkpoint_for(run_dir, step)
+    check_writable(out_dir, "output folder")
+    check_replaceable(out_dir, "output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "training.json").is_file():
         raise InterleafError(f"{out_dir} exists and is not an earlier export: choose an empty or new folder")
+    trainer = read_trainer_state(ckpt)
+    if not all(isinstance(trainer.get(k), int) for k in ("step", "tokens")):
+        raise InterleafError(f"checkpoint {ckpt}: trainer.json lacks its step and token counts")
+    if not (ckpt / "config.yaml").is_file():
+        raise InterleafError(f"checkpoint {ckpt} has no config.yaml: it is incomplete")
     earlier = read_sampling_defaults(out_dir) if out_dir.is_dir() else {}
     try:
         sampling = from_dict(SamplingDefaults, with_sampling_defaults(earlier, sampling or {})).options()
@@ -113,16 +124,11 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     vq_dir = tok_dir / "vqgan" if (tok_dir / "vqgan").is_dir() else run_dir / "vqgan"
     vqgan = VQModel.load(vq_dir) if vq_dir.is_dir() else None
     model = build_model(args, consolidated_state(ckpt))
-    tmp = out_dir.parent / f".tmp-{out_dir.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_dir(tmp, model, vocab, text, vqgan)
-    shutil.copyfile(ckpt / "config.yaml", tmp / "train.yaml")
-    trainer = json.loads((ckpt / "trainer.json").read_text())
-    write_json(tmp / "training.json", {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name,
-                                       "step": trainer["step"], "tokens": trainer["tokens"]})
-    if sampling:
-        write_sampling_defaults(tmp, **sampling)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir, "output folder") as tmp:
+        save_model_dir(tmp, model, vocab, text, vqgan)
+        shutil.copyfile(ckpt / "config.yaml", tmp / "train.yaml")
+        write_json(tmp / "training.json", {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name,
+                                           "step": trainer["step"], "tokens": trainer["tokens"]})
+        if sampling:
+            write_sampling_defaults(tmp, **sampling)
     return out_dir
