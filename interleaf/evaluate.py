@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from interleaf.errors import InterleafError
-from interleaf.utils import write_json
+from interleaf.utils import check_writable, write_json
 
 HELDOUT_WORLD_SEED = 1_000_003  # no training config uses this world seed
 
@@ -57,8 +57,11 @@ class EvalConfig:
             raise InterleafError("eval sizes must be >= 0")
         if self.batch_size < 1:
             raise InterleafError("eval batch_size must be >= 1")
-        if any(s < 0 for s in self.cfg_scales):
-            raise InterleafError("cfg scales must be >= 0")
+        from interleaf.sampling.generate import Request
+
+        for s in self.cfg_scales:  # the sampler's own checks, before any work
+            Request("", mode="image", cfg_scale=s, image_temperature=self.image_temperature, image_top_k=self.image_top_k,
+                    image_top_p=self.image_top_p, seed=self.seed).validate()
 
 
 def _world(pipe, cfg: EvalConfig):
@@ -275,6 +278,9 @@ def run_eval(model_dir: str | Path, cfg: EvalConfig, out: str | Path | None = No
     """Load a model directory, evaluate it, write the JSON report (if `out`) and return it."""
     import interleaf
 
+    cfg.validate()
+    if out is not None:
+        check_writable(out, "report", folder=False)
     torch.manual_seed(cfg.seed)
     pipe = interleaf.load(model_dir)
     report = evaluate(pipe, cfg, progress)

@@ -61,7 +61,20 @@ def test_eval_command_writes_report(demo_run, tmp_path, capsys):
     assert "text->image" in capsys.readouterr().out
 
 
-def test_eval_bad_model_dir_is_one_line_error(tmp_path, capsys):
-    assert main(["eval", str(tmp_path / "missing")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "error" in err[0]
+def test_eval_bad_input_is_one_line_error_before_any_work(demo_run, tmp_path, capsys, monkeypatch):
+    import interleaf
+
+    model = demo_run / "export" / "model"
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(interleaf, "load", lambda *a, **k: pytest.fail("loaded the model before checking the input"))
+    def refused(argv, message):
+        assert main(["eval", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+    refused([str(model), "cfg_scales=[inf]"], "cfg scale must be a finite number")
+    refused([str(model), "image_temperature=1e39"], "image temperature must be in")
+    refused([str(model), "--out", str(tmp_path)], "is a folder, not a file")
+    refused([str(model), "--out", str(tmp_path / "afile" / "r.json")], "is a file, not a folder")
+    monkeypatch.undo()
+    refused([str(tmp_path / "missing")], "model directory not found")

@@ -260,6 +260,16 @@ def test_cli_generate_caption_draw(model_dir, tmp_path, picture, capsys):
     (["draw", "{model}", "{no_room}"], "an image needs"),
     (["generate", "{model}", "--prompt", "x", "--num", "0"], "num"),
     (["generate", "{model}", "--prompt", "x <image> <image>", "--image", "{image}"], "2 <image> markers but 1 images"),
+    (["draw", "{model}", "  "], "the prompt is empty"),
+    (["generate", "{model}", "--prompt", "x", "--temperature", "inf"], "temperature must be a finite number"),
+    (["generate", "{model}", "--prompt", "x", "--temperature", "1e39"], "temperature must be in"),
+    (["generate", "{model}", "--prompt", "x", "--repetition-penalty", "1e-300"], "repetition penalty must be in"),
+    (["draw", "{model}", "a red circle", "--cfg", "1e39"], "cfg scale must be at most"),
+    (["draw", "{model}", "a red circle", "--image-temperature", "nan"], "image temperature must be a finite"),
+    (["generate", "{model}", "--prompt", "x", "--seed", str(10**23)], "seed must be in"),
+    (["generate", "{model}", "--prompt", "x", "--out", "/proc/interleaf-out"], "cannot write in /proc"),
+    (["generate", "{model}", "--prompt", "x", "--out", "{image}/sub"], "is a file, not a folder"),
+    (["generate", "{model}", "--prompt", "x", "--dtype", "int8"], "unknown dtype"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(model_dir, pipe, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -269,11 +279,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(model_dir, pipe, tmp_path, capsys,
     paths = dict(missing=tmp_path / "nope", empty=tmp_path / "empty", model=model_dir, bad_image=tmp_path / "bad.png",
                  image=picture_path,
                  too_long=prompt_of_length(pipe, MAX_LEN), no_room=prompt_of_length(pipe, MAX_LEN - 10))
-    argv = [a.format(**paths) for a in argv] + ["--out", tmp_path / "out"]
+    argv = [a.format(**paths) for a in argv]
+    argv += [] if "--out" in argv else ["--out", tmp_path / "out"]
     code, stdout, err = run_cli(capsys, *argv)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
+    assert stdout == "" and not (tmp_path / "out").exists()  # refused before generating anything
 
 
 def test_incompatible_model_directory(model_dir, tmp_path, capsys):
@@ -408,3 +419,22 @@ def test_given_options_win_and_a_given_cfg_also_guides_toward_images():
     # as without a file, --cfg alone sets both scales: the file's image scale does not linger
     assert with_sampling_defaults(model, {"cfg_scale": 5.0}) == {"cfg_scale": 5.0, "image_temperature": 0.3}
     assert with_sampling_defaults(model, {"cfg_scale": 5.0, "image_cfg_scale": 2.0})["image_cfg_scale"] == 2.0
+
+
+def test_model_option_tables_agree():
+    # the CLI's flags, the model directory's sampling.yaml fields and the sampler's own defaults
+    import dataclasses
+    import inspect
+
+    from interleaf.commands.sampling import MODEL_OPTIONS
+    from interleaf.pipeline import SamplingDefaults
+
+    fields = {f.name: f.type for f in dataclasses.fields(SamplingDefaults)}
+    assert {field for field, *_ in MODEL_OPTIONS.values()} == set(fields)
+    stream = inspect.signature(G.stream).parameters
+    for flag, (field, kind, _, default) in MODEL_OPTIONS.items():
+        assert str(fields[field]) == f"{kind.__name__} | None", flag
+        if field == "image_cfg_scale":  # None in the sampler: the --cfg value
+            assert default == "--cfg" and stream[field].default is None
+        else:
+            assert stream[field].default == default, flag

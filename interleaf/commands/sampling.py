@@ -56,7 +56,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = No
     """The options shared by generate, caption and draw (`temperature`: this command's own default)."""
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="generated tokens at most (default: 256 text tokens, plus room for the images)")
+                   help="generated tokens at most (default: one image in image mode, else 256 text tokens plus room for the images)")
     _add_model_options(g, {"temperature": temperature},
                        lambda sampler: f"(default: the model's sampling.yaml, else {sampler})")
     g.add_argument("--seed", type=int, default=0, help="random seed; sample i uses seed + i (default 0)")
@@ -121,7 +121,7 @@ def requests_from_args(args: argparse.Namespace, prompt: list):
     from interleaf.pipeline import read_sampling_defaults, with_sampling_defaults
     from interleaf.sampling.generate import build_requests
 
-    if not prompt:
+    if not any(isinstance(item, Path) or item.strip() for item in prompt):
         raise InterleafError("the prompt is empty: give --prompt TEXT and/or --image PATH")
     given = given_model_options(args)
     model = read_sampling_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}
@@ -138,14 +138,15 @@ def check_inputs(args: argparse.Namespace, prompt: list) -> None:
     """Fail fast, before loading the model, on unreadable images and unusable paths."""
     from interleaf.errors import InterleafError
     from interleaf.tokenizer.image import open_image
+    from interleaf.utils import check_writable
 
     if not Path(args.model_dir).is_dir():
         raise InterleafError(f"model directory not found: {args.model_dir}")
     for item in prompt:
         if isinstance(item, Path):
             open_image(item).close()
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise InterleafError(f"--out {args.out} exists and is not a directory")
+    if args.out is not None:
+        check_writable(args.out, "--out")
 
 
 def device_args(args: argparse.Namespace) -> dict:
@@ -162,10 +163,9 @@ def device_args(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InterleafError("--device cuda: no CUDA device is available")
     if args.dtype is not None:
-        dtype = getattr(torch, args.dtype, None)
-        if args.dtype not in ("float32", "bfloat16", "float16") or dtype is None:
-            raise InterleafError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
-        out["dtype"] = dtype
+        from interleaf.pipeline import parse_dtype
+
+        out["dtype"] = parse_dtype(args.dtype)  # the names `convert --dtype` takes
     return out
 
 

@@ -15,6 +15,7 @@ temperature / top-k / top-p) and one per-row seeded draw.
 from __future__ import annotations
 
 import codecs
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +34,10 @@ from interleaf.tokenizer.vocab import ImageCodes
 PromptItem = Union[str, Path, Image.Image, ImageCodes]
 Prompt = Union[str, Sequence[PromptItem]]
 DEFAULT_TEXT_TOKENS = 256
+# Beyond these the float32 logit arithmetic overflows or divides by zero (inf temperature, a
+# 1e-300 penalty); no useful setting comes near them.
+SCALE_RANGE = (1e-4, 1e4)  # temperatures other than 0 (greedy), repetition penalty
+MAX_CFG = 1e3
 
 
 @dataclass
@@ -59,6 +64,13 @@ class Request:
         """Raise InterleafError on impossible options."""
         if self.mode not in MODES:
             raise InterleafError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        lo, hi = SCALE_RANGE
+        scales = {"temperature": self.temperature, "image temperature": self.image_temperature,
+                  "repetition penalty": self.repetition_penalty}
+        guidance = {"cfg scale": self.cfg_scale, "image cfg scale": self.image_cfg_scale}
+        for name, value in {**scales, **guidance, "top-p": self.top_p, "image top-p": self.image_top_p}.items():
+            if value is not None and not math.isfinite(value):
+                raise InterleafError(f"{name} must be a finite number, got {value}")
         checks = [
             (self.max_new_tokens is None or self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}"),
@@ -72,7 +84,13 @@ class Request:
             (self.image_cfg_scale is None or self.image_cfg_scale >= 0,
              f"image cfg scale must be >= 0, got {self.image_cfg_scale}"),
             (self.preview_every >= 0, f"preview_every must be >= 0, got {self.preview_every}"),
+            (0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
         ]
+        for name, v in scales.items():
+            greedy = " (or 0: greedy)" if "temperature" in name else ""
+            checks.append((v <= 0 or lo <= v <= hi, f"{name} must be in [{lo:g}, {hi:g}]{greedy}, got {v:g}"))
+        for name, v in guidance.items():
+            checks.append((v is None or v <= MAX_CFG, f"{name} must be at most {MAX_CFG:g}, got {v}"))
         for ok, message in checks:
             if not ok:
                 raise InterleafError(message)
