@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
 import yaml
 
 from interleaf.errors import ConfigError
-from interleaf.utils import atomic_write
+from interleaf.utils import atomic_write, read_text
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

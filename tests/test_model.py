@@ -524,3 +524,11 @@ def test_info_command(tmp_path, text_tokenizer, capsys):
     assert "layers 2, dim 4096" in capsys.readouterr().out
     assert cli.main(["info", str(tmp_path / "nothing")]) == 2
     assert "not a model config file" in capsys.readouterr().err
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe")
+    for argv, message in [(["info", str(tmp_path / "empty.yaml")], "is empty"),
+                          (["info", str(tmp_path / "binary.yaml")], "not a UTF-8 text file"),
+                          (["info", "debug", "--seq-len", "0"], "--seq-len must be >= 1")]:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -58,8 +58,11 @@ def to_hf_command(args: argparse.Namespace) -> int:
 
 
 def info_command(args: argparse.Namespace) -> int:
+    from interleaf.errors import InterleafError
     from interleaf.model.args import load_model_args, model_summary
 
+    if args.seq_len is not None and args.seq_len < 1:
+        raise InterleafError(f"--seq-len must be >= 1, got {args.seq_len}")
     margs = load_model_args(args.target, args.overrides)
     print(model_summary(margs, args.seq_len))
     directory = Path(args.target)
@@ -82,6 +85,10 @@ def directory_summary(directory: Path) -> str:
         from interleaf.config import read_yaml
 
         c = read_yaml(vq)  # facts only: VQModel.load validates the file when it is used
+        if not isinstance(c.get("resolution"), int) or not isinstance(c.get("n_embed"), int):
+            from interleaf.errors import InterleafError
+
+            raise InterleafError(f"{vq} lacks the VQ-GAN's resolution or n_embed: it is not a VQ-GAN config")
         side = c.get("resolution", 0) // 2 ** (len(c.get("ch_mult", [1])) - 1)
         lines.append(f"vqgan: {c.get('resolution')}px -> {side}x{side} codes of {c.get('n_embed')}, "
                      f"decoder {'yes' if c.get('has_decoder', True) else 'no (encoder only)'}")

@@ -119,6 +119,8 @@ def load_model_args(path_or_name: str | Path, overrides=()) -> ModelArgs:
     if p.is_dir():
         p = p / "model.yaml"
     if p.suffix in (".yaml", ".yml") or p.exists():
+        if p.is_file() and not p.read_bytes().strip():
+            raise ConfigError(f"model config {p} is empty")
         return load_config(ModelArgs, p, overrides)
     if str(path_or_name) in MODEL_SIZES:
         extra = parse_overrides(overrides)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from interleaf.errors import InterleafError
-from interleaf.utils import write_json
+from interleaf.utils import read_text, write_json
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>")
 N_SPECIAL_SLOTS = 16  # the five above + reserved slots "<reserved_0>" ... for future use
@@ -311,7 +311,7 @@ class Vocabulary:
         if not path.is_file():
             raise InterleafError(f"vocabulary file not found: {path}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise InterleafError(f"vocabulary file {path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
