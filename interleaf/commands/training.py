@@ -30,10 +30,12 @@ def register(subparsers) -> None:
         "export",
         help="turn a training run's checkpoint into a model directory (safetensors) for interleaf.load",
         description="Consolidate the latest (or --step) checkpoint of RUN_DIR - any ZeRO stage - into "
-                    "OUT_DIR: model.safetensors, model.yaml, vocab.json, tokenizer/, vqgan/.",
+                    "OUT_DIR: model.safetensors, model.yaml, vocab.json, tokenizer/, vqgan/, the run's "
+                    "train.yaml, training.json (step, tokens) and, when set, sampling.yaml. OUT_DIR is new, "
+                    "empty or an earlier export (replaced as a whole once the new one is complete).",
     )
-    p.add_argument("run_dir")
-    p.add_argument("out_dir")
+    p.add_argument("run_dir", help="a training run folder (its checkpoints/)")
+    p.add_argument("out_dir", help="the model directory to write")
     p.add_argument("--step", type=int, default=None, help="export this step's checkpoint (default: latest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, if the run has none")
     add_model_default_args(p)
