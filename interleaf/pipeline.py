@@ -29,6 +29,19 @@ VQGAN_DIR = "vqgan"
 SAMPLING_FILE = "sampling.yaml"
 
 
+def check_device(name: str, what: str = "device") -> torch.device:
+    """A device name -> torch.device; one that does not parse or is not available is an InterleafError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InterleafError(f"{what} {name!r} is not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InterleafError(f"{what} {name}: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InterleafError(f"{what} {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def parse_dtype(dtype) -> torch.dtype | None:
     """None, a torch.dtype or a name ("bfloat16", "bf16", "float32", ...) -> torch.dtype or None."""
     if dtype is None or isinstance(dtype, torch.dtype):

@@ -160,3 +160,91 @@ def test_tokenize_matches_the_multimodal_tokenizer(tmp_path, capsys):
         assert p.read_bytes() == (tmp_path / "tok2" / p.name).read_bytes()
     assert main(["tokenize", str(tmp_path / "nothing*.tar"), "-o", str(tmp_path / "x"), "--tokenizer", str(tok_dir)]) == 2
     assert "no shards match" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, argv, message, code=2):
+    assert main(list(map(str, argv))) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and message in err[-1] and "Traceback" not in "".join(err), err
+
+
+def test_shards_output_is_all_or_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    lines = [json.dumps({"key": k, "segments": [f"text {k}"]}) for k in ("a", "b", "a")]
+    (tmp_path / "dup.jsonl").write_text("\n".join(lines))
+    _one_line_error(capsys, ["shards", "jsonl", tmp_path / "dup.jsonl", "-o", out, "--max-count", "1"],
+                    "duplicate document key 'a'")
+    assert not out.exists()
+    (tmp_path / "three.jsonl").write_text("\n".join(lines[:2] + [json.dumps(["c"])]))
+    assert main(["shards", "jsonl", str(tmp_path / "three.jsonl"), "-o", str(out), "--max-count", "1"]) == 0
+    assert len(list(out.glob("*.tar"))) == 3
+    # again into the same folder with fewer documents: the folder holds the new shards only
+    (tmp_path / "one.jsonl").write_text(lines[0])
+    assert main(["shards", "jsonl", str(tmp_path / "one.jsonl"), "-o", str(out), "--max-count", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar"]
+    assert [k for k, _ in iter_documents(out)] == ["a"]
+    # an interrupt half-way leaves the earlier shards as they were, and no temp folder
+    import interleaf.training.shards as S
+
+    real, calls = S.document_members, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "document_members", interrupted)
+    assert main(["shards", "jsonl", str(tmp_path / "three.jsonl"), "-o", str(out), "--max-count", "1"]) == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    # a folder holding other files is not taken over
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    _one_line_error(capsys, ["shards", "jsonl", tmp_path / "one.jsonl", "-o", tmp_path / "mine"], "holds other files")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_shards_bad_inputs_are_one_line(tmp_path, capsys):
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    image(1).save(pairs / "x.png")
+    (pairs / "x.txt").write_bytes(b"\xffcaption")
+    _one_line_error(capsys, ["shards", "folder", pairs, "-o", tmp_path / "o"], "not UTF-8 text")
+    (pairs / "x.txt").write_text("a caption")
+    (pairs / "y.png").write_text("not an image")
+    (pairs / "y.txt").write_text("another")
+    _one_line_error(capsys, ["shards", "folder", pairs, "-o", tmp_path / "o"], "y.png: not a readable image")
+    (tmp_path / "bin.jsonl").write_bytes(b'["ok"]\n\xff\n')
+    _one_line_error(capsys, ["shards", "jsonl", tmp_path / "bin.jsonl", "-o", tmp_path / "o"], "not UTF-8 text")
+    for size in ("nan", "inf", "-1"):
+        _one_line_error(capsys, ["shards", "shapes", "--count", "2", "--max-size", size, "-o", tmp_path / "o"],
+                        "cannot read size")
+    _one_line_error(capsys, ["shards", "shapes", "--count", "2", "--resolution", "100000", "-o", tmp_path / "o"],
+                    "24 to 4096 pixels")
+    (tmp_path / "afile").write_text("")
+    _one_line_error(capsys, ["shards", "shapes", "--count", "2", "-o", tmp_path / "afile"], "exists and is not a folder")
+    _one_line_error(capsys, ["shards", "shapes", "--count", "2", "-o", "/proc/interleaf-shards"], "cannot write in /proc")
+    assert not (tmp_path / "o").exists()
+    # text files of the same name in different folders are different documents
+    for sub in ("b1", "b2"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "ch1.txt").write_text(f"the first chapter of {sub}")
+    assert main(["shards", "text", str(tmp_path / "b1" / "ch1.txt"), str(tmp_path / "b2" / "ch1.txt"),
+                 "-o", str(tmp_path / "books")]) == 0
+    assert sorted(k for k, _ in iter_documents(tmp_path / "books")) == ["b1_ch1_txt", "b2_ch1_txt"]
+
+
+def test_tokenize_refuses_bad_destinations_and_empty_results(tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    make_tokenizer_dir(tok_dir)
+    assert main(["shards", "shapes", "--count", "3", "--resolution", "32", "-o", str(tmp_path / "docs")]) == 0
+    capsys.readouterr()
+    base = ["tokenize", tmp_path / "docs", "--tokenizer", tok_dir, "--quiet"]
+    _one_line_error(capsys, [*base, "-o", tmp_path / "docs"], "holds the input")
+    _one_line_error(capsys, [*base, "-o", tmp_path / "t", "--device", "bogus"], "is not a device")
+    (tmp_path / "a.txt").write_text("not a shard")
+    _one_line_error(capsys, ["tokenize", tmp_path / "a.txt", "--tokenizer", tok_dir, "-o", tmp_path / "t", "--quiet"],
+                    "no document could be tokenized (1 bad shards)")
+    assert not (tmp_path / "t").exists() and len(list((tmp_path / "docs").glob("*.tar"))) == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 from interleaf.errors import InterleafError
 
@@ -18,7 +20,7 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         raise InterleafError(f"cannot read size {text!r} (e.g. 256MB, 1G, 4096)") from None
-    if unit not in _UNITS or value <= 0:
+    if unit not in _UNITS or not math.isfinite(value) or value <= 0:
         raise InterleafError(f"cannot read size {text!r} (e.g. 256MB, 1G, 4096)")
     return int(value * _UNITS[unit])
 
@@ -80,30 +82,58 @@ def _documents(args):
         docs = [d for path in args.inputs for d in sh.jsonl_documents(path)]
     else:
         docs = sh.text_documents(args.inputs, per_line=args.per_line)
+    sh.check_unique_keys(docs)
     return docs, len(docs)
+
+
+def check_shards_output(out: str, inputs=()) -> None:
+    """An output folder for shards: new, empty or an earlier one (its index.json), which is replaced
+    as a whole once the new shards are complete; never a folder the inputs are read from."""
+    from interleaf.training.shards import INDEX_FILE
+    from interleaf.utils import check_replaceable, check_writable
+
+    folder = check_replaceable(check_writable(out, "output folder"), "output folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / INDEX_FILE).is_file():
+        raise InterleafError(f"output folder {out} holds other files (no {INDEX_FILE}): choose an empty or new folder")
+    for p in inputs:
+        if folder == Path(p).resolve() or folder in Path(p).resolve().parents:
+            raise InterleafError(f"output folder {out} holds the input {p}: write somewhere else")
 
 
 def shards_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from interleaf.training.shards import write_documents
+    from interleaf.utils import atomic_dir
 
     max_size = parse_size(args.max_size)
     if args.max_count <= 0:
         raise InterleafError("--max-count must be positive")
+    check_shards_output(args.out, args.inputs)
     docs, total = _documents(args)  # every input is checked here, before a shard is written
-    with tqdm(total=total, unit="doc", desc="shards", dynamic_ncols=True) as bar:
-        paths = write_documents(docs, args.out, prefix=args.prefix, max_size=max_size, max_count=args.max_count,
+    with tqdm(total=total, unit="doc", desc="shards", dynamic_ncols=True) as bar, \
+            atomic_dir(args.out, "output folder") as tmp:
+        paths = write_documents(docs, tmp, prefix=args.prefix, max_size=max_size, max_count=args.max_count,
                                 meta={"source": args.source}, progress=bar.update)
     print(f"wrote {total} documents into {len(paths)} shard(s) in {args.out}")
     return 0
 
 
 def tokenize_command(args: argparse.Namespace) -> int:
+    from interleaf.pipeline import check_device
+    from interleaf.training.shards import expand_paths, is_url
     from interleaf.training.tokenize import tokenize_shards
+    from interleaf.utils import atomic_dir
 
-    s = tokenize_shards(args.inputs, args.out, args.tokenizer, workers=args.workers, device=args.device,
-                        max_size=parse_size(args.max_size), max_count=args.max_count, progress=not args.quiet)
+    max_size = parse_size(args.max_size)
+    check_device(args.device, "--device")
+    check_shards_output(args.out, [p for p in expand_paths(args.inputs) if not is_url(p)])
+    with atomic_dir(args.out, "output folder") as tmp:
+        s = tokenize_shards(args.inputs, tmp, args.tokenizer, workers=args.workers, device=args.device,
+                            max_size=max_size, max_count=args.max_count, progress=not args.quiet)
+        if not s["documents"]:
+            bad = ", ".join(f"{v} {k.replace('bad_', 'bad ')}" for k, v in s["skipped"].items() if v)
+            raise InterleafError(f"no document could be tokenized{f' ({bad})' if bad else ''}: nothing written")
     skipped = ", ".join(f"{v} {k.replace('bad_', 'bad ')}" for k, v in s["skipped"].items() if v) or "nothing"
     print(f"tokenized {s['documents']} documents, {s['tokens']:,} tokens ({s['image_tokens']:,} image) "
           f"in {s['seconds']}s into {args.out}; skipped {skipped}")

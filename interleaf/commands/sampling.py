@@ -153,15 +153,10 @@ def device_args(args: argparse.Namespace) -> dict:
     """--device / --dtype as keyword arguments of `interleaf.load` (unset ones left out)."""
     import torch
 
-    from interleaf.errors import InterleafError
+    from interleaf.pipeline import check_device
 
     out = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
-    try:
-        device = torch.device(out["device"])
-    except RuntimeError:
-        raise InterleafError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1 ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InterleafError("--device cuda: no CUDA device is available")
+    check_device(out["device"], "--device")
     if args.dtype is not None:
         from interleaf.pipeline import parse_dtype
 

@@ -158,8 +158,8 @@ class ShapesWorld:
     """Deterministic, unlimited scenes, captions, interleaved and text-only documents."""
 
     def __init__(self, resolution: int = 64, max_shapes: int = 3, seed: int = 0, max_images: int = 4):
-        if resolution < 24:
-            raise InterleafError(f"shapes world resolution must be >= 24 pixels, got {resolution}")
+        if not 24 <= resolution <= 4096:
+            raise InterleafError(f"shapes world resolution must be 24 to 4096 pixels, got {resolution}")
         if not 1 <= max_shapes <= GRID * GRID:
             raise InterleafError(f"max_shapes must be in 1..{GRID * GRID}, got {max_shapes}")
         if max_images < 1:

@@ -29,6 +29,7 @@ a sample that cannot be decoded is skipped the same way.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -307,7 +308,13 @@ def image_bytes(image, ext: str = "png") -> tuple[bytes, str]:
         suffix = p.suffix.lower()
         if suffix not in IMAGE_EXTS:
             raise InterleafError(f"{p}: not an image file (extension {suffix or 'missing'})")
-        return p.read_bytes(), suffix[1:]
+        data = p.read_bytes()
+        try:  # the header and structure, without decoding every pixel: tokenize decodes it once
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+        except Exception as e:
+            raise InterleafError(f"{p}: not a readable image ({e or type(e).__name__})") from None
+        return data, suffix[1:]
     if isinstance(image, (bytes, bytearray)):
         return bytes(image), ext
     raise InterleafError(f"cannot store an image of type {type(image).__name__}")
@@ -401,6 +408,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard being written (its temp file); finished shards stay."""
         if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()  # else its stream's finaliser writes to the closed file
             self._file.close()
             self._tmp.unlink(missing_ok=True)
             self._writer = None
@@ -438,7 +447,14 @@ def folder_pairs(folder: str | Path) -> list[tuple[str, list, None]]:
     if missing:
         raise InterleafError(f"{len(missing)} image(s) in {folder} have no caption file, e.g. {missing[0]} "
                              f"(expected {Path(missing[0]).stem}.txt)")
-    return [(p.stem, [p.with_suffix(".txt").read_text(encoding="utf-8").strip(), p], None) for p in images]
+    return [(p.stem, [_caption(p.with_suffix(".txt")), p], None) for p in images]
+
+
+def _caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise InterleafError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def jsonl_documents(path: str | Path) -> list[tuple[str, list, Any]]:
@@ -451,21 +467,24 @@ def jsonl_documents(path: str | Path) -> list[tuple[str, list, Any]]:
     if not path.is_file():
         raise InterleafError(f"JSONL file not found: {path}")
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InterleafError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            key, meta = f"{path.stem}-{lineno:08d}", None
-            if isinstance(obj, dict):
-                if "segments" not in obj:
-                    raise InterleafError(f"{where}: a document object needs a 'segments' list")
-                key, meta, obj = str(obj.get("key", key)), obj.get("meta"), obj["segments"]
-            docs.append((key, _jsonl_segments(obj, path.parent, where), meta))
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise InterleafError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InterleafError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        key, meta = f"{path.stem}-{lineno:08d}", None
+        if isinstance(obj, dict):
+            if "segments" not in obj:
+                raise InterleafError(f"{where}: a document object needs a 'segments' list")
+            key, meta, obj = str(obj.get("key", key)), obj.get("meta"), obj["segments"]
+        docs.append((key, _jsonl_segments(obj, path.parent, where), meta))
     if not docs:
         raise InterleafError(f"{path} holds no documents")
     return docs
@@ -500,6 +519,7 @@ def text_documents(paths: Sequence[str | Path], per_line: bool = False) -> list[
             raise InterleafError(f"no text files match {str(p)!r}")
         files.extend(Path(m) for m in matched)
     docs = []
+    names = _text_keys(files)
     for f in files:
         if not f.is_file():
             raise InterleafError(f"text file not found: {f}")
@@ -508,12 +528,33 @@ def text_documents(paths: Sequence[str | Path], per_line: bool = False) -> list[
         except UnicodeDecodeError as e:
             raise InterleafError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if per_line:
-            docs.extend((f"{f.stem}-{i:08d}", [line], None) for i, line in enumerate(text.splitlines()) if line.strip())
+            docs.extend((f"{names[f]}-{i:08d}", [line], None) for i, line in enumerate(text.splitlines()) if line.strip())
         elif text.strip():
-            docs.append((f.stem, [text], None))
+            docs.append((names[f], [text], None))
     if not docs:
         raise InterleafError("the text files hold no text")
     return docs
+
+
+def _text_keys(files: Sequence[Path]) -> dict[Path, str]:
+    """Document keys of text files: their stems, or (when two share one, as books/*/ch1.txt do) their
+    paths below the common folder, suffix included."""
+    stems = [sanitize_key(f.stem) for f in files]
+    if len(set(stems)) == len(stems):
+        return dict(zip(files, stems))
+    absolute = [f.resolve() for f in files]
+    root = Path(os.path.commonpath([str(a.parent) for a in absolute]))
+    return {f: sanitize_key(str(a.relative_to(root))) for f, a in zip(files, absolute)}
+
+
+def check_unique_keys(docs: Sequence[tuple[str, Any, Any]]) -> None:
+    """Raise, before any shard is written, when two documents would get the same key."""
+    seen: dict[str, str] = {}
+    for key, _, _ in docs:
+        k = sanitize_key(key)
+        if k in seen:
+            raise InterleafError(f"duplicate document key {k!r} (from {seen[k]!r} and {key!r})")
+        seen[k] = key
 
 
 def shapes_documents(count: int, kind: str = "mix", resolution: int = 64, seed: int = 0,
