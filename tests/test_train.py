@@ -228,7 +228,7 @@ def test_launcher_environments(monkeypatch):
 
 
 # ---- bad input: one clear error before any work ----------------------------------------------
-def test_bad_configs_fail_before_work(setup, tmp_path, capsys):
+def test_bad_configs_fail_before_work(setup, runs, tmp_path, capsys):
     from interleaf.training.train import load_train_config, prepare
 
     root, base = setup
@@ -244,9 +244,22 @@ def test_bad_configs_fail_before_work(setup, tmp_path, capsys):
         ([f"data.sources=[{{name: a, paths: ['{tmp_path}/missing.tar']}}]"], "shard not found"),
         (["global_batch=5"], "not a multiple of micro_batch"),
         (["data.stages=[{start: 0.5, weights: {nope: 1}}]"], "unknown source 'nope'"),
+        (["optim.betas=[2, 3]"], "optim.betas must be two numbers in [0, 1)"),
+        (["optim.lr=.nan"], "optim.lr must be a finite number"),
+        (["optim.lr=.inf"], "optim.lr must be a finite number"),
+        (["threads=100000"], "more than the"),
+        ([f"deepspeed={tmp_path / 'nope.json'}"], "DeepSpeed config not found"),
     ]
     for extra, msg in cases:
         assert main(["train", CONFIG, *base, f"run_dir={tmp_path / 'r'}", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "r").exists()
+    # resuming with another model shape is refused before anything is written
+    run = tmp_path / "resume"
+    shutil.copytree(runs / "A", run)
+    config = (run / "config.yaml").read_text()
+    assert main(["train", CONFIG, *base, f"run_dir={run}", "model.dim=48", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume" in err[0] and "dim 64 -> 48" in err[0], err
+    assert (run / "config.yaml").read_text() == config

@@ -31,6 +31,7 @@ from interleaf.utils import atomic_write, get_logger
 HF_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
 MIN_VOCAB = N_SPECIAL_SLOTS + 256  # specials + the 256 byte tokens
+MAX_VOCAB = 1 << 20  # far above any real text vocabulary; more would exhaust memory in training
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 log = get_logger(__name__)
@@ -245,8 +246,9 @@ def train_bpe(
     """Train a byte-level BPE on `texts`; ids 0..15 are the special tokens, then 256 bytes, then merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < MIN_VOCAB:
-        raise InterleafError(f"BPE vocab_size must be >= {MIN_VOCAB} (16 specials + 256 bytes), got {vocab_size}")
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise InterleafError(f"BPE vocab_size must be {MIN_VOCAB} (16 specials + 256 bytes) to {MAX_VOCAB:,}, "
+                             f"got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

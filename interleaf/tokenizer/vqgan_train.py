@@ -96,8 +96,10 @@ class TrainVQConfig:
             raise ConfigError(f"data.val_images must be >= 1, got {self.data.val_images}")
         if self.data.source == "folder" and not self.data.path:
             raise ConfigError("data.source is 'folder' but data.path is not set")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if not 0 < self.optim.lr < float("inf"):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.optim.lr}")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
         if self.model.has_decoder is False:
             raise ConfigError("model.has_decoder must be true to train a VQ-GAN")
 
@@ -399,6 +401,9 @@ def train_vqgan(
     progress: bool = True,
 ) -> dict:
     """Train (or resume) a VQ-GAN run; returns the final metrics (also in run_dir/metrics.json)."""
+    from interleaf.pipeline import check_device
+
+    check_device(cfg.device, "config key 'device':")
     threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

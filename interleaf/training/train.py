@@ -27,7 +27,7 @@ from typing import Any, Literal
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.training.loader import DataConfig
-from interleaf.utils import get_logger
+from interleaf.utils import get_logger, read_text
 
 log = get_logger(__name__)
 
@@ -45,8 +45,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient-norm clipping (0 = off)
 
     def validate(self) -> None:
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+        if not 0 < self.lr < float("inf") or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.lr must be a finite number > 0 and optim.min_lr_ratio in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not 0 < self.eps < 1:
+            raise ConfigError(f"optim.eps must be in (0, 1), got {self.eps}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
 
@@ -95,6 +99,9 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "keep_last", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if self.threads > cores:
+            raise ConfigError(f"threads={self.threads} is more than the {cores} CPU cores this process may use")
         if self.global_batch % self.micro_batch:
             raise ConfigError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
 
@@ -172,6 +179,13 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
 
     grad_accum = check_world(cfg, world)
     n_streams = cfg.global_batch // cfg.micro_batch
+    if cfg.deepspeed != "auto":  # read in full once the device is known; a wrong path fails here
+        if not Path(cfg.deepspeed).is_file():
+            raise ConfigError(f"DeepSpeed config not found: {cfg.deepspeed}")
+        try:
+            json.loads(read_text(cfg.deepspeed))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"DeepSpeed config {cfg.deepspeed} is not valid JSON: {e}") from None
     if not resume and complete_checkpoints(Path(cfg.run_dir) / CKPT_DIR):
         raise InterleafError(f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, "
                              f"or choose another run_dir")
@@ -190,6 +204,8 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
         raise ConfigError("document shards are tokenized on the fly, which needs `tokenizer:`; "
                           "or run `interleaf tokenize` first")
     args = resolve_model_args(cfg, vocab)
+    if resume and ckpt is not None:
+        check_same_model(args, ckpt)
     if cfg.data.seq_len > args.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={args.max_seq_len}")
     if cfg.tensorboard:
@@ -212,6 +228,30 @@ def check_resume(cfg: TrainConfig, n_streams: int, ckpt: Path | None, state: dic
         raise InterleafError(
             f"cannot resume {ckpt} (ZeRO stage {state['zero_stage']}) with zero_stage={cfg.zero_stage}: DeepSpeed "
             f"does not move optimizer state across stages; keep the stage, or export and start a new run")
+
+
+def check_same_model(args, ckpt: Path) -> None:
+    """A resumed run must build a model with the tensors its checkpoint holds (settings that change
+    no shape, such as dropout or z_loss, may change). Names the first difference."""
+    import torch
+
+    from interleaf.config import load_config
+    from interleaf.model.args import ModelArgs
+    from interleaf.model.transformer import Transformer
+
+    if not (ckpt / "model.yaml").is_file():
+        return
+    saved = load_config(ModelArgs, ckpt / "model.yaml")
+    with torch.device("meta"):
+        old, new = Transformer(saved).state_dict(), Transformer(args).state_dict()
+    for name in sorted(set(old) | set(new), key=lambda n: (n not in old, n)):
+        a, b = old.get(name), new.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            fields = [f for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden", "qk_norm",
+                                  "tie_embeddings") if getattr(saved, f) != getattr(args, f)]
+            what = ", ".join(f"{f} {getattr(saved, f)!r} -> {getattr(args, f)!r}" for f in fields) or f"tensor {name}"
+            raise InterleafError(f"cannot resume {ckpt}: this config builds another model ({what}); "
+                                 "keep the model when resuming")
 
 
 # ---- one step's numbers -------------------------------------------------------------------
@@ -307,7 +347,10 @@ class Trainer:
         from interleaf.training import checkpoint as ck
 
         ck.load_engine_state(self.engine, ckpt, universal)
-        self.loader.load_state_dict(json.loads((ckpt / "loader.json").read_text()))
+        try:
+            self.loader.load_state_dict(json.loads((ckpt / "loader.json").read_text()))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InterleafError(f"checkpoint {ckpt}: cannot read loader.json ({e})") from None
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.skipped, self.nonfinite_in_a_row = int(state["skipped"]), int(state["nonfinite_in_a_row"])
         if universal or not ck.load_rng(ckpt, self.rank):
