@@ -47,6 +47,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from interleaf.errors import InterleafError
     from interleaf.serve.app import LOOPBACK_HOSTS, ServeLimits
 
+    if not 0 < args.max_upload_mb < 1 << 20:  # also nan and inf
+        raise InterleafError(f"--max-upload-mb must be a number of megabytes above 0, got {args.max_upload_mb}")
     limits = ServeLimits(
         max_prompt_chars=args.max_prompt_chars,
         max_uploads=args.max_uploads,
@@ -107,9 +109,10 @@ def load_pipe(model_dir: str, device: str | None, dtype: str | None):
     """The model pipeline, on the chosen device."""
     import torch
 
-    from interleaf.pipeline import load
+    from interleaf.pipeline import check_device, load
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device, "--device")
     kwargs = {"dtype": dtype} if dtype else {}
     return load(model_dir, device=device, **kwargs)
 

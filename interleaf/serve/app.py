@@ -296,6 +296,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         form = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(400, f"malformed JSON body: {e}") from None
+    except (RecursionError, ValueError) as e:  # nested too deep, or an integer of thousands of digits
+        raise RequestError(400, f"JSON body not accepted: {str(e)[:80]}") from None
     if not isinstance(form, dict):
         raise RequestError(400, "the JSON body must be an object of fields")
     if "image" in form:
