@@ -255,7 +255,14 @@ def decode_image(data: bytes, name: str):
         img.load()
         return img
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InterleafError(f"cannot read image {name}: {e}") from None
+        raise InterleafError(f"cannot read image {name}: {_image_problem(e)}") from None
+
+
+def _image_problem(e: Exception) -> str:
+    """What PIL found wrong, without the repr of the in-memory file it names."""
+    from PIL import UnidentifiedImageError
+
+    return "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
 
 
 def iter_documents(pattern_or_paths, stats: ReadStats | None = None) -> Iterator[tuple[str, list]]:
@@ -313,7 +320,7 @@ def image_bytes(image, ext: str = "png") -> tuple[bytes, str]:
             with Image.open(io.BytesIO(data)) as im:
                 im.verify()
         except Exception as e:
-            raise InterleafError(f"{p}: not a readable image ({e or type(e).__name__})") from None
+            raise InterleafError(f"{p}: not a readable image ({_image_problem(e)})") from None
         return data, suffix[1:]
     if isinstance(image, (bytes, bytearray)):
         return bytes(image), ext
