@@ -14,14 +14,22 @@ from typing import IO, Iterator
 import numpy as np
 
 
+def _read_umask() -> int:
+    """The process umask (read once, at import: setting it to read it is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _temp_beside(path: Path) -> tuple[int, str]:
     """A temp file in path's folder, with the permissions a new file there would get (mkstemp's
     are 0600, which the rename would keep)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     return fd, tmp
 
 
@@ -93,35 +101,54 @@ def check_writable(path: str | os.PathLike, what: str, folder: bool = True) -> P
 
 
 def check_replaceable(path: str | os.PathLike, what: str) -> Path:
-    """`path` as an absolute path, unless it is the current folder or holds it (replacing that
-    would pull the folder from under the shell): then an InterleafError."""
+    """The real path of an output folder to replace as a whole (a symlink's target).
+
+    Refused: the current folder or one above it (replacing it would pull it from under the shell)
+    and a mount point (it cannot be renamed).
+    """
     from interleaf.errors import InterleafError
 
-    path = Path(os.path.abspath(path))  # "." and ".." spelled out, so that the check sees them
-    here = Path.cwd()
+    path = Path(path).resolve()
+    here = Path.cwd().resolve()
     if path == here or path in here.parents:
         raise InterleafError(f"{what} {path} is the current folder or holds it: give a folder of its own")
+    if path.is_dir() and os.path.ismount(path):
+        raise InterleafError(f"{what} {path} is a mount point, which cannot be replaced: give a folder inside it")
+    check_writable(path.parent, what)  # the new folder is built beside it
     return path
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, what: str) -> Iterator[Path]:
-    """Yield a temp folder beside `path` to fill; on success it replaces `path` (an existing
-    folder there is removed), on failure it is removed. Not the current folder or one above it."""
+    """Yield a new temp folder beside `path` to fill; on success it takes the place of `path`.
+
+    An existing folder at `path` is moved aside first and removed only once the new one is in
+    place (put back if that fails). On failure the temp folder is removed and `path` is untouched.
+    """
     import shutil
 
     path = check_replaceable(path, what)
-    tmp = path.parent / f".tmp-{path.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        old = None
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}.", dir=path.parent))
+            os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old / path.name, path)
+                old.rmdir()
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

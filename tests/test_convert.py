@@ -278,14 +278,21 @@ def test_malformed_sources_and_used_destinations_fail_clearly(prenorm, tmp_path,
     (src / "config.json").write_text(json.dumps(cfg))
     assert not (tmp_path / "out").exists()
 
-    # a destination holding other files is refused (no silent mix); an empty one is filled
+    # a destination holding other files is refused (no silent mix); an empty one is filled, an
+    # earlier from-hf output replaced; to-hf never replaces an HF folder (it cannot tell who wrote it)
     used = tmp_path / "used"
     shutil.copytree(root / "il", used)
-    fails(["from-hf", src, used], "is not empty")
+    (used / "notes.txt").write_text("mine")
+    shutil.rmtree(used / "hf")
+    fails(["from-hf", src, used], "is not empty nor an earlier from-hf output")
+    assert (used / "notes.txt").is_file()
     (tmp_path / "empty").mkdir()
     assert cli.main(["convert", "from-hf", str(src), str(tmp_path / "empty")]) == 0
-    assert (tmp_path / "empty" / "model.safetensors").is_file()
-    fails(["to-hf", root / "il", src], "is not empty")
+    (tmp_path / "empty" / "stale.txt").write_text("from before")
+    assert cli.main(["convert", "from-hf", str(src), str(tmp_path / "empty"), "--dtype", "bfloat16"]) == 0
+    assert not (tmp_path / "empty" / "stale.txt").exists()
+    assert interleaf.load(tmp_path / "empty").model.tok_embeddings.weight.dtype == torch.bfloat16
+    fails(["to-hf", root / "il", src], "is not empty: choose")
     (tmp_path / "afile").write_text("")
     fails(["to-hf", root / "il", tmp_path / "afile"], "exists and is not a folder")
     fails(["to-hf", root / "il", "/proc/interleaf-hf"], "cannot write in /proc")

@@ -423,3 +423,14 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     for path in [tmp_path / "a.json", tmp_path / "b.bin", *(tmp_path / "out").iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_option_bounds():
+    Request("x", seed=-1).validate()  # torch takes negative seeds, and so does the sampler
+    Request("x", seed=2**64 - 1, temperature=0, image_temperature=1e-4, cfg_scale=1e3).validate()
+    for options, message in [(dict(seed=2**64), "seed must be in"), (dict(temperature=float("inf")), "finite"),
+                             (dict(temperature=1e-5), r"temperature must be in \[0.0001, 10000\] \(or 0: greedy\)"),
+                             (dict(repetition_penalty=1e5), "repetition penalty must be in"),
+                             (dict(image_cfg_scale=1e4), "image cfg scale must be at most 1000")]:
+        with pytest.raises(InterleafError, match=message):
+            Request("x", **options).validate()

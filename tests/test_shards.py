@@ -248,3 +248,20 @@ def test_tokenize_refuses_bad_destinations_and_empty_results(tmp_path, capsys):
     _one_line_error(capsys, ["tokenize", tmp_path / "a.txt", "--tokenizer", tok_dir, "-o", tmp_path / "t", "--quiet"],
                     "no document could be tokenized (1 bad shards)")
     assert not (tmp_path / "t").exists() and len(list((tmp_path / "docs").glob("*.tar"))) == 1
+
+
+def test_shards_into_a_folder_another_prefix_shares_is_refused(tmp_path, capsys):
+    out = tmp_path / "pf"
+    assert main(["shards", "shapes", "--count", "2", "--resolution", "32", "-o", str(out), "--prefix", "a"]) == 0
+    _one_line_error(capsys, ["shards", "shapes", "--count", "2", "--resolution", "32", "-o", out, "--prefix", "b"],
+                    "holds shards of another --prefix (a-000000.tar)")
+    (out / "index.json").write_text(json.dumps({"shards": []}))  # as if another writer's index
+    _one_line_error(capsys, ["shards", "shapes", "--count", "2", "--resolution", "32", "-o", out, "--prefix", "b"],
+                    "does not list (a-000000.tar)")
+    assert (out / "a-000000.tar").is_file()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    for d in ("x", "y"):
+        (tmp_path / d / "train.jsonl").write_text(json.dumps(["text"]))
+    _one_line_error(capsys, ["shards", "jsonl", tmp_path / "x" / "train.jsonl", tmp_path / "y" / "train.jsonl",
+                             "-o", tmp_path / "j"], "share a name")

@@ -79,6 +79,11 @@ def _documents(args):
             raise InterleafError("folder takes one folder of image + caption pairs")
         docs = sh.folder_pairs(args.inputs[0])
     elif args.source == "jsonl":
+        stems = {}
+        for path in args.inputs:
+            if stems.setdefault(Path(path).stem, path) != path:
+                raise InterleafError(f"{stems[Path(path).stem]} and {path} share a name: their documents without a "
+                                     "'key' would get the same keys; rename one")
         docs = [d for path in args.inputs for d in sh.jsonl_documents(path)]
     else:
         docs = sh.text_documents(args.inputs, per_line=args.per_line)
@@ -86,18 +91,38 @@ def _documents(args):
     return docs, len(docs)
 
 
-def check_shards_output(out: str, inputs=()) -> None:
+def check_shards_output(out: str, inputs=(), prefix: str | None = None) -> None:
     """An output folder for shards: new, empty or an earlier one (its index.json), which is replaced
     as a whole once the new shards are complete; never a folder the inputs are read from."""
     from interleaf.training.shards import INDEX_FILE
     from interleaf.utils import check_replaceable, check_writable
 
     folder = check_replaceable(check_writable(out, "output folder"), "output folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / INDEX_FILE).is_file():
-        raise InterleafError(f"output folder {out} holds other files (no {INDEX_FILE}): choose an empty or new folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not (folder / INDEX_FILE).is_file():
+            raise InterleafError(f"output folder {out} holds other files (no {INDEX_FILE}): choose an empty or new folder")
+        listed = {s.get("path") for s in _index_shards(folder / INDEX_FILE)}
+        unlisted = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
+        if unlisted:  # e.g. another --prefix's shards: replacing the folder would delete them
+            raise InterleafError(f"output folder {out} holds shards its {INDEX_FILE} does not list ({unlisted[0]}): "
+                                 "choose another folder")
+        others = sorted(n for n in listed if prefix is not None and n and not n.startswith(f"{prefix}-"))
+        if others:  # an earlier run with another --prefix: it meant to add, replacing would delete
+            raise InterleafError(f"output folder {out} holds shards of another --prefix ({others[0]}); replacing "
+                                 "the folder would delete them: choose another folder")
     for p in inputs:
         if folder == Path(p).resolve() or folder in Path(p).resolve().parents:
             raise InterleafError(f"output folder {out} holds the input {p}: write somewhere else")
+
+
+def _index_shards(path: Path) -> list[dict]:
+    import json
+
+    try:
+        shards = json.loads(path.read_text(encoding="utf-8")).get("shards", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [s for s in shards if isinstance(s, dict)] if isinstance(shards, list) else []
 
 
 def shards_command(args: argparse.Namespace) -> int:
@@ -109,7 +134,7 @@ def shards_command(args: argparse.Namespace) -> int:
     max_size = parse_size(args.max_size)
     if args.max_count <= 0:
         raise InterleafError("--max-count must be positive")
-    check_shards_output(args.out, args.inputs)
+    check_shards_output(args.out, args.inputs, args.prefix)
     docs, total = _documents(args)  # every input is checked here, before a shard is written
     with tqdm(total=total, unit="doc", desc="shards", dynamic_ncols=True) as bar, \
             atomic_dir(args.out, "output folder") as tmp:

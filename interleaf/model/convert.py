@@ -307,7 +307,7 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InterleafError(f"source directory not found: {src}")
-    _check_destination(dst)
+    _check_destination(dst, ("model.yaml", "model.safetensors", f"{HF_DIR}/config.json"))  # an earlier from-hf
     cfg = _read_json(src / "config.json")
     args = args_from_hf_config(cfg)
     hf = read_safetensors_dir(src)
@@ -353,12 +353,14 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
     return dst
 
 
-def _check_destination(dst: Path) -> None:
-    """A conversion writes a new folder (or fills an empty one): never mixed with other files."""
+def _check_destination(dst: Path, earlier: tuple[str, ...] = ()) -> None:
+    """A conversion writes a new folder, fills an empty one or replaces an earlier one it can tell
+    it wrote (holding all the `earlier` files): never mixed with other files."""
     check_writable(dst, "destination")
     check_replaceable(dst, "destination")
-    if dst.is_dir() and any(dst.iterdir()):
-        raise InterleafError(f"destination {dst} is not empty: choose an empty or new folder")
+    if dst.is_dir() and any(dst.iterdir()) and not (earlier and all((dst / f).is_file() for f in earlier)):
+        raise InterleafError(f"destination {dst} is not empty{' nor an earlier from-hf output' if earlier else ''}: "
+                             "choose an empty or new folder")
 
 
 def _grid_from_vq_config(vq: Mapping) -> tuple[int, int]:
@@ -389,7 +391,7 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     if not (src / ARGS_FILE).is_file():
         raise InterleafError(f"{src} is not an interleaf model directory (no {ARGS_FILE})")
-    _check_destination(dst)
+    _check_destination(dst)  # an HF folder looks the same whoever wrote it: never replaced
     args = read_model_args(src)
     state = read_weights(src / MODEL_FILE)
     from interleaf.pipeline import check_state_dict

@@ -84,7 +84,7 @@ class Request:
             (self.image_cfg_scale is None or self.image_cfg_scale >= 0,
              f"image cfg scale must be >= 0, got {self.image_cfg_scale}"),
             (self.preview_every >= 0, f"preview_every must be >= 0, got {self.preview_every}"),
-            (0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
+            (-(2**63) <= self.seed < 2**64, f"seed must be in [-2^63, 2^64), got {self.seed}"),
         ]
         for name, v in scales.items():
             greedy = " (or 0: greedy)" if "temperature" in name else ""
