@@ -136,7 +136,11 @@ def atomic_dir(path: str | os.PathLike, what: str) -> Iterator[Path]:
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}.", dir=path.parent))
-            os.replace(path, old / path.name)
+            try:
+                os.replace(path, old / path.name)
+            except BaseException:
+                old.rmdir()
+                raise
         try:
             os.replace(tmp, path)
         except BaseException:

@@ -30,13 +30,19 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path, monkeypatch):
             raise OSError(16, "Device or resource busy", str(b))
         return real(a, b)
 
-    monkeypatch.setattr(os, "replace", fail_second)
-    with pytest.raises(OSError):
-        with atomic_dir(out, "out") as tmp:
-            _fill(tmp, "third")
-    monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == ["first"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or moved-aside folders left
+    def fail_first(a, b):  # the old folder cannot be moved aside (a mount point, a busy folder)
+        if str(a) == str(out):
+            raise OSError(16, "Device or resource busy", str(a))
+        return real(a, b)
+
+    for failing in (fail_second, fail_first):
+        monkeypatch.setattr(os, "replace", failing)
+        with pytest.raises(OSError):
+            with atomic_dir(out, "out") as tmp:
+                _fill(tmp, "third")
+        monkeypatch.undo()
+        assert sorted(p.name for p in out.iterdir()) == ["first"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or moved-aside folders left
 
 
 def test_two_writers_do_not_share_a_temp_folder(tmp_path):
