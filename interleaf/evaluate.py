@@ -57,13 +57,10 @@ class EvalConfig:
             raise InterleafError("eval sizes must be >= 0")
         if self.batch_size < 1:
             raise InterleafError("eval batch_size must be >= 1")
-        from interleaf.sampling.generate import Request
-
-        last_seed = self.seed + max(self.n_draw, self.n_caption, self.n_story)  # requests use seed + i
-        for s in self.cfg_scales:  # the sampler's own checks, before any work
-            for seed in (self.seed, last_seed):
-                Request("", mode="image", cfg_scale=s, image_temperature=self.image_temperature,
-                        image_top_k=self.image_top_k, image_top_p=self.image_top_p, seed=seed).validate()
+        last = max(self.n_draw, self.n_caption, self.n_story)  # requests use seed + i
+        for s in self.cfg_scales:  # the sampler's own checks of the drawing requests, before any work
+            for i in (0, last):
+                _drawing("", self, s, i).validate()
 
 
 def _world(pipe, cfg: EvalConfig):

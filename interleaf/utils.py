@@ -103,12 +103,12 @@ def check_writable(path: str | os.PathLike, what: str, folder: bool = True) -> P
 def check_replaceable(path: str | os.PathLike, what: str) -> Path:
     """The real path of an output folder to replace as a whole (a symlink's target).
 
-    Refused: the current folder or one above it (replacing it would pull it from under the shell)
-    and a mount point (it cannot be renamed).
+    Refused: what `check_writable` refuses, the current folder or one above it (replacing it would
+    pull it from under the shell) and a mount point (it cannot be renamed).
     """
     from interleaf.errors import InterleafError
 
-    path = Path(path).resolve()
+    path = check_writable(path, what).resolve()
     here = Path.cwd().resolve()
     if path == here or path in here.parents:
         raise InterleafError(f"{what} {path} is the current folder or holds it: give a folder of its own")

@@ -95,9 +95,9 @@ def check_shards_output(out: str, inputs=(), prefix: str | None = None) -> None:
     """An output folder for shards: new, empty or an earlier one (its index.json), which is replaced
     as a whole once the new shards are complete; never a folder the inputs are read from."""
     from interleaf.training.shards import INDEX_FILE
-    from interleaf.utils import check_replaceable, check_writable
+    from interleaf.utils import check_replaceable
 
-    folder = check_replaceable(check_writable(out, "output folder"), "output folder")
+    folder = check_replaceable(out, "output folder")
     if folder.is_dir() and any(folder.iterdir()):
         if not (folder / INDEX_FILE).is_file():
             raise InterleafError(f"output folder {out} holds other files (no {INDEX_FILE}): choose an empty or new folder")
@@ -156,10 +156,10 @@ def tokenize_command(args: argparse.Namespace) -> int:
     with atomic_dir(args.out, "output folder") as tmp:
         s = tokenize_shards(args.inputs, tmp, args.tokenizer, workers=args.workers, device=args.device,
                             max_size=max_size, max_count=args.max_count, progress=not args.quiet)
+        bad = ", ".join(f"{v} {k.replace('bad_', 'bad ')}" for k, v in s["skipped"].items() if v)
         if not s["documents"]:
-            bad = ", ".join(f"{v} {k.replace('bad_', 'bad ')}" for k, v in s["skipped"].items() if v)
             raise InterleafError(f"no document could be tokenized{f' ({bad})' if bad else ''}: nothing written")
-    skipped = ", ".join(f"{v} {k.replace('bad_', 'bad ')}" for k, v in s["skipped"].items() if v) or "nothing"
+    skipped = bad or "nothing"
     print(f"tokenized {s['documents']} documents, {s['tokens']:,} tokens ({s['image_tokens']:,} image) "
           f"in {s['seconds']}s into {args.out}; skipped {skipped}")
     return 0

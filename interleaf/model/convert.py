@@ -25,7 +25,7 @@ import torch
 from interleaf.errors import InterleafError
 from interleaf.model.args import ModelArgs
 from interleaf.tokenizer.vocab import Vocabulary
-from interleaf.utils import atomic_dir, atomic_path, check_replaceable, check_writable, read_text, write_json
+from interleaf.utils import atomic_dir, atomic_path, check_replaceable, read_text, write_json
 
 HF_DIR = "hf"  # inside an interleaf model directory: the source's config and tokenizer files
 VQ_PREFIX = "model.vqmodel."
@@ -356,7 +356,6 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
 def _check_destination(dst: Path, earlier: tuple[str, ...] = ()) -> None:
     """A conversion writes a new folder, fills an empty one or replaces an earlier one it can tell
     it wrote (holding all the `earlier` files): never mixed with other files."""
-    check_writable(dst, "destination")
     check_replaceable(dst, "destination")
     if dst.is_dir() and any(dst.iterdir()) and not (earlier and all((dst / f).is_file() for f in earlier)):
         raise InterleafError(f"destination {dst} is not empty{' nor an earlier from-hf output' if earlier else ''}: "

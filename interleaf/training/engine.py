@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from interleaf.errors import ConfigError, InterleafError
-from interleaf.utils import get_logger
+from interleaf.utils import get_logger, read_text
 
 log = get_logger(__name__)
 
@@ -100,15 +100,20 @@ def ds_config_path(spec: str, zero_stage: int, device: torch.device) -> Path:
     return Path(spec)
 
 
-def ds_config(path: Path, global_batch: int, micro_batch: int, world: int, grad_clip: float,
-              device: torch.device, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON with batch sizes, clipping and precision filled in from the train config."""
+def read_ds_json(path: Path) -> dict:
+    """A DeepSpeed JSON file as it is; a missing or malformed one is a ConfigError."""
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config not found: {path}")
     try:
-        cfg = json.loads(path.read_text())
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+
+
+def ds_config(path: Path, global_batch: int, micro_batch: int, world: int, grad_clip: float,
+              device: torch.device, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON with batch sizes, clipping and precision filled in from the train config."""
+    cfg = read_ds_json(path)
     cfg.update(
         train_batch_size=global_batch,
         train_micro_batch_size_per_gpu=micro_batch,

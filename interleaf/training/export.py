@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from interleaf.errors import InterleafError
-from interleaf.utils import atomic_dir, check_replaceable, check_writable, get_logger, write_json
+from interleaf.utils import atomic_dir, check_replaceable, get_logger, write_json
 
 log = get_logger(__name__)
 
@@ -97,7 +97,6 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpt = checkpoint_for(run_dir, step)
-    check_writable(out_dir, "output folder")
     check_replaceable(out_dir, "output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "training.json").is_file():
         raise InterleafError(f"{out_dir} exists and is not an earlier export: choose an empty or new folder")

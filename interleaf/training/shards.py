@@ -454,12 +454,13 @@ def folder_pairs(folder: str | Path) -> list[tuple[str, list, None]]:
     if missing:
         raise InterleafError(f"{len(missing)} image(s) in {folder} have no caption file, e.g. {missing[0]} "
                              f"(expected {Path(missing[0]).stem}.txt)")
-    return [(p.stem, [_caption(p.with_suffix(".txt")), p], None) for p in images]
+    return [(p.stem, [_utf8_text(p.with_suffix(".txt")).strip(), p], None) for p in images]
 
 
-def _caption(path: Path) -> str:
+def _utf8_text(path: Path) -> str:
+    """An input text file's contents; one that is not UTF-8 is an InterleafError saying where."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InterleafError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -474,11 +475,7 @@ def jsonl_documents(path: str | Path) -> list[tuple[str, list, Any]]:
     if not path.is_file():
         raise InterleafError(f"JSONL file not found: {path}")
     docs = []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise InterleafError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(_utf8_text(path).split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -530,10 +527,7 @@ def text_documents(paths: Sequence[str | Path], per_line: bool = False) -> list[
     for f in files:
         if not f.is_file():
             raise InterleafError(f"text file not found: {f}")
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise InterleafError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = _utf8_text(f)
         if per_line:
             docs.extend((f"{names[f]}-{i:08d}", [line], None) for i, line in enumerate(text.splitlines()) if line.strip())
         elif text.strip():

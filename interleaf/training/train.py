@@ -27,7 +27,7 @@ from typing import Any, Literal
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.training.loader import DataConfig
-from interleaf.utils import get_logger, read_text
+from interleaf.utils import get_logger
 
 log = get_logger(__name__)
 
@@ -179,13 +179,10 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
 
     grad_accum = check_world(cfg, world)
     n_streams = cfg.global_batch // cfg.micro_batch
-    if cfg.deepspeed != "auto":  # read in full once the device is known; a wrong path fails here
-        if not Path(cfg.deepspeed).is_file():
-            raise ConfigError(f"DeepSpeed config not found: {cfg.deepspeed}")
-        try:
-            json.loads(read_text(cfg.deepspeed))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"DeepSpeed config {cfg.deepspeed} is not valid JSON: {e}") from None
+    if cfg.deepspeed != "auto":  # filled in once the device is known; a wrong path fails here
+        from interleaf.training.engine import read_ds_json
+
+        read_ds_json(Path(cfg.deepspeed))
     if not resume and complete_checkpoints(Path(cfg.run_dir) / CKPT_DIR):
         raise InterleafError(f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, "
                              f"or choose another run_dir")
