@@ -200,6 +200,41 @@ def test_native_model_exports_to_transformers(tmp_path):
         interleaf.model.convert.to_hf(tmp_path / "rms", tmp_path / "rms-hf")
 
 
+def test_model_without_vqgan_keeps_its_image_grid_through_hf(tmp_path, capsys):
+    """No VQ-GAN, 4x4 grid, 24 codes: to-hf says both in vq_config (transformers' defaults are 32x32
+    and 8192), transformers reads them, and from-hf gives the same vocabulary and logits back."""
+    from transformers import ChameleonForConditionalGeneration
+
+    from interleaf.model.args import ModelArgs
+    from interleaf.model.transformer import Transformer
+    from interleaf.pipeline import save_model_dir
+    from interleaf.tokenizer.text import train_bpe
+    from interleaf.tokenizer.vocab import Vocabulary
+
+    text = train_bpe(["a red circle", "two blue squares"] * 5, vocab_size=300)
+    vocab = Vocabulary.build(n_text=text.vocab_size, n_codes=24, image_grid=(4, 4))
+    torch.manual_seed(5)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab.size, multiple_of=16,
+                                  qk_norm="layernorm", max_seq_len=64)).eval()
+    save_model_dir(tmp_path / "il", model, vocab, text)
+    assert cli.main(["convert", "to-hf", str(tmp_path / "il"), str(tmp_path / "hf")]) == 0
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.vq_config.resolution == 64 and hf.config.vq_config.num_embeddings == 24
+    assert hf.model.vocabulary_mapping.bpe2img == {vocab.image_ids[c]: c for c in range(24)}
+    assert cli.main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = interleaf.load(tmp_path / "back")
+    assert back.vqgan is None and back.vocab.image_grid == (4, 4) and back.vocab.image_ids == vocab.image_ids
+    ids = torch.randint(0, vocab.size, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(back.model(ids), model(ids))
+
+    wide = Vocabulary.build(n_text=text.vocab_size, n_codes=24, image_grid=(2, 8))
+    save_model_dir(tmp_path / "wide", model, wide, text)
+    assert cli.main(["convert", "to-hf", str(tmp_path / "wide"), str(tmp_path / "wide-hf")]) == 2
+    assert "image grid is 2x8, but the HF Chameleon format holds only square grids" in capsys.readouterr().err
+    assert not (tmp_path / "wide-hf").exists()
+
+
 def test_rope_permutation_matches_hf_conversion_script():
     w = torch.randn(4 * 8, 5)  # 4 heads of head_dim 8
     # Meta -> HF, as transformers' convert_chameleon_weights_to_hf.py writes it

@@ -362,9 +362,22 @@ def _check_destination(dst: Path, earlier: tuple[str, ...] = ()) -> None:
                              "choose an empty or new folder")
 
 
+HF_CHANNEL_MULTIPLIER = [1, 1, 2, 2, 4]  # ChameleonVQVAEConfig's default: 16x downsampling
+
+
 def _grid_from_vq_config(vq: Mapping) -> tuple[int, int]:
-    side = int(vq.get("resolution", 512)) // 2 ** (len(vq.get("channel_multiplier", [1, 1, 2, 2, 4])) - 1)
+    side = int(vq.get("resolution", 512)) // 2 ** (len(vq.get("channel_multiplier", HF_CHANNEL_MULTIPLIER)) - 1)
     return side, side
+
+
+def _grid_vq_config(vocab: Vocabulary, src: Path) -> dict:
+    """A model without a VQ-GAN still has an image grid and a code count: the HF format keeps them
+    only in `vq_config` (transformers' defaults are 32x32 and 8192), so write the two fields that say them."""
+    h, w = vocab.image_grid
+    if h != w:
+        raise InterleafError(f"{src}: the image grid is {h}x{w}, but the HF Chameleon format holds only square grids")
+    return dict(resolution=h * 2 ** (len(HF_CHANNEL_MULTIPLIER) - 1), channel_multiplier=list(HF_CHANNEL_MULTIPLIER),
+                num_embeddings=len(vocab.image_ids))
 
 
 def _assign(model, state: dict) -> None:
@@ -402,6 +415,8 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
     if (src / VQGAN_DIR).is_dir():
         vq_cfg = vq_config_to_hf(VQModel.load(src / VQGAN_DIR).config)
         vq_state = read_weights(src / VQGAN_DIR / "vqgan.safetensors")  # raw: keeps the stored dtype
+    else:
+        vq_cfg = _grid_vq_config(vocab, src)
     base = _read_json(src / HF_DIR / "config.json") if (src / HF_DIR / "config.json").is_file() else None
     dtype = state["tok_embeddings.weight"].dtype
     cfg = hf_config_from_args(args, vocab, vocabulary_map_of(vocab, text), vq_cfg, base, dtype)
