@@ -6,16 +6,20 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
+# xformers has no CPU kernels; the tests run its glue around xformers' own reference attention.
+# Installed without its dependencies, so its torch requirement can never replace the pinned build.
+XFORMERS ?= xformers==0.0.35
 
 .PHONY: setup browser demo test bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(XFORMERS)
 	touch $@
 
 demo: setup

@@ -149,6 +149,44 @@ def test_backend_resolution():
         resolve_backend("flash", "cpu")
 
 
+def test_xformers_counts_as_available_only_where_its_attention_runs(monkeypatch, request):
+    """A build that imports but has no kernel for the device (here: CPU) is not available."""
+    pytest.importorskip("xformers.ops")
+    monkeypatch.setattr(attention, "_XFORMERS_PROBES", {})
+    problem = attention.xformers_problem("cpu")
+    assert problem.startswith("xformers is installed but its attention does not run on cpu: ")
+    assert "\n" not in problem and not xformers_available("cpu")
+    monkeypatch.setattr(attention, "_XFORMERS_PROBES", {})
+    request.getfixturevalue("xformers_on_cpu")  # a kernel that runs: the reference attention
+    assert attention.xformers_problem("cpu") is None and xformers_available("cpu")
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_xformers_masks_and_layouts_equal_sdpa(n_kv, xformers_on_cpu):
+    """The xformers path around its kernel (xformers' reference attention on CPU): plain causal,
+    packed documents as one flat row, and cache masks, with MHA, GQA and MQA."""
+    g = torch.Generator().manual_seed(2)
+    B, T, H, hd = DOCS.shape[0], DOCS.shape[1], 4, 8
+    q = torch.randn(B, T, H, hd, generator=g)
+    k, v = torch.randn(2, B, T, n_kv, hd, generator=g)
+    for doc_ids in (None, DOCS):
+        xf = build_mask("xformers", doc_ids, T)
+        assert xf.flat == (doc_ids is not None)
+        torch.testing.assert_close(attend(q, k, v, xf), attend(q, k, v, build_mask("sdpa", doc_ids, T)),
+                                   rtol=1e-5, atol=1e-6)
+    S = 16  # cache slots (+1 scratch slot)
+    kc, vc = torch.randn(2, B, S + 1, n_kv, hd, generator=g)
+    for lengths, n in (([3, 9], 4), ([0, 0], 5), ([7, 15], 1), ([14, 2], 4)):  # the last: row 0 near full
+        lengths = torch.tensor(lengths)
+        xf = build_cache_mask("xformers", lengths, n, S)
+        want = attend(q[:, :n], kc, vc, build_cache_mask("sdpa", lengths, n, S))
+        got = attend(q[:, :n], kc, vc, xf)
+        room = (S - lengths).clamp(max=n)  # the queries a row may really hold; the others are padding
+        for b in range(B):
+            torch.testing.assert_close(got[b, : room[b]], want[b, : room[b]], rtol=1e-5, atol=1e-6,
+                                       msg=f"lengths {lengths.tolist()}, {n} new, row {b}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
 def test_xformers_equals_sdpa_on_cuda():

@@ -174,8 +174,8 @@ def test_kv_cache_decoding_equals_full_forward(name, inference):
         _check_cached_decoding(name)
 
 
-def _check_cached_decoding(name):
-    model = make(name)
+def _check_cached_decoding(name, max_len=32, chunks=((5, 2, 9), (3, 0, 1)), **overrides):
+    model = make(name, **overrides)
     B, total = 3, 24
     g = torch.Generator().manual_seed(4)
     seqs = torch.randint(0, model.args.vocab_size, (B, total), generator=g)
@@ -183,7 +183,7 @@ def _check_cached_decoding(name):
     if not torch.is_grad_enabled():
         with torch.enable_grad():
             torch.testing.assert_close(full, model(seqs), rtol=1e-6, atol=1e-6)
-    cache = model.setup_cache(B, 32)
+    cache = model.setup_cache(B, max_len)
     got = torch.zeros_like(full)
     done = torch.zeros(B, dtype=torch.long)
 
@@ -197,12 +197,29 @@ def _check_cached_decoding(name):
             got[b, done[b] : done[b] + n_new[b]] = out[b, : n_new[b]]
         done.add_(n_new)
 
-    feed(torch.tensor([5, 2, 9]))  # prefill: different prompt lengths
-    feed(torch.tensor([3, 0, 1]))  # several tokens for some rows, none for another
+    for n_new in chunks:  # default: a prefill of different prompt lengths, then several tokens
+        feed(torch.tensor(n_new))  # for some rows and none for another
     while int(done.min()) < total:
         feed((done < total).long())  # one token per unfinished row
     assert cache.lengths.tolist() == [total] * B
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
+def test_xformers_backend_computes_the_same_model(name, xformers_on_cpu):
+    """The xformers path of the whole model (xformers' reference attention on CPU) equals SDPA's:
+    plain and packed forward passes, and cached decoding, also with rows appending tokens near full."""
+    sdpa, xf = make(name), make(name, attention="xformers")  # the same seed: the same weights
+    assert sdpa.backend("cpu") == "sdpa" and xf.backend("cpu") == "xformers"
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, sdpa.args.vocab_size, (2, 30), generator=g)
+    doc_ids = torch.cumsum((torch.rand(2, 30, generator=g) < 0.15).long(), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(xf(tokens), sdpa(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xf(tokens, doc_ids), sdpa(tokens, doc_ids), rtol=1e-5, atol=1e-5)
+        _check_cached_decoding(name, attention="xformers")
+        # a cache just the sequences' size: the third chunk's padding overflows rows 0 and 1
+        _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), (15, 20, 12)), attention="xformers")
 
 
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])

@@ -25,27 +25,51 @@ from interleaf.errors import ConfigError
 BACKENDS = ("auto", "sdpa", "xformers")
 
 
-def xformers_available() -> bool:
-    """True when xformers' memory-efficient attention can be imported."""
-    try:
-        import xformers.ops  # noqa: F401
-    except Exception:  # ImportError, or a build that does not match this torch
-        return False
-    return True
+_XFORMERS_PROBES: dict[str, str | None] = {}
+
+
+def xformers_problem(device: torch.device | str = "cuda") -> str | None:
+    """Why xformers' memory-efficient attention cannot run on `device`, or None when it runs.
+
+    Importing is not enough: a build made for another torch or CUDA imports with a warning and
+    fails at its first call, so this makes one tiny causal call (once per device type).
+    """
+    device = torch.device(device)
+    if device.type not in _XFORMERS_PROBES:
+        try:
+            from xformers.ops import fmha, memory_efficient_attention
+        except Exception as e:  # ImportError, or a broken install
+            _XFORMERS_PROBES[device.type] = f"xformers is not installed ({type(e).__name__}: pip install xformers)"
+        else:
+            try:
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                q = torch.zeros(1, 8, 1, 64, device=device, dtype=dtype)
+                memory_efficient_attention(q, q, q, attn_bias=fmha.attn_bias.LowerTriangularMask())
+                _XFORMERS_PROBES[device.type] = None
+            except Exception as e:  # no kernel for this device, or a build for another torch/CUDA
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                _XFORMERS_PROBES[device.type] = f"xformers is installed but its attention does not run on {device.type}: {first}"
+    return _XFORMERS_PROBES[device.type]
+
+
+def xformers_available(device: torch.device | str = "cuda") -> bool:
+    """True when xformers' memory-efficient attention runs on `device`."""
+    return xformers_problem(device) is None
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """'auto' -> 'xformers' on CUDA when installed, else 'sdpa'; check explicit choices."""
+    """'auto' -> 'xformers' on CUDA when it runs there, else 'sdpa'; check explicit choices."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown attention backend {name!r} (choose from {', '.join(BACKENDS)})")
     is_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return "xformers" if is_cuda and xformers_available() else "sdpa"
+        return "xformers" if is_cuda and xformers_available(device) else "sdpa"
     if name == "xformers":
         if not is_cuda:
             raise ConfigError("attention backend 'xformers' needs a CUDA device; use 'sdpa' or 'auto'")
-        if not xformers_available():
-            raise ConfigError("attention backend 'xformers' is not installed (pip install xformers)")
+        problem = xformers_problem(device)
+        if problem:
+            raise ConfigError(f"attention backend 'xformers': {problem}; use 'sdpa' or 'auto'")
     return name
 
 
@@ -136,12 +160,15 @@ def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int, 
     if backend == "xformers":
         from xformers.ops import fmha
 
-        B = lengths.shape[0]
-        kv_len = (lengths + T).clamp(max=max_len).tolist()  # syncs: xformers takes host lists
-        bias = fmha.attn_bias.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-            q_seqlen=[T] * B, kv_padding=max_len + 1, kv_seqlen=kv_len
-        )
-        return AttentionMask(backend, bias, flat=True)
+        # Query t of a row sees the keys up to kv_len - T + t (the mask is aligned bottom right), so
+        # kv_len must be lengths + T exactly, padding tokens included, and fit the row's slots.
+        kv_len = (lengths + T).tolist()  # syncs: xformers takes host lists
+        if max(kv_len) <= max_len + 1:
+            bias = fmha.attn_bias.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                q_seqlen=[T] * len(kv_len), kv_padding=max_len + 1, kv_seqlen=kv_len
+            )
+            return AttentionMask(backend, bias, flat=True)
+        backend = "sdpa"  # a row within T of full (its padding tokens overflow): this step attends with SDPA
     if shape != "dense" and n_keys is not None:
         return AttentionMask(backend, None, n_keys=n_keys, causal=shape == "causal")
     if positions is None:
