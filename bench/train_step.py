@@ -7,10 +7,12 @@ transformers step. Alternating spreads load from other processes over all three 
 
     python bench/train_step.py                 # CPU: ~31M parameters, 2 x 512 tokens, fp32
     python bench/train_step.py --compile       # both models with torch.compile'd decoder layers
-    python bench/train_step.py --device cuda --dtype bfloat16 --backend xformers --preset 1B --batch 8
+    python bench/train_step.py --device cuda --dtype bfloat16 --backend xformers --preset 350M --batch 8 \
+        --seq 2048 --peak-tflops 989                # MFU against an H100/H200 SXM's dense bf16 peak
 
 Printed: tokens/s of both (median step), their ratio, interleaf's achieved GFLOP/s and its share
-of the matmul peak (best 2048^3 matmul of the run). FLOPs per token are
+of the matmul peak (best n^3 matmul of the run: 2048 on CPU, 8192 on CUDA), and with
+--peak-tflops the MFU against that datasheet number. FLOPs per token are
 `interleaf.model.args.flops_per_token` (2 per weight, causal attention counted as T/2 keys,
 training = 3x forward); "palm" adds the share under PaLM's 6N + 12 L T D convention (attention
 not halved). "best step" uses the fastest step instead of the median: less sensitive to other
@@ -41,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer of both models")
     p.add_argument("--no-hf", action="store_true", help="time interleaf only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matmul-size", type=int, default=0, help="n of the n^3 peak matmul (0: 2048 on CPU, 8192 on CUDA)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="also print MFU against this datasheet peak (H100/H200 SXM, dense bf16: 989)")
     return p.parse_args(argv)
 
 
@@ -131,14 +136,14 @@ def first_losses(model, hf, x, y) -> tuple[float, float]:
     return ours, theirs
 
 
-def run_rounds(steps: dict, n: int, warmup: int, device, dtype) -> tuple[dict, list]:
+def run_rounds(steps: dict, n: int, warmup: int, device, dtype, size: int) -> tuple[dict, list]:
     """Warm up, then n rounds of (matmul samples, one step of each model).
 
     Returns per model a list of (wall, cpu) seconds per step, and per round the best matmul
     (wall GFLOP/s, cpu GFLOP/s).
     """
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(warmup):
         matmul_rates(a, b, device)
         for fn in steps.values():
@@ -182,7 +187,8 @@ def main(argv=None) -> int:
         params = [p for n, p in hf.named_parameters() if ".vqmodel." not in n]
         steps["transformers"] = hf_step(hf, optimizer(params, device), x)
 
-    times, peaks = run_rounds(steps, opts.steps, opts.warmup + (1 if opts.compile else 0), device, dtype)
+    size = opts.matmul_size or (8192 if device.type == "cuda" else 2048)
+    times, peaks = run_rounds(steps, opts.steps, opts.warmup + (1 if opts.compile else 0), device, dtype, size)
     peak, cpu_peak = max(p[0] for p in peaks), statistics.median(p[1] for p in peaks)
     n_tok = opts.batch * opts.seq
     fpt = flops_per_token(args, opts.seq)
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
           f"{', compiled layers' if opts.compile else ''}; model {opts.preset}: {count_params(args) / 1e6:.1f}M "
           f"parameters, batch {opts.batch} x {opts.seq}")
     print(f"same function: first-step cross-entropy interleaf {ours:.6f}, transformers {theirs:.6f}")
-    print(f"matmul peak (best 2048^3 of {len(peaks)} rounds): {peak:.1f} GFLOP/s "
+    print(f"matmul peak (best {size}^3 of {len(peaks)} rounds): {peak:.1f} GFLOP/s "
           f"(median {statistics.median(p[0] for p in peaks):.1f}); model FLOPs per token (training): {fpt / 1e6:.1f}M")
     rate, cpu_share = {}, {}
     for name, ts in times.items():
@@ -205,10 +211,19 @@ def main(argv=None) -> int:
               f"{100 * fpt * n_tok / best / 1e9 / peak:4.1f}%, palm {100 * palm * n_tok / best / 1e9 / peak:4.1f}%)")
     print("per CPU-second (FLOPs per process CPU second vs the matmul's; robust to time-slicing with --threads 1): "
           + ", ".join(f"{name} {100 * v:.1f}%" for name, v in cpu_share.items()))
+    if opts.peak_tflops:
+        print(f"MFU against {opts.peak_tflops:g} TFLOP/s: " + ", ".join(
+            f"{name} {100 * fpt * r / 1e12 / opts.peak_tflops:.1f}% (palm {100 * palm * r / 1e12 / opts.peak_tflops:.1f}%)"
+            for name, r in rate.items()))
     if "transformers" in rate:
         print(f"interleaf / transformers: {rate['interleaf'] / rate['transformers']:.2f}x tokens/s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from interleaf.errors import InterleafError
+
+    try:
+        sys.exit(main())
+    except InterleafError as e:  # a config this machine cannot run (xformers on CPU, say): one line
+        sys.exit(f"train_step: {e}")

@@ -11,6 +11,7 @@ from interleaf.config import load_config
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.model import ops, transformer
 from interleaf.model.args import MODEL_SIZES, ModelArgs, count_params, ffn_hidden_size, flops_per_token
+from interleaf.model.attention import xformers_available
 from interleaf.model.transformer import (
     MATVEC_MAX_ROWS, SPLIT_MAX_ROWS, FusedWeight, HeadLayerNorm, RMSNorm, Transformer,
 )
@@ -174,25 +175,25 @@ def test_kv_cache_decoding_equals_full_forward(name, inference):
         _check_cached_decoding(name)
 
 
-def _check_cached_decoding(name, max_len=32, chunks=((5, 2, 9), (3, 0, 1)), **overrides):
-    model = make(name, **overrides)
+def _check_cached_decoding(name, max_len=32, chunks=((5, 2, 9), (3, 0, 1)), device="cpu", tol=1e-5, **overrides):
+    model = make(name, **overrides).to(device)
     B, total = 3, 24
     g = torch.Generator().manual_seed(4)
-    seqs = torch.randint(0, model.args.vocab_size, (B, total), generator=g)
+    seqs = torch.randint(0, model.args.vocab_size, (B, total), generator=g).to(device)
     full = model(seqs)  # (B, total, V)
     if not torch.is_grad_enabled():
         with torch.enable_grad():
-            torch.testing.assert_close(full, model(seqs), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(full, model(seqs), rtol=tol / 10, atol=tol / 10)
     cache = model.setup_cache(B, max_len)
     got = torch.zeros_like(full)
     done = torch.zeros(B, dtype=torch.long)
 
     def feed(n_new):
         width = int(n_new.max())
-        tokens = torch.zeros(B, width, dtype=torch.long)  # right padding: ignored
+        tokens = torch.zeros(B, width, dtype=torch.long, device=device)  # right padding: ignored
         for b in range(B):
             tokens[b, : n_new[b]] = seqs[b, done[b] : done[b] + n_new[b]]
-        out = model.decode(tokens, cache, n_new)
+        out = model.decode(tokens, cache, n_new.to(device))
         for b in range(B):
             got[b, done[b] : done[b] + n_new[b]] = out[b, : n_new[b]]
         done.add_(n_new)
@@ -202,7 +203,7 @@ def _check_cached_decoding(name, max_len=32, chunks=((5, 2, 9), (3, 0, 1)), **ov
     while int(done.min()) < total:
         feed((done < total).long())  # one token per unfinished row
     assert cache.lengths.tolist() == [total] * B
-    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, full, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
@@ -220,6 +221,24 @@ def test_xformers_backend_computes_the_same_model(name, xformers_on_cpu):
         _check_cached_decoding(name, attention="xformers")
         # a cache just the sequences' size: the third chunk's padding overflows rows 0 and 1
         _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), (15, 20, 12)), attention="xformers")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
+@pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
+def test_xformers_model_equals_sdpa_on_cuda(name):
+    """The same as test_xformers_backend_computes_the_same_model with xformers' real kernels (fp32)."""
+    sdpa, xf = make(name).cuda(), make(name, attention="xformers").cuda()
+    assert sdpa.backend("cuda") == "sdpa" and xf.backend("cuda") == "xformers"
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, sdpa.args.vocab_size, (2, 30), generator=g).cuda()
+    doc_ids = torch.cumsum((torch.rand(2, 30, generator=g) < 0.15).long(), 1).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(xf(tokens), sdpa(tokens), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(xf(tokens, doc_ids), sdpa(tokens, doc_ids), rtol=1e-4, atol=1e-4)
+        _check_cached_decoding(name, device="cuda", tol=1e-4, attention="xformers")
+        _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), (15, 20, 12)), device="cuda",
+                               tol=1e-4, attention="xformers")
 
 
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])

@@ -26,11 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="directory to write config.json, model.safetensors and tokenizer.json into")
     p.set_defaults(func=to_hf_command)
 
+    from interleaf.model.args import MODEL_SIZES  # no torch: the parser stays quick to build
+
     info = subparsers.add_parser(
         "info",
         help="parameters, FLOPs per token and memory of a model config or directory",
         description="CONFIG_OR_MODEL_DIR: a configs/model/*.yaml file, a model directory or a named size "
-                    "(debug, shapes-tiny, 100M, 1B, chameleon-7b, chameleon-34b).",
+                    f"({', '.join(MODEL_SIZES)}).",
     )
     info.add_argument("target", metavar="CONFIG_OR_MODEL_DIR")
     info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ModelArgs overrides, e.g. n_layers=8")

@@ -101,6 +101,7 @@ SIZE_TABLE: dict[str, dict] = {
     "shapes-tiny": dict(dim=192, n_layers=4, n_heads=6, vocab_size=2048, multiple_of=64, max_seq_len=1024,
                         qk_norm="layernorm"),
     "100M": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32768, max_seq_len=4096, qk_norm="layernorm"),
+    "350M": dict(dim=1024, n_layers=24, n_heads=16, vocab_size=32768, max_seq_len=4096, qk_norm="layernorm"),
     "1B": dict(dim=2048, n_layers=18, n_heads=16, n_kv_heads=8, vocab_size=65536, max_seq_len=4096,
                qk_norm="layernorm"),
     "chameleon-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=65536, max_seq_len=4096,
