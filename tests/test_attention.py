@@ -149,6 +149,29 @@ def test_backend_resolution():
         resolve_backend("flash", "cpu")
 
 
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_xformers_gradients_equal_sdpa_without_the_forward_only_gqa_layout(n_kv, xformers_on_cpu, monkeypatch):
+    """xformers' 5-D GQA layout has no backward: passes with gradients give it 4-D heads."""
+    from xformers import ops
+
+    reference, ndims = ops.memory_efficient_attention, []
+    monkeypatch.setattr(ops, "memory_efficient_attention", lambda q, *a, **kw: ndims.append(q.ndim) or reference(q, *a, **kw))
+    g = torch.Generator().manual_seed(3)
+    B, T, H, hd = DOCS.shape[0], DOCS.shape[1], 4, 8
+    leaves = [torch.randn(B, T, h, hd, generator=g, requires_grad=True) for h in (H, n_kv, n_kv)]
+    for doc_ids in (None, DOCS):
+        grads = []
+        for backend in ("xformers", "sdpa"):
+            out = attend(*leaves, build_mask(backend, doc_ids, T))
+            grads.append(torch.autograd.grad(out.square().sum(), leaves))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert ndims == [4, 4]
+    with torch.no_grad():
+        attend(*leaves, build_mask("xformers", None, T))
+    assert ndims[-1] == (5 if n_kv < H else 4)  # without gradients GQA keeps the grouped layout
+
+
 def test_xformers_counts_as_available_only_where_its_attention_runs(monkeypatch, request):
     """A build that imports but has no kernel for the device (here: CPU) is not available."""
     pytest.importorskip("xformers.ops")

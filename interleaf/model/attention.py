@@ -201,10 +201,14 @@ def _attend_xformers(q, k, v, mask: AttentionMask, dropout: float) -> torch.Tens
 
     B, T, H, hd = q.shape
     Hkv = k.shape[2]
-    if Hkv != H:  # GQA as the 5-D (B, M, G, H/G, K) layout, keys broadcast inside each group
-        q = q.view(B, T, Hkv, H // Hkv, hd)
+    if Hkv != H:  # GQA: keys and values broadcast to the H // Hkv query heads of their group
         k = k[:, :, :, None].expand(-1, -1, -1, H // Hkv, -1)
         v = v[:, :, :, None].expand(-1, -1, -1, H // Hkv, -1)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            # xformers' 5-D GQA layout is forward-only: with gradients, the heads as copies
+            k, v = k.reshape(*k.shape[:2], H, hd), v.reshape(*v.shape[:2], H, hd)
+        else:  # the 5-D (B, M, G, H/G, K) layout reads each group's keys once
+            q = q.view(B, T, Hkv, H // Hkv, hd)
     if mask.flat:
         q = q.reshape(1, B * T, *q.shape[2:])
         k = k.reshape(1, -1, *k.shape[2:])
