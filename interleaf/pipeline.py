@@ -29,8 +29,11 @@ VQGAN_DIR = "vqgan"
 SAMPLING_FILE = "sampling.yaml"
 
 
-def check_device(name: str, what: str = "device") -> torch.device:
-    """A device name -> torch.device; one that does not parse or is not available is an InterleafError."""
+def check_device(name: str | None, what: str = "device") -> torch.device:
+    """A device name -> torch.device (None: cuda when available, else cpu); one that does not
+    parse or is not available is an InterleafError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):

@@ -71,3 +71,19 @@ def test_symlinks_and_the_current_folder(tmp_path, monkeypatch):
             check_replaceable(path, "out")
     with pytest.raises(InterleafError, match="cannot write in"):
         check_replaceable("/proc/interleaf-x", "out")
+
+
+def test_check_device_names_and_default(monkeypatch):
+    import torch
+
+    from interleaf.pipeline import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device(None) == torch.device("cpu")
+    with pytest.raises(InterleafError, match="--device 'gpu0' is not a device"):
+        check_device("gpu0", "--device")
+    with pytest.raises(InterleafError, match="--device cuda: no CUDA device is available"):
+        check_device("cuda", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert check_device(None) == torch.device("cuda")

@@ -151,12 +151,9 @@ def check_inputs(args: argparse.Namespace, prompt: list) -> None:
 
 def device_args(args: argparse.Namespace) -> dict:
     """--device / --dtype as keyword arguments of `interleaf.load` (unset ones left out)."""
-    import torch
-
     from interleaf.pipeline import check_device
 
-    out = {"device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}
-    check_device(out["device"], "--device")
+    out = {"device": str(check_device(args.device, "--device"))}
     if args.dtype is not None:
         from interleaf.pipeline import parse_dtype
 

@@ -107,14 +107,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 def load_pipe(model_dir: str, device: str | None, dtype: str | None):
     """The model pipeline, on the chosen device."""
-    import torch
-
     from interleaf.pipeline import check_device, load
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device, "--device")
     kwargs = {"dtype": dtype} if dtype else {}
-    return load(model_dir, device=device, **kwargs)
+    return load(model_dir, device=check_device(device, "--device"), **kwargs)
 
 
 def serve(pipe, sock: socket.socket, limits, name: str, preview_every, allowed, loopback: bool) -> None:
