@@ -263,5 +263,13 @@ def test_shards_into_a_folder_another_prefix_shares_is_refused(tmp_path, capsys)
     (tmp_path / "y").mkdir()
     for d in ("x", "y"):
         (tmp_path / d / "train.jsonl").write_text(json.dumps(["text"]))
-    _one_line_error(capsys, ["shards", "jsonl", tmp_path / "x" / "train.jsonl", tmp_path / "y" / "train.jsonl",
-                             "-o", tmp_path / "j"], "share a name")
+    # JSONL files of the same name too: documents without a key get path-based keys
+    assert main(["shards", "jsonl", str(tmp_path / "x" / "train.jsonl"), str(tmp_path / "y" / "train.jsonl"),
+                 "-o", str(tmp_path / "j")]) == 0
+    assert sorted(k for k, _ in iter_documents(tmp_path / "j")) == ["x_train_jsonl-00000001", "y_train_jsonl-00000001"]
+    capsys.readouterr()
+    _one_line_error(capsys, ["shards", "jsonl", tmp_path / "x" / "train.jsonl", tmp_path / "x" / ".." / "x" / "train.jsonl",
+                             "-o", tmp_path / "j2"], f"is given twice (also as {tmp_path / 'x' / 'train.jsonl'})")
+    _one_line_error(capsys, ["shards", "text", tmp_path / "b1" / "ch1.txt", tmp_path / "b1" / "ch1.txt",
+                             "-o", tmp_path / "j2"], f"input {tmp_path / 'b1' / 'ch1.txt'} is given twice")
+    assert not (tmp_path / "j2").exists()

@@ -74,17 +74,19 @@ def _documents(args):
         return sh.shapes_documents(args.count, args.kind, args.resolution, args.seed, args.max_shapes, args.start), args.count
     if not args.inputs:
         raise InterleafError(f"{args.source}: give the input path(s)")
+    seen: dict[Path, str] = {}
+    for p in args.inputs:
+        if Path(p).resolve() in seen:
+            first = seen[Path(p).resolve()]
+            raise InterleafError(f"input {p} is given twice" + (f" (also as {first})" if first != p else ""))
+        seen[Path(p).resolve()] = p
     if args.source == "folder":
         if len(args.inputs) != 1:
             raise InterleafError("folder takes one folder of image + caption pairs")
         docs = sh.folder_pairs(args.inputs[0])
     elif args.source == "jsonl":
-        stems = {}
-        for path in args.inputs:
-            if stems.setdefault(Path(path).stem, path) != path:
-                raise InterleafError(f"{stems[Path(path).stem]} and {path} share a name: their documents without a "
-                                     "'key' would get the same keys; rename one")
-        docs = [d for path in args.inputs for d in sh.jsonl_documents(path)]
+        names = sh.file_keys([Path(p) for p in args.inputs])  # a/train.jsonl, b/train.jsonl: path-based
+        docs = [d for p in args.inputs for d in sh.jsonl_documents(p, names[Path(p)])]
     else:
         docs = sh.text_documents(args.inputs, per_line=args.per_line)
     sh.check_unique_keys(docs)

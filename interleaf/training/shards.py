@@ -465,13 +465,15 @@ def _utf8_text(path: Path) -> str:
         raise InterleafError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def jsonl_documents(path: str | Path) -> list[tuple[str, list, Any]]:
+def jsonl_documents(path: str | Path, name: str | None = None) -> list[tuple[str, list, Any]]:
     """A JSONL file of documents -> (key, segments, meta); every line is checked before any shard is written.
 
     Each line is a list of segments or {"segments": [...], "key": ..., "meta": ...}; a segment is a string,
-    {"text": str} or {"image": path} (relative paths resolve against the JSONL file's folder).
+    {"text": str} or {"image": path} (relative paths resolve against the JSONL file's folder). A
+    document without a key gets `name` (default: the file's stem) and its line number.
     """
     path = Path(path)
+    name = path.stem if name is None else name
     if not path.is_file():
         raise InterleafError(f"JSONL file not found: {path}")
     docs = []
@@ -483,7 +485,7 @@ def jsonl_documents(path: str | Path) -> list[tuple[str, list, Any]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise InterleafError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        key, meta = f"{path.stem}-{lineno:08d}", None
+        key, meta = f"{name}-{lineno:08d}", None
         if isinstance(obj, dict):
             if "segments" not in obj:
                 raise InterleafError(f"{where}: a document object needs a 'segments' list")
@@ -523,7 +525,7 @@ def text_documents(paths: Sequence[str | Path], per_line: bool = False) -> list[
             raise InterleafError(f"no text files match {str(p)!r}")
         files.extend(Path(m) for m in matched)
     docs = []
-    names = _text_keys(files)
+    names = file_keys(files)
     for f in files:
         if not f.is_file():
             raise InterleafError(f"text file not found: {f}")
@@ -537,9 +539,10 @@ def text_documents(paths: Sequence[str | Path], per_line: bool = False) -> list[
     return docs
 
 
-def _text_keys(files: Sequence[Path]) -> dict[Path, str]:
-    """Document keys of text files: their stems, or (when two share one, as books/*/ch1.txt do) their
-    paths below the common folder, suffix included."""
+def file_keys(files: Sequence[Path]) -> dict[Path, str]:
+    """Document keys (or key prefixes) of input files: their stems, or (when two share one, as
+    books/*/ch1.txt or a/train.jsonl and b/train.jsonl do) their paths below the common folder,
+    suffix included."""
     stems = [sanitize_key(f.stem) for f in files]
     if len(set(stems)) == len(stems):
         return dict(zip(files, stems))
