@@ -208,37 +208,39 @@ def _check_cached_decoding(name, max_len=32, chunks=((5, 2, 9), (3, 0, 1)), devi
 
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
 def test_xformers_backend_computes_the_same_model(name, xformers_on_cpu):
-    """The xformers path of the whole model (xformers' reference attention on CPU) equals SDPA's:
-    plain and packed forward passes, and cached decoding, also with rows appending tokens near full."""
-    sdpa, xf = make(name), make(name, attention="xformers")  # the same seed: the same weights
-    assert sdpa.backend("cpu") == "sdpa" and xf.backend("cpu") == "xformers"
-    g = torch.Generator().manual_seed(6)
-    tokens = torch.randint(0, sdpa.args.vocab_size, (2, 30), generator=g)
-    doc_ids = torch.cumsum((torch.rand(2, 30, generator=g) < 0.15).long(), 1)
-    with torch.no_grad():
-        torch.testing.assert_close(xf(tokens), sdpa(tokens), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(xf(tokens, doc_ids), sdpa(tokens, doc_ids), rtol=1e-5, atol=1e-5)
-        _check_cached_decoding(name, attention="xformers")
-        # a cache just the sequences' size: the third chunk's padding overflows rows 0 and 1
-        _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), (15, 20, 12)), attention="xformers")
+    """The xformers path of the whole model, xformers' reference attention in place of its kernels."""
+    _check_xformers_equals_sdpa(name, "cpu", tol=1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
 def test_xformers_model_equals_sdpa_on_cuda(name):
-    """The same as test_xformers_backend_computes_the_same_model with xformers' real kernels (fp32)."""
-    sdpa, xf = make(name).cuda(), make(name, attention="xformers").cuda()
-    assert sdpa.backend("cuda") == "sdpa" and xf.backend("cuda") == "xformers"
+    """The same with xformers' real kernels (fp32)."""
+    _check_xformers_equals_sdpa(name, "cuda", tol=1e-4)
+
+
+def _check_xformers_equals_sdpa(name, device, tol):
+    """Plain and packed forward passes, cached decoding (also with rows appending tokens near
+    full) and a packed training pass's gradients: the same with xformers as with SDPA."""
+    sdpa, xf = make(name).to(device), make(name, attention="xformers").to(device)  # the same seed: the same weights
+    assert sdpa.backend(device) == "sdpa" and xf.backend(device) == "xformers"
     g = torch.Generator().manual_seed(6)
-    tokens = torch.randint(0, sdpa.args.vocab_size, (2, 30), generator=g).cuda()
-    doc_ids = torch.cumsum((torch.rand(2, 30, generator=g) < 0.15).long(), 1).cuda()
+    tokens = torch.randint(0, sdpa.args.vocab_size, (2, 30), generator=g).to(device)
+    doc_ids = torch.cumsum((torch.rand(2, 30, generator=g) < 0.15).long(), 1).to(device)
     with torch.no_grad():
-        torch.testing.assert_close(xf(tokens), sdpa(tokens), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(xf(tokens, doc_ids), sdpa(tokens, doc_ids), rtol=1e-4, atol=1e-4)
-        _check_cached_decoding(name, device="cuda", tol=1e-4, attention="xformers")
-        _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), (15, 20, 12)), device="cuda",
-                               tol=1e-4, attention="xformers")
+        torch.testing.assert_close(xf(tokens), sdpa(tokens), rtol=tol, atol=tol)
+        torch.testing.assert_close(xf(tokens, doc_ids), sdpa(tokens, doc_ids), rtol=tol, atol=tol)
+        _check_cached_decoding(name, device=device, tol=tol, attention="xformers")
+        # a cache just the sequences' size: the third chunk's padding overflows rows 0 and 1
+        _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), (15, 20, 12)), device=device,
+                               tol=tol, attention="xformers")
+    grads = []
+    for model in (xf.train(), sdpa.train()):
+        model.loss(tokens, tokens.roll(-1, 1), doc_ids=doc_ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=10 * tol, atol=tol / 10, msg=n)
 
 
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
