@@ -17,7 +17,7 @@ from interleaf.errors import InterleafError
 from interleaf.sampling import logits as L
 from interleaf.sampling.events import Document, Done, ImageDone, ImageProgress, ImageStart, TextDelta
 from interleaf.sampling.generate import Request, stream_requests
-from interleaf.sampling.render import write_documents
+from interleaf.sampling.render import escape_markdown, write_documents
 from interleaf.sampling.state import SequenceState
 from interleaf.tokenizer.vocab import Vocabulary
 
@@ -378,7 +378,7 @@ def test_render_writes_complete_files_atomically(tmp_path, vocab, monkeypatch):
     doc = Document(segments=["A red <square> & more\n", img, " the end"], prompt=["draw it"])
     out = write_documents(tmp_path / "out", [doc])
     md = out.markdown.read_text()
-    assert "A red <square> & more" in md and "![image-0-0.png](image-0-0.png)" in md
+    assert "A red \\<square> \\& more" in md and "![image-0-0.png](image-0-0.png)" in md
     assert [p.name for p in out.images] == ["image-0-0.png"]
     assert np.array_equal(np.asarray(Image.open(out.images[0])), np.asarray(img))
     page = out.html.read_text()
@@ -394,6 +394,54 @@ def test_render_writes_complete_files_atomically(tmp_path, vocab, monkeypatch):
         write_documents(tmp_path / "out", [Document(segments=["other"])])
     assert out.html.read_text() == page
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+HOSTILE_MARKDOWN = (
+    "# heading\n*stars* and _under_ `code` ~~struck~~ 2*3*4 snake_case\n[link](x) ![img](evil.png) <https://a.b>\n"
+    "<script>alert(1)</script> &amp; &copy; \\* back\\slash\\\n1. one\n2) two\n- dash\n+ plus\n> quote\n"
+    "| a | b |\n|---|---|\n---\n===\n   # indented heading\ntwo trailing spaces  \n\tby a tab\n```\n~~~\n<div>\n"
+    "\n        code after a blank line?\n***\n[ref]: /url\n[ref]"
+)
+
+
+def commonmark_blocks(text):
+    """(tag, text) per block as CommonMark (+ GFM tables, strikethrough) reads it; other syntax as <type>."""
+    from markdown_it import MarkdownIt  # comes with the dev extra (transformers -> typer -> rich)
+
+    def inline(children):
+        return "".join(c.content if c.type == "text" else "\n" if c.type == "softbreak" else
+                       f"<image {c.attrs['src']}>" if c.type == "image" else f"<{c.type}>" for c in children)
+
+    blocks, tag = [], None
+    for tok in MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(text):
+        if tok.type == "inline":
+            blocks.append((tag, inline(tok.children)))
+        elif tok.type in ("paragraph_open", "heading_open"):
+            tag = tok.tag
+        elif not tok.type.endswith("_close"):
+            blocks.append((f"<{tok.type}>", tok.content))  # a list, quote, table, rule, code or HTML block
+    return blocks
+
+
+def test_markdown_shows_prompt_and_text_literally(tmp_path):
+    img = Image.new("RGB", (4, 4))
+    doc = Document(segments=[HOSTILE_MARKDOWN, img, " after "], prompt=[HOSTILE_MARKDOWN, img])
+    md = write_documents(tmp_path, [doc]).markdown.read_text()
+    paragraphs = [("p", p) for p in HOSTILE_MARKDOWN.split("\n\n")]  # a blank line still splits paragraphs
+    assert commonmark_blocks(md) == [
+        ("h1", "interleaf"), ("h2", "Prompt"), *paragraphs, ("p", "<image prompt-1.png>"),
+        ("h2", "Output"), *paragraphs, ("p", "<image image-0-0.png>"), ("p", " after "),
+    ]
+    assert "![prompt-1.png](prompt-1.png)" in md and "![image-0-0.png](image-0-0.png)" in md
+
+
+def test_markdown_escapes_only_what_could_be_syntax():
+    plain = "A red circle, 3.5 cm (50%) - left of it! 'Quotes' \"too\"? a@b.c {x} $y$ /z/ + 1 = 2 # 3"
+    assert escape_markdown(plain) == plain
+    assert escape_markdown("# *a* _b_ `c` [d](e) <f> &g; h|i ~j~ k\\") == \
+        "\\# \\*a\\* \\_b\\_ \\`c\\` \\[d\\](e) \\<f> \\&g; h\\|i \\~j\\~ k\\\\"
+    assert escape_markdown("- a\n+ b\n> c\n10. d\n2) e\n---\n===") == "\\- a\n\\+ b\n\\> c\n10\\. d\n2\\) e\n\\---\n\\==="
+    assert escape_markdown("    code\nhard  \n\tx\t\n \n\r\nend") == "&#32;   code\nhard &#32;\n&#9;x&#9;\n\n\nend"
 
 
 def test_render_into_an_earlier_output_keeps_one_set_of_files(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -79,14 +80,35 @@ def _blocks(documents: Sequence[Document], out_dir: Path, written: list[Path]) -
     return blocks
 
 
+# CommonMark syntax that can stand anywhere in a line: escapes, code, emphasis, links and images,
+# raw HTML and entities, and the GFM extras (table pipes, ~~strikethrough~~)
+_INLINE_SYNTAX = re.compile(r"[\\`*_\[\]<&|~]")
+
+
+def escape_markdown(text: str) -> str:
+    """`text` as Markdown that a CommonMark renderer shows literally, line breaks kept as line breaks."""
+    return "\n".join(_escape_line(line) for line in re.split(r"\r\n|\r|\n", text))
+
+
+def _escape_line(line: str) -> str:
+    if not line.strip(" \t"):
+        return ""  # a blank line separates paragraphs, as before
+    line = _INLINE_SYNTAX.sub(r"\\\g<0>", line)
+    line = re.sub(r"^([#+=>-])", r"\\\1", line)  # headings, lists, quotes, rules, setext underlines
+    line = re.sub(r"^(\d+)([.)])", r"\1\\\2", line)  # ordered lists: "1." and "1)"
+    # CommonMark drops spaces at the ends of a line, reads 4 leading as a code block and 2 trailing as
+    # a hard break: the outermost space or tab becomes a character reference, which keeps them all
+    return re.sub(r"^[ \t]|[ \t]$", lambda m: f"&#{ord(m[0])};", line)
+
+
 def to_markdown(blocks: list[tuple[str, object]]) -> str:
-    """Markdown text; images linked by file name."""
+    """Markdown text, prompt and generated text escaped; images linked by file name."""
     lines = ["# interleaf", ""]
     for kind, payload in blocks:
         if kind == "heading":
             lines += [f"## {payload}", ""]
         elif kind == "text":
-            lines += [str(payload), ""]
+            lines += [escape_markdown(str(payload)), ""]
         else:
             _, name = payload
             lines += [f"![{name}]({name})", ""]
