@@ -12,7 +12,7 @@ from interleaf.cli import main
 from interleaf.config import load_config
 from interleaf.errors import InterleafError
 from interleaf.tokenizer.vqgan import VQModel
-from interleaf.tokenizer.vqgan_train import TrainVQConfig, train_vqgan
+from interleaf.tokenizer.vqgan_train import DataConfig, TrainVQConfig, folder_source, train_vqgan
 
 TINY = [
     "model.resolution=16", "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.z_channels=8",
@@ -168,3 +168,71 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, setup, args, message):
     import re
 
     assert re.search(message, err), err
+
+
+def photo(i: int, size: int = 48) -> Image.Image:
+    """A noisy image: its compressed pixel data is most of the file, so a cut lands in it."""
+    return Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def save_cut(path, keep: float = 0.7) -> None:
+    """A real image file that lost its tail, as an interrupted copy or download leaves it."""
+    photo(len(path.name)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    if path.suffix != ".webp":  # the header still reads, only a deeper check finds the cut (WebP's open parses it all)
+        with Image.open(path) as f:
+            assert f.size == (48, 48)
+
+
+@pytest.mark.parametrize("with_note", [False, True])
+def test_bad_images_are_refused_before_training(tmp_path, capsys, monkeypatch, with_note):
+    import interleaf.tokenizer.vqgan_train as vqgan_train
+
+    folder, run = tmp_path / "imgs", tmp_path / "run"
+    save_pngs(folder, 6, 16)
+    photo(0).save(folder / "photo.jpg")
+    save_cut(folder / "cut.png")
+    if with_note:
+        (folder / "notes.jpg").write_text("a note saved with an image extension")
+    monkeypatch.setattr(vqgan_train, "build_trainer", lambda cfg: pytest.fail("training started"))
+    status = main(["train-vqgan", "configs/vqgan/shapes-tiny.yaml", *TINY, f"run_dir={run}", "steps=1",
+                   "data.source=folder", f"data.path={folder}", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"interleaf train-vqgan: error: cannot read image {folder / 'cut.png'}: "), err
+    if with_note:
+        assert err.endswith(f"(1 more unreadable: {folder / 'notes.jpg'})"), err
+    assert not run.exists()  # nothing written: not even config.yaml
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp", "gif", "bmp", "tiff"])
+def test_cut_image_of_each_format_is_found(tmp_path, ext):
+    folder = tmp_path / "imgs"
+    save_pngs(folder, 2, 16)
+    save_cut(folder / f"cut.{ext}")
+    with pytest.raises(InterleafError, match=f"cannot read image .*cut.{ext}: "):
+        folder_source(DataConfig(source="folder", path=str(folder)), 16, seed=0)
+
+
+def test_good_images_of_each_format_pass_the_check(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, ext in enumerate(["png", "jpg", "webp", "gif", "bmp", "tiff", "ppm"]):
+        photo(i, 20).save(folder / f"{i}.{ext}")
+    source = folder_source(DataConfig(source="folder", path=str(folder)), 16, seed=0)
+    assert source.batch(0, 6).shape == (6, 3, 16, 16)
+    photo(9, 8).save(folder / "small.jpg")  # sizes come from the header, not the 1/8-scale JPEG check
+    with pytest.raises(InterleafError, match="small.jpg is 8x8"):
+        folder_source(DataConfig(source="folder", path=str(folder)), 16, seed=0)
+
+
+def test_many_unreadable_images_stay_one_line(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(b"")
+    with pytest.raises(InterleafError) as e:
+        folder_source(DataConfig(source="folder", path=str(folder)), 16, seed=0)
+    assert str(e.value) == (f"cannot read image {folder / '0.png'}: not an image file (5 more unreadable: "
+                            f"{folder / '1.png'}, {folder / '2.png'}, {folder / '3.png'}, ...)")

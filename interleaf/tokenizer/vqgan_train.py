@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from PIL import Image
 
 from interleaf.config import from_dict, read_yaml, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
-from interleaf.tokenizer.image import image_size, list_images, load_image, pil_to_tensor
+from interleaf.tokenizer.image import check_image, list_images, load_image, pil_to_tensor
 from interleaf.tokenizer.losses import LossConfig, VQGANLoss
 from interleaf.tokenizer.vqgan import VQConfig, VQModel, code_stats, psnr
 from interleaf.utils import atomic_write, get_logger, seed_everything, write_json
@@ -153,11 +154,36 @@ def shapes_source(data: DataConfig, resolution: int) -> ImageSource:
     )
 
 
-def folder_source(data: DataConfig, resolution: int, seed: int) -> ImageSource:
+def check_folder(files: Sequence[Path], progress: bool = False) -> list[tuple[int, int]]:
+    """(width, height) of every file; one InterleafError naming the first unreadable file and counting the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    def check(path: Path) -> tuple[int, int] | str:
+        try:
+            return check_image(path)
+        except InterleafError as e:
+            return str(e)
+
+    # PIL reads and decodes with the GIL released (Pillow #1224): threads spread a 100k-image check over the cores
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        found = list(tqdm(pool.map(check, files), total=len(files), desc="checking images", unit="img",
+                          disable=not progress, dynamic_ncols=True))
+    finally:
+        pool.shutdown(cancel_futures=True)  # an interrupt does not wait for the queued checks
+    bad = [(f, r) for f, r in zip(files, found) if isinstance(r, str)]
+    if bad:
+        more = [str(f) for f, _ in bad[1:4]] + (["..."] if len(bad) > 4 else [])
+        raise InterleafError(bad[0][1] + (f" ({len(bad) - 1} more unreadable: {', '.join(more)})" if more else ""))
+    return found
+
+
+def folder_source(data: DataConfig, resolution: int, seed: int, progress: bool = False) -> ImageSource:
     """A folder of image files: checked up front, split into train/val, reshuffled each epoch."""
     files = list_images(data.path)
-    for f in files:
-        w, h = image_size(f)
+    for f, (w, h) in zip(files, check_folder(files, progress)):
         if min(w, h) < resolution and not data.allow_upscale:
             raise InterleafError(
                 f"image {f} is {w}x{h}, smaller than the training resolution {resolution} "
@@ -193,6 +219,7 @@ def make_source(
     cfg: TrainVQConfig,
     images: Sequence[Image.Image] | ImageFn | None = None,
     val_images: Sequence[Image.Image] | ImageFn | None = None,
+    progress: bool = False,
 ) -> ImageSource:
     """The configured source, or user-given images (a sequence cycles; a callable maps index -> image)."""
     R = cfg.model.resolution
@@ -207,7 +234,7 @@ def make_source(
         return ImageSource(images, val, n_val, R)
     if cfg.data.source == "shapes":
         return shapes_source(cfg.data, R)
-    return folder_source(cfg.data, R, cfg.seed)
+    return folder_source(cfg.data, R, cfg.seed, progress)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -420,7 +447,7 @@ def _train(cfg: TrainVQConfig, resume: bool, images, val_images, progress: bool)
     existing = checkpoint_dirs(run_dir)
     if existing and not resume:
         raise InterleafError(f"run directory {run_dir} already has checkpoints; pass --resume to continue or choose another run_dir")
-    source = make_source(cfg, images, val_images)
+    source = make_source(cfg, images, val_images, progress)  # a folder is checked here, before anything is written
     trainer = build_trainer(cfg)
     metrics_path = run_dir / "metrics.jsonl"
     if resume and existing:
