@@ -1,5 +1,10 @@
 import json
 import random
+import signal
+import string
+import subprocess
+import sys
+import threading
 import unicodedata
 
 import pytest
@@ -293,6 +298,37 @@ def test_cli_train_bpe_from_shards_and_document_jsonl(tmp_path):
     tok = TextTokenizer.load(out)
     for word in (" triangle", " appears", " zebra", " quokka"):
         assert len(tok.encode(word)) == 1, word
+
+
+def test_cli_train_bpe_stops_at_once_on_ctrl_c(tmp_path):
+    """Ctrl-C during the merges (native code that never checks for signals) ends the run at once."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=40)) for _ in range(50_000)] * 2
+    corpus = tmp_path / "corpus.txt"  # 4 MB of long words: ~10 s of merges on 2 cores, ~0.2 s to read
+    corpus.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(0, len(words), 5)) + "\n")
+    out = tmp_path / "bpe"
+    cmd = [sys.executable, "-m", "interleaf", "train-bpe", "vocab_size=300000", "-i", str(corpus), "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(30, proc.kill)  # a run that never logs must not hang the suite
+    watchdog.start()
+    try:
+        for line in proc.stderr:  # the corpus is read: the merges have begun
+            if "learning merges" in line:
+                break
+        else:
+            pytest.fail(f"train-bpe ended before its merges: rc={proc.wait()}")
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=3)  # ~0.5 s here, 0.4 s of it torch's own exit
+        except subprocess.TimeoutExpired:
+            pytest.fail("train-bpe ignored Ctrl-C for 3 s")
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    assert stderr == "interleaf train-bpe: interrupted\n" and stdout == ""
+    assert list(tmp_path.iterdir()) == [corpus]  # no output directory, tokenizer.json or temp file
 
 
 def test_training_is_deterministic(tok):

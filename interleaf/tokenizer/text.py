@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -260,7 +261,7 @@ def train_bpe(
         show_progress=show_progress,
     )
     counter = _Counter(texts)
-    tok.train_from_iterator(counter, trainer)
+    _train_in_thread(tok, counter, trainer)
     if counter.n_chars == 0:
         raise InterleafError("the BPE training corpus is empty (no text found)")
     out = TextTokenizer(hf=tok)
@@ -268,6 +269,33 @@ def train_bpe(
         assert out.token_to_id(name) == i, "special tokens must come first"
     log.debug("trained BPE on %d texts (%d characters): %d tokens", counter.n_texts, counter.n_chars, out.vocab_size)
     return out
+
+
+def _train_in_thread(tok, texts: Iterable[str], trainer) -> None:
+    """`tok.train_from_iterator` in a daemon thread, so that Ctrl-C stops training at once.
+
+    The Rust trainer releases the GIL but never checks for signals, and Python runs signal
+    handlers only in the main thread, between bytecodes: called from the main thread it holds
+    KeyboardInterrupt back until training ends, minutes on a big corpus. Here the main thread
+    waits in short joins (a signal delivered to another thread wakes no untimed join) and raises
+    KeyboardInterrupt at once. Nothing can stop the Rust side, so an interrupted training runs on
+    in the background until it ends; a daemon thread does not hold up interpreter exit (no
+    ThreadPoolExecutor: its atexit hook would join the worker), and the CLI exits right away.
+    """
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            tok.train_from_iterator(texts, trainer)
+        except BaseException as e:  # handed to the main thread, which raises it
+            failure.append(e)
+
+    thread = threading.Thread(target=work, name="train-bpe", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if failure:
+        raise failure[0]
 
 
 class _Counter:
@@ -288,3 +316,5 @@ class _Counter:
             self.n_texts += 1
             self.n_chars += len(text)
             yield text
+        if self.n_texts:  # the trainer goes silent for the merges, which can take minutes
+            log.info("read %s texts (%s characters); learning merges", f"{self.n_texts:,}", f"{self.n_chars:,}")
