@@ -170,18 +170,16 @@ def test_xformers_gradients_equal_sdpa_without_the_forward_only_gqa_layout(n_kv,
     with torch.no_grad():
         attend(*leaves, build_mask("xformers", None, T))
     assert ndims[-1] == (5 if n_kv < H else 4)  # without gradients GQA keeps the grouped layout
+    assert build_cache_mask("xformers", torch.tensor([3, 5]), T, 12).backend == "sdpa"  # gradients on
 
 
-def test_xformers_counts_as_available_only_where_its_attention_runs(monkeypatch, request):
+def test_xformers_counts_as_available_only_where_its_attention_runs(monkeypatch):
     """A build that imports but has no kernel for the device (here: CPU) is not available."""
     pytest.importorskip("xformers.ops")
     monkeypatch.setattr(attention, "_XFORMERS_PROBES", {})
     problem = attention.xformers_problem("cpu")
     assert problem.startswith("xformers is installed but its attention does not run on cpu: ")
     assert "\n" not in problem and not xformers_available("cpu")
-    monkeypatch.setattr(attention, "_XFORMERS_PROBES", {})
-    request.getfixturevalue("xformers_on_cpu")  # a kernel that runs: the reference attention
-    assert attention.xformers_problem("cpu") is None and xformers_available("cpu")
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])
@@ -199,9 +197,13 @@ def test_xformers_masks_and_layouts_equal_sdpa(n_kv, xformers_on_cpu):
                                    rtol=1e-5, atol=1e-6)
     S = 16  # cache slots (+1 scratch slot)
     kc, vc = torch.randn(2, B, S + 1, n_kv, hd, generator=g)
-    for lengths, n in (([3, 9], 4), ([0, 0], 5), ([7, 15], 1), ([14, 2], 4)):  # the last: row 0 near full
+    # ([13, 2], 4): row 0's padding reaches the scratch slot, the most the mask can hold; ([14, 2], 4):
+    # past it, so that step attends with SDPA
+    for lengths, n in (([3, 9], 4), ([0, 0], 5), ([7, 15], 1), ([13, 2], 4), ([14, 2], 4)):
         lengths = torch.tensor(lengths)
-        xf = build_cache_mask("xformers", lengths, n, S)
+        with torch.no_grad():
+            xf = build_cache_mask("xformers", lengths, n, S)
+        assert xf.backend == ("xformers" if int(lengths.max()) + n <= S + 1 else "sdpa")
         want = attend(q[:, :n], kc, vc, build_cache_mask("sdpa", lengths, n, S))
         got = attend(q[:, :n], kc, vc, xf)
         room = (S - lengths).clamp(max=n)  # the queries a row may really hold; the others are padding
@@ -228,3 +230,21 @@ def test_xformers_equals_sdpa_on_cuda():
     got = attend(q[:, :2], kc, vc, build_cache_mask("xformers", lengths, 2, 16))
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_xformers_gradients_equal_sdpa_on_cuda(n_kv):
+    """bf16 training passes (the kernels a GPU run uses: FA3 on Hopper), plain and packed, MHA/GQA/MQA."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, T, H, hd = DOCS.shape[0], DOCS.shape[1], 4, 64
+    leaves = [torch.randn(B, T, h, hd, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for h in (H, n_kv, n_kv)]
+    for doc_ids in (None, DOCS.cuda()):
+        results = []
+        for backend in ("xformers", "sdpa"):
+            out = attend(*leaves, build_mask(backend, doc_ids, T))
+            results.append((out, *torch.autograd.grad(out.float().square().sum(), leaves)))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -11,7 +11,7 @@ from interleaf.config import load_config
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.model import ops, transformer
 from interleaf.model.args import MODEL_SIZES, ModelArgs, count_params, ffn_hidden_size, flops_per_token
-from interleaf.model.attention import xformers_available
+from interleaf.model.attention import build_cache_mask, xformers_available
 from interleaf.model.transformer import (
     MATVEC_MAX_ROWS, SPLIT_MAX_ROWS, FusedWeight, HeadLayerNorm, RMSNorm, Transformer,
 )
@@ -207,9 +207,19 @@ def _check_cached_decoding(name, max_len=32, chunks=((5, 2, 9), (3, 0, 1)), devi
 
 
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
-def test_xformers_backend_computes_the_same_model(name, xformers_on_cpu):
+def test_xformers_backend_computes_the_same_model(name, xformers_on_cpu, monkeypatch):
     """The xformers path of the whole model, xformers' reference attention in place of its kernels."""
+    steps = []
+
+    def recorded(backend, lengths, T, *args, **kwargs):
+        mask = build_cache_mask(backend, lengths, T, *args, **kwargs)
+        steps.append((T, mask.backend))
+        return mask
+
+    monkeypatch.setattr(transformer, "build_cache_mask", recorded)
     _check_xformers_equals_sdpa(name, "cpu", tol=1e-5)
+    assert (15, "xformers") in steps and (20, "sdpa") in steps  # the fullest chunk the mask holds; one past it
+    assert {b for T, b in steps if T == 1} == {"xformers", "sdpa"}  # without gradients; with them
 
 
 @pytest.mark.gpu
@@ -232,9 +242,13 @@ def _check_xformers_equals_sdpa(name, device, tol):
         torch.testing.assert_close(xf(tokens), sdpa(tokens), rtol=tol, atol=tol)
         torch.testing.assert_close(xf(tokens, doc_ids), sdpa(tokens, doc_ids), rtol=tol, atol=tol)
         _check_cached_decoding(name, device=device, tol=tol, attention="xformers")
-        # a cache just the sequences' size: the third chunk's padding overflows rows 0 and 1
-        _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), (15, 20, 12)), device=device,
-                               tol=tol, attention="xformers")
+        # a cache just the sequences' size: the third chunk (15 wide) takes row 2 to its last slot,
+        # padding into the scratch slot; in the second run it is 20 wide, past the slots of rows 0
+        # and 2, so that step attends with SDPA
+        for third in ((10, 15, 14), (15, 20, 12)):
+            _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), third), device=device,
+                                   tol=tol, attention="xformers")
+    _check_cached_decoding(name, device=device, tol=tol, attention="xformers")  # with gradients: SDPA
     grads = []
     for model in (xf.train(), sdpa.train()):
         model.loss(tokens, tokens.roll(-1, 1), doc_ids=doc_ids).loss.backward()

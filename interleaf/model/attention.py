@@ -7,6 +7,10 @@ document ids (packed rows) or the cache lengths (decoding) and handed to every l
     packed documents      sdpa: bool (B, 1, T, T)         xformers: BlockDiagonalCausalMask
     decoding with cache   sdpa: bool (B, 1, T, S)         xformers: BlockDiagonalCausalWithOffsetPaddedKeysMask
 
+A decoding step that mask cannot serve (gradients on: no xformers kernel differentiates it; or
+a row's padding past its slots) attends with SDPA. xformers' 5-D GQA layout is forward-only, so
+GQA training passes give it every head's keys as copies.
+
 q, k, v arrive in the token-major layout (B, T, H, hd) that the projections produce. On CPU, the
 sdpa backend runs a training pass's causal attention as blocks of queries against their key
 prefix (`blocked_attention`): the same function as PyTorch's kernel, faster to differentiate.
@@ -28,27 +32,36 @@ BACKENDS = ("auto", "sdpa", "xformers")
 _XFORMERS_PROBES: dict[str, str | None] = {}
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def xformers_problem(device: torch.device | str = "cuda") -> str | None:
     """Why xformers' memory-efficient attention cannot run on `device`, or None when it runs.
 
-    Importing is not enough: a build made for another torch or CUDA imports with a warning and
-    fails at its first call, so this makes one tiny causal call (once per device type).
+    Importing is not enough: a build with no kernel for this device, or one made for another
+    torch or CUDA, may import with a warning and fail at its first call. So this runs one small
+    packed causal pass, forward and backward (fp16: every CUDA kernel of xformers takes it),
+    once per device type, and waits for it to finish.
     """
     device = torch.device(device)
     if device.type not in _XFORMERS_PROBES:
         try:
             from xformers.ops import fmha, memory_efficient_attention
-        except Exception as e:  # ImportError, or a broken install
-            _XFORMERS_PROBES[device.type] = f"xformers is not installed ({type(e).__name__}: pip install xformers)"
+        except Exception as e:  # ImportError (also of a flash-attn version it refuses), a broken install
+            _XFORMERS_PROBES[device.type] = f"xformers cannot be imported ({type(e).__name__}: {_first_line(e)})"
         else:
             try:
-                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-                q = torch.zeros(1, 8, 1, 64, device=device, dtype=dtype)
-                memory_efficient_attention(q, q, q, attn_bias=fmha.attn_bias.LowerTriangularMask())
+                dtype = torch.float16 if device.type == "cuda" else torch.float32
+                q = torch.zeros(1, 16, 1, 64, device=device, dtype=dtype, requires_grad=True)
+                bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens([9, 7], device=device)
+                memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 _XFORMERS_PROBES[device.type] = None
             except Exception as e:  # no kernel for this device, or a build for another torch/CUDA
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                _XFORMERS_PROBES[device.type] = f"xformers is installed but its attention does not run on {device.type}: {first}"
+                _XFORMERS_PROBES[device.type] = (f"xformers is installed but its attention does not run on "
+                                                 f"{device.type}: {_first_line(e)}")
     return _XFORMERS_PROBES[device.type]
 
 
@@ -141,7 +154,7 @@ def build_mask(backend: str, doc_ids: torch.Tensor | None, T: int) -> AttentionM
 
         if doc_ids is None:
             return AttentionMask(backend, fmha.attn_bias.LowerTriangularMask())
-        bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(document_lengths(doc_ids))
+        bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(document_lengths(doc_ids), device=doc_ids.device)
         return AttentionMask(backend, bias, flat=True)
     if doc_ids is None:
         return AttentionMask(backend)
@@ -157,6 +170,8 @@ def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int, 
     what the caller knows of the rows: "dense" (anything: a bool mask), "all" (one token per row,
     every row holding n_keys tokens after it: no mask) or "causal" (empty rows, T tokens each).
     """
+    if backend == "xformers" and torch.is_grad_enabled():
+        backend = "sdpa"  # no xformers kernel differentiates the padded-keys mask
     if backend == "xformers":
         from xformers.ops import fmha
 
@@ -165,7 +180,7 @@ def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int, 
         kv_len = (lengths + T).tolist()  # syncs: xformers takes host lists
         if max(kv_len) <= max_len + 1:
             bias = fmha.attn_bias.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-                q_seqlen=[T] * len(kv_len), kv_padding=max_len + 1, kv_seqlen=kv_len
+                q_seqlen=[T] * len(kv_len), kv_padding=max_len + 1, kv_seqlen=kv_len, device=lengths.device
             )
             return AttentionMask(backend, bias, flat=True)
         backend = "sdpa"  # a row within T of full (its padding tokens overflow): this step attends with SDPA
@@ -201,14 +216,14 @@ def _attend_xformers(q, k, v, mask: AttentionMask, dropout: float) -> torch.Tens
 
     B, T, H, hd = q.shape
     Hkv = k.shape[2]
-    if Hkv != H:  # GQA: keys and values broadcast to the H // Hkv query heads of their group
-        k = k[:, :, :, None].expand(-1, -1, -1, H // Hkv, -1)
-        v = v[:, :, :, None].expand(-1, -1, -1, H // Hkv, -1)
+    if Hkv != H:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            # xformers' 5-D GQA layout is forward-only: with gradients, the heads as copies
-            k, v = k.reshape(*k.shape[:2], H, hd), v.reshape(*v.shape[:2], H, hd)
-        else:  # the 5-D (B, M, G, H/G, K) layout reads each group's keys once
+            # xformers' 5-D GQA layout is forward-only: with gradients, every head's keys as a copy
+            k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+        else:  # the 5-D (B, M, G, H/G, K) layout: keys broadcast to the query heads of their group
             q = q.view(B, T, Hkv, H // Hkv, hd)
+            k = k[:, :, :, None].expand(-1, -1, -1, H // Hkv, -1)
+            v = v[:, :, :, None].expand(-1, -1, -1, H // Hkv, -1)
     if mask.flat:
         q = q.reshape(1, B * T, *q.shape[2:])
         k = k.reshape(1, -1, *k.shape[2:])

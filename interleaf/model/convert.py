@@ -371,8 +371,9 @@ def _grid_from_vq_config(vq: Mapping) -> tuple[int, int]:
 
 
 def _grid_vq_config(vocab: Vocabulary, src: Path) -> dict:
-    """A model without a VQ-GAN still has an image grid and a code count: the HF format keeps them
-    only in `vq_config` (transformers' defaults are 32x32 and 8192), so write the two fields that say them."""
+    """A model without a VQ-GAN still has an image grid and a code count. The HF format can say them
+    only in `vq_config` (a VQ encoder's grid is its input size over 2^(len(channel_multiplier) - 1);
+    transformers' defaults mean 32x32 codes of 8192), so write the fields `from_hf` reads back."""
     h, w = vocab.image_grid
     if h != w:
         raise InterleafError(f"{src}: the image grid is {h}x{w}, but the HF Chameleon format holds only square grids")
