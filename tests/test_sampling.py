@@ -409,7 +409,7 @@ def commonmark_blocks(text):
     from markdown_it import MarkdownIt  # comes with the dev extra (transformers -> typer -> rich)
 
     def inline(children):
-        return "".join(c.content if c.type == "text" else "\n" if c.type == "softbreak" else
+        return "".join(c.content if c.type == "text" else "\n" if c.type == "hardbreak" else
                        f"<image {c.attrs['src']}>" if c.type == "image" else f"<{c.type}>" for c in children)
 
     blocks, tag = [], None
@@ -440,8 +440,9 @@ def test_markdown_escapes_only_what_could_be_syntax():
     assert escape_markdown(plain) == plain
     assert escape_markdown("# *a* _b_ `c` [d](e) <f> &g; h|i ~j~ k\\") == \
         "\\# \\*a\\* \\_b\\_ \\`c\\` \\[d\\](e) \\<f> \\&g; h\\|i \\~j\\~ k\\\\"
-    assert escape_markdown("- a\n+ b\n> c\n10. d\n2) e\n---\n===") == "\\- a\n\\+ b\n\\> c\n10\\. d\n2\\) e\n\\---\n\\==="
-    assert escape_markdown("    code\nhard  \n\tx\t\n \n\r\nend") == "&#32;   code\nhard &#32;\n&#9;x&#9;\n\n\nend"
+    assert escape_markdown("- a\n+ b\n> c\n10. d\n2) e\n---\n===") == \
+        "\\- a\\\n\\+ b\\\n\\> c\\\n10\\. d\\\n2\\) e\\\n\\---\\\n\\==="
+    assert escape_markdown("    code\nhard  \n\tx\t\n \n\r\nend") == "&#32;   code\\\nhard &#32;\\\n&#9;x&#9;\n\n\nend"
 
 
 def test_render_into_an_earlier_output_keeps_one_set_of_files(tmp_path):

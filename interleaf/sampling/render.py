@@ -86,8 +86,10 @@ _INLINE_SYNTAX = re.compile(r"[\\`*_\[\]<&|~]")
 
 
 def escape_markdown(text: str) -> str:
-    """`text` as Markdown that a CommonMark renderer shows literally, line breaks kept as line breaks."""
-    return "\n".join(_escape_line(line) for line in re.split(r"\r\n|\r|\n", text))
+    """`text` as Markdown that a CommonMark renderer shows literally: a line break stays one (a
+    backslash ends the line, as the HTML's pre-wrap shows it), a blank line separates paragraphs."""
+    lines = [_escape_line(line) for line in re.split(r"\r\n|\r|\n", text)]
+    return "\n".join(line + "\\" if line and after else line for line, after in zip(lines, lines[1:] + [""]))
 
 
 def _escape_line(line: str) -> str:
