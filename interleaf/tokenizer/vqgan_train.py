@@ -166,8 +166,11 @@ def check_folder(files: Sequence[Path], progress: bool = False) -> list[tuple[in
         except InterleafError as e:
             return str(e)
 
-    # PIL reads and decodes with the GIL released (Pillow #1224): threads spread a 100k-image check over the cores
-    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    # PIL reads and decodes with the GIL released (Pillow #1224): threads spread a 100k-image check over the cores.
+    # Its format plugins are imported first, once: lazily, from several threads, they race (Pillow #7717).
+    Image.init()
+    pool = ThreadPoolExecutor(max_workers=min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                              else os.cpu_count() or 1))
     try:
         found = list(tqdm(pool.map(check, files), total=len(files), desc="checking images", unit="img",
                           disable=not progress, dynamic_ncols=True))
