@@ -180,6 +180,12 @@ def test_xformers_counts_as_available_only_where_its_attention_runs(monkeypatch)
     problem = attention.xformers_problem("cpu")
     assert problem.startswith("xformers is installed but its attention does not run on cpu: ")
     assert "\n" not in problem and not xformers_available("cpu")
+    refusal = NotImplementedError(  # the shape of xformers' dispatcher message on a GPU it does not fit
+        "No operator found for `memory_efficient_attention_forward` with inputs:\n     query : shape=(1, 16, 1, 64)\n"
+        "`fa3F@0.0.0` is not supported because:\n    requires device with capability >= (9, 0)\n    dtype=x\n"
+        "`cutlassF-pt` is not supported because:\n    operator wasn't built\n")
+    assert attention._reason(refusal) == "fa3F@0.0.0: requires device with capability >= (9, 0); cutlassF-pt: operator wasn't built"
+    assert attention._reason(RuntimeError("CUDA error: no kernel image\nmore")) == "CUDA error: no kernel image"
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])

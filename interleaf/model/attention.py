@@ -36,20 +36,29 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _reason(e: BaseException) -> str:
+    """One line of why xformers refused. Its dispatcher's message lists each kernel it tried
+    ("`fa3F@...` is not supported because:") with the reasons below it: keep each one's first."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    kernels = [f"{line.split('`')[1]}: {after}" for line, after in zip(lines, lines[1:])
+               if line.endswith("is not supported because:") and line.count("`") >= 2]
+    return "; ".join(kernels) if kernels else _first_line(e)
+
+
 def xformers_problem(device: torch.device | str = "cuda") -> str | None:
     """Why xformers' memory-efficient attention cannot run on `device`, or None when it runs.
 
     Importing is not enough: a build with no kernel for this device, or one made for another
     torch or CUDA, may import with a warning and fail at its first call. So this runs one small
     packed causal pass, forward and backward (fp16: every CUDA kernel of xformers takes it),
-    once per device type, and waits for it to finish.
+    once per device, and waits for it to finish.
     """
     device = torch.device(device)
-    if device.type not in _XFORMERS_PROBES:
+    if str(device) not in _XFORMERS_PROBES:
         try:
             from xformers.ops import fmha, memory_efficient_attention
         except Exception as e:  # ImportError (also of a flash-attn version it refuses), a broken install
-            _XFORMERS_PROBES[device.type] = f"xformers cannot be imported ({type(e).__name__}: {_first_line(e)})"
+            _XFORMERS_PROBES[str(device)] = f"xformers cannot be imported ({type(e).__name__}: {_first_line(e)})"
         else:
             try:
                 dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -58,11 +67,11 @@ def xformers_problem(device: torch.device | str = "cuda") -> str | None:
                 memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                _XFORMERS_PROBES[device.type] = None
+                _XFORMERS_PROBES[str(device)] = None
             except Exception as e:  # no kernel for this device, or a build for another torch/CUDA
-                _XFORMERS_PROBES[device.type] = (f"xformers is installed but its attention does not run on "
-                                                 f"{device.type}: {_first_line(e)}")
-    return _XFORMERS_PROBES[device.type]
+                _XFORMERS_PROBES[str(device)] = (f"xformers is installed but its attention does not run on "
+                                                 f"{device}: {_reason(e)}")
+    return _XFORMERS_PROBES[str(device)]
 
 
 def xformers_available(device: torch.device | str = "cuda") -> bool:

@@ -291,11 +291,11 @@ class OutputHead(nn.Linear):
 _BACKENDS: dict[tuple[str, str], str] = {}
 
 
-def _backend(name: str, device_type: str) -> str:
-    """resolve_backend, remembered (a plain dict: compilers trace through it without a break)."""
-    key = (name, device_type)
+def _backend(name: str, device: str) -> str:
+    """resolve_backend, remembered per device (a plain dict: compilers trace through it without a break)."""
+    key = (name, device)
     if key not in _BACKENDS:
-        _BACKENDS[key] = resolve_backend(name, device_type)
+        _BACKENDS[key] = resolve_backend(name, device)
     return _BACKENDS[key]
 
 
@@ -363,7 +363,7 @@ class Transformer(nn.Module):
 
     def backend(self, device: torch.device) -> str:
         """The attention backend this model uses on `device` (resolves 'auto')."""
-        return _backend(self.args.attention, torch.device(device).type)
+        return _backend(self.args.attention, str(torch.device(device)))
 
     # ---- training / scoring -----------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
