@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
 import yaml
 
 from interleaf.errors import ConfigError
-from interleaf.utils import atomic_write, read_text
+from interleaf.utils import atomic_write, first_line, read_text
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

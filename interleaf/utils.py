@@ -171,6 +171,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message for a one-line error: its first line, or its type when it has none."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def get_logger(name: str) -> logging.Logger:
     """A logger that prints `name: message` once logging is configured by the CLI."""
     return logging.getLogger(name)

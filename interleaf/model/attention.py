@@ -25,15 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from interleaf.errors import ConfigError
+from interleaf.utils import first_line
 
 BACKENDS = ("auto", "sdpa", "xformers")
 
 
 _XFORMERS_PROBES: dict[str, str | None] = {}
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _reason(e: BaseException) -> str:
@@ -42,7 +39,7 @@ def _reason(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     kernels = [f"{line.split('`')[1]}: {after}" for line, after in zip(lines, lines[1:])
                if line.endswith("is not supported because:") and line.count("`") >= 2]
-    return "; ".join(kernels) if kernels else _first_line(e)
+    return "; ".join(kernels) if kernels else first_line(e)
 
 
 def xformers_problem(device: torch.device | str = "cuda") -> str | None:
@@ -58,7 +55,7 @@ def xformers_problem(device: torch.device | str = "cuda") -> str | None:
         try:
             from xformers.ops import fmha, memory_efficient_attention
         except Exception as e:  # ImportError (also of a flash-attn version it refuses), a broken install
-            _XFORMERS_PROBES[str(device)] = f"xformers cannot be imported ({type(e).__name__}: {_first_line(e)})"
+            _XFORMERS_PROBES[str(device)] = f"xformers cannot be imported ({type(e).__name__}: {first_line(e)})"
         else:
             try:
                 dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 
 from interleaf.errors import InterleafError
 from interleaf.tokenizer.vocab import N_SPECIAL_SLOTS, special_token_names
-from interleaf.utils import atomic_write, get_logger
+from interleaf.utils import atomic_write, first_line, get_logger
 
 HF_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
@@ -180,7 +180,7 @@ def _load_hf(path: Path):
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception on malformed files
-        raise InterleafError(f"cannot read tokenizer {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise InterleafError(f"cannot read tokenizer {path}: {first_line(e)}") from None
 
 
 def _load_spm(path: Path):
@@ -190,7 +190,7 @@ def _load_spm(path: Path):
     try:
         sp.load(str(path))
     except (OSError, RuntimeError) as e:
-        raise InterleafError(f"cannot read SentencePiece model {path}: {str(e).splitlines()[0]}") from None
+        raise InterleafError(f"cannot read SentencePiece model {path}: {first_line(e)}") from None
     return sp
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from interleaf.errors import ConfigError, InterleafError
 from interleaf.tokenizer.image import check_image, list_images, load_image, pil_to_tensor
 from interleaf.tokenizer.losses import LossConfig, VQGANLoss
 from interleaf.tokenizer.vqgan import VQConfig, VQModel, code_stats, psnr
-from interleaf.utils import atomic_write, get_logger, seed_everything, write_json
+from interleaf.utils import atomic_write, get_logger, seed_everything, usable_cpus, write_json
 
 log = get_logger(__name__)
 
@@ -169,8 +168,7 @@ def check_folder(files: Sequence[Path], progress: bool = False) -> list[tuple[in
     # PIL reads and decodes with the GIL released (Pillow #1224): threads spread a 100k-image check over the cores.
     # Its format plugins are imported first, once: lazily, from several threads, they race (Pillow #7717).
     Image.init()
-    pool = ThreadPoolExecutor(max_workers=min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                              else os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=min(8, usable_cpus()))
     try:
         found = list(tqdm(pool.map(check, files), total=len(files), desc="checking images", unit="img",
                           disable=not progress, dynamic_ncols=True))

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from interleaf.errors import InterleafError
-from interleaf.utils import atomic_dir, check_replaceable, get_logger, write_json
+from interleaf.utils import atomic_dir, check_replaceable, first_line, get_logger, write_json
 
 log = get_logger(__name__)
 
@@ -52,8 +52,7 @@ def consolidated_state(ckpt: Path) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "ds"), tag=DS_TAG)
     except (OSError, RuntimeError, ValueError, KeyError) as e:  # missing, truncated or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InterleafError(f"checkpoint {ckpt}: cannot read its engine state ({first})") from None
+        raise InterleafError(f"checkpoint {ckpt}: cannot read its engine state ({first_line(e)})") from None
     return {k: v.float().contiguous() for k, v in state.items()}
 
 

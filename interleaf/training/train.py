@@ -27,7 +27,7 @@ from typing import Any, Literal
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.training.loader import DataConfig
-from interleaf.utils import get_logger
+from interleaf.utils import get_logger, usable_cpus
 
 log = get_logger(__name__)
 
@@ -99,7 +99,7 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "keep_last", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cpus()
         if self.threads > cores:
             raise ConfigError(f"threads={self.threads} is more than the {cores} CPU cores this process may use")
         if self.global_batch % self.micro_batch:
