@@ -24,7 +24,7 @@ def open_image(src: str | Path | Image.Image) -> Image.Image:
                 f.load()
                 img = f.copy()
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-            raise InterleafError(f"cannot read image {path}: {_problem(e)}") from None
+            raise InterleafError(f"cannot read image {path}: {image_problem(e)}") from None
     return to_rgb(img)
 
 
@@ -100,9 +100,9 @@ def check_image(path: str | Path) -> tuple[int, int]:
                 f.load()
         return size
     except Exception as e:  # whatever the bytes make PIL raise (OSError, SyntaxError, struct.error, ...)
-        raise InterleafError(f"cannot read image {path}: {_problem(e)}") from None
+        raise InterleafError(f"cannot read image {path}: {image_problem(e)}") from None
 
 
-def _problem(e: Exception) -> str:
-    """What PIL found wrong, in words."""
-    return "not an image file" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
+def image_problem(e: Exception, unidentified: str = "not an image file") -> str:
+    """What PIL found wrong, in words (`unidentified`: for data no format of PIL's recognises)."""
+    return unidentified if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__

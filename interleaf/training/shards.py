@@ -259,10 +259,10 @@ def decode_image(data: bytes, name: str):
 
 
 def _image_problem(e: Exception) -> str:
-    """What PIL found wrong, without the repr of the in-memory file it names."""
-    from PIL import UnidentifiedImageError
+    """What PIL found wrong in image bytes (its own message would name the in-memory file)."""
+    from interleaf.tokenizer.image import image_problem
 
-    return "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
+    return image_problem(e, "not an image format PIL reads")
 
 
 def iter_documents(pattern_or_paths, stats: ReadStats | None = None) -> Iterator[tuple[str, list]]:
