@@ -76,10 +76,10 @@ def _documents(args):
         raise InterleafError(f"{args.source}: give the input path(s)")
     seen: dict[Path, str] = {}
     for p in args.inputs:
-        if Path(p).resolve() in seen:
-            first = seen[Path(p).resolve()]
-            raise InterleafError(f"input {p} is given twice" + (f" (also as {first})" if first != p else ""))
-        seen[Path(p).resolve()] = p
+        real = Path(p).resolve()
+        if real in seen:
+            raise InterleafError(f"input {p} is given twice" + (f" (also as {seen[real]})" if seen[real] != p else ""))
+        seen[real] = p
     if args.source == "folder":
         if len(args.inputs) != 1:
             raise InterleafError("folder takes one folder of image + caption pairs")
