@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # Installed without its dependencies, so its torch requirement can never replace the pinned build.
 XFORMERS ?= xformers==0.0.35
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ demo: setup
 
 test: setup browser
 	$(PY) -m pytest -q
+
+# ruff: the formatter's output and the linter's rules (pyproject.toml), checked, nothing rewritten
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # The viewer's end-to-end test drives Debian's chromium; install it where we can (root + apt),
 # and carry on without it elsewhere (that test then skips, saying why).

@@ -31,15 +31,19 @@ from pathlib import Path
 import torch
 
 SENTENCES = [
-    "a red circle above a blue square", "two green triangles next to a small yellow circle",
-    "the big purple square is left of the orange star", "a tiny white circle on a black background",
+    "a red circle above a blue square",
+    "two green triangles next to a small yellow circle",
+    "the big purple square is left of the orange star",
+    "a tiny white circle on a black background",
 ]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights of both models")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights of both models"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (0 = leave as is)")
     p.add_argument("--tokens", type=int, default=128, help="new tokens per row")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
@@ -67,12 +71,30 @@ def build_model_dir(directory: Path, opts) -> Path:
     torch.manual_seed(0)
     text = train_bpe(SENTENCES * 4, vocab_size=400, min_frequency=1)
     down = 4  # ch_mult [1, 2, 2]
-    vq = VQModel(VQConfig(resolution=opts.grid * down, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1,
-                          attn_resolutions=[], mid_attn=False, z_channels=32, norm_groups=32,
-                          n_embed=opts.vocab - text.vocab_size, embed_dim=8))
+    vq = VQModel(
+        VQConfig(
+            resolution=opts.grid * down,
+            ch=32,
+            ch_mult=[1, 2, 2],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            mid_attn=False,
+            z_channels=32,
+            norm_groups=32,
+            n_embed=opts.vocab - text.vocab_size,
+            embed_dim=8,
+        )
+    )
     vocab = Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid)
-    args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=8, vocab_size=vocab.size, multiple_of=128,
-                     max_seq_len=1024, qk_norm="layernorm")
+    args = ModelArgs(
+        dim=opts.dim,
+        n_layers=opts.layers,
+        n_heads=8,
+        vocab_size=vocab.size,
+        multiple_of=128,
+        max_seq_len=1024,
+        qk_norm="layernorm",
+    )
     model = Transformer(args)
     with torch.no_grad():
         model.output.weight[vocab.eos_id] = 0  # logit 0: greedy rows never stop early
@@ -120,8 +142,9 @@ def matvec_bandwidth(device, dtype, mbytes: int = 256, reps: int = 10) -> dict:
     cols = 4096
     rows = mbytes * 2**20 // (cols * torch.tensor([], dtype=dtype).element_size())
     w = torch.randn(rows, cols, device=device, dtype=dtype)
-    return {name: w.numel() * w.element_size() / best_seconds(fn, device, reps)
-            for name, fn in matvec_products(w).items()}
+    return {
+        name: w.numel() * w.element_size() / best_seconds(fn, device, reps) for name, fn in matvec_products(w).items()
+    }
 
 
 def step_matrices(model) -> list[torch.Tensor]:
@@ -130,8 +153,12 @@ def step_matrices(model) -> list[torch.Tensor]:
     out = []
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
-        out += [torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), a.wo.weight,
-                torch.cat([f.w1.weight, f.w3.weight]), f.w2.weight]
+        out += [
+            torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]),
+            a.wo.weight,
+            torch.cat([f.w1.weight, f.w3.weight]),
+            f.w2.weight,
+        ]
     return [w.detach() for w in [*out, model.output.weight]]
 
 
@@ -188,8 +215,14 @@ def hf_runner(hf, pipe, prompt: str, batch: int, n_tokens: int, device):
 
     def run() -> int:
         with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens,
-                              min_new_tokens=n_tokens, do_sample=False, pad_token_id=pipe.vocab.pad_id)
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_tokens,
+                min_new_tokens=n_tokens,
+                do_sample=False,
+                pad_token_id=pipe.vocab.pad_id,
+            )
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
     return run
@@ -260,19 +293,31 @@ def main(argv=None) -> int:
         from interleaf.model.convert import to_hf
 
         to_hf(model_dir, tmp / "hf")
-        hf = ChameleonForConditionalGeneration.from_pretrained(tmp / "hf", dtype=dtype,
-                                                               attn_implementation="sdpa").to(device).eval()
+        hf = (
+            ChameleonForConditionalGeneration.from_pretrained(tmp / "hf", dtype=dtype, attn_implementation="sdpa")
+            .to(device)
+            .eval()
+        )
         check_same_function(pipe, hf, device)
 
     bytes_per_token = weight_bytes_per_token(pipe.model)
     bandwidths = matvec_bandwidth(device, dtype)
     step = matvec_step_seconds(pipe.model)
     args = pipe.model.args
-    print(f"device {device} ({torch.get_num_threads()} threads), {opts.dtype}; model {count_params(args) / 1e6:.1f}M params "
-          f"(dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}); prompt {opts.prompt}, "
-          f"{opts.tokens} new tokens per row, greedy")
-    results = {"device": str(device), "threads": torch.get_num_threads(), "params": count_params(args),
-               "weight_bytes_per_token": bytes_per_token, "tokens_per_row": opts.tokens, "batches": {}}
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), {opts.dtype}; "
+        f"model {count_params(args) / 1e6:.1f}M params "
+        f"(dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}); prompt {opts.prompt}, "
+        f"{opts.tokens} new tokens per row, greedy"
+    )
+    results = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "params": count_params(args),
+        "weight_bytes_per_token": bytes_per_token,
+        "tokens_per_row": opts.tokens,
+        "batches": {},
+    }
     for batch in [int(b) for b in opts.batches.split(",")]:
         prompt = prompt_text(pipe, opts.prompt)  # the same prompt in every row
         runners = {"interleaf": interleaf_runner(pipe, prompt, batch, opts.tokens)}
@@ -281,8 +326,10 @@ def main(argv=None) -> int:
         runs = time_alternating(runners, opts.repeats, device)
         bandwidths = {name: max(r, bandwidths[name]) for name, r in matvec_bandwidth(device, dtype).items()}
         rates = {name: max(n / s for s, n in rs) for name, rs in runs.items()}
-        results["batches"][batch] = {"tokens_per_s": rates,
-                                     "median_tokens_per_s": {k: statistics.median(n / s for s, n in rs) for k, rs in runs.items()}}
+        results["batches"][batch] = {
+            "tokens_per_s": rates,
+            "median_tokens_per_s": {k: statistics.median(n / s for s, n in rs) for k, rs in runs.items()},
+        }
         line = f"batch {batch}: " + ", ".join(f"{k} {v:8.1f} tokens/s" for k, v in rates.items())
         if "transformers" in rates:
             line += f"  ({rates['interleaf'] / rates['transformers']:.2f}x transformers)"
@@ -291,13 +338,22 @@ def main(argv=None) -> int:
     way = max(bandwidths, key=bandwidths.get)
     bandwidth = bandwidths[way]
     bound = bandwidth / bytes_per_token
-    results.update(matvec_gb_per_s={name: r / 1e9 for name, r in bandwidths.items()}, bound_tokens_per_s=bound,
-                   matvec_step_tokens_per_s=1 / step)
-    print("matrix-vector bandwidth, 256 MB weight: " + ", ".join(f"{n} {r / 1e9:.1f} GB/s" for n, r in bandwidths.items()))
-    print(f"weight streaming: {bytes_per_token / 1e6:.1f} MB of weights per step / {bandwidth / 1e9:.1f} GB/s "
-          f"({way}, best in this run) = {bound:.1f} steps/s bound")
-    print(f"one matrix-vector product per weight matrix of a step (its shapes, fastest way, best in this run): "
-          f"{step * 1e3:.1f} ms = {1 / step:.1f} steps/s")
+    results.update(
+        matvec_gb_per_s={name: r / 1e9 for name, r in bandwidths.items()},
+        bound_tokens_per_s=bound,
+        matvec_step_tokens_per_s=1 / step,
+    )
+    print(
+        "matrix-vector bandwidth, 256 MB weight: " + ", ".join(f"{n} {r / 1e9:.1f} GB/s" for n, r in bandwidths.items())
+    )
+    print(
+        f"weight streaming: {bytes_per_token / 1e6:.1f} MB of weights per step / {bandwidth / 1e9:.1f} GB/s "
+        f"({way}, best in this run) = {bound:.1f} steps/s bound"
+    )
+    print(
+        f"one matrix-vector product per weight matrix of a step (its shapes, fastest way, best in this run): "
+        f"{step * 1e3:.1f} ms = {1 / step:.1f} steps/s"
+    )
     b1 = results["batches"].get(1)
     if b1:
         frac = b1["tokens_per_s"]["interleaf"] / bound
@@ -306,9 +362,11 @@ def main(argv=None) -> int:
     whole = time_image_and_caption(pipe, max(1, opts.repeats - 1))
     results["whole"] = whole
     n = pipe.vocab.tokens_per_image
-    print(f"whole image ({n} tokens + <boi>/<eoi>, CFG 3 = 2 streams, sampled): {whole['image']['seconds']:.2f} s; "
-          f"whole caption (image prompt of {whole['caption']['prompt_tokens']} tokens, "
-          f"{whole['caption']['tokens']} tokens, greedy): {whole['caption']['seconds']:.2f} s")
+    print(
+        f"whole image ({n} tokens + <boi>/<eoi>, CFG 3 = 2 streams, sampled): {whole['image']['seconds']:.2f} s; "
+        f"whole caption (image prompt of {whole['caption']['prompt_tokens']} tokens, "
+        f"{whole['caption']['tokens']} tokens, greedy): {whole['caption']['seconds']:.2f} s"
+    )
     if opts.json:
         from interleaf.utils import write_json
 

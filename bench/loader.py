@@ -50,15 +50,22 @@ def shapes_like_shards(out: Path, vocab, n_docs: int, seed: int) -> None:
         return rng.integers(16, vocab.n_text, n).tolist()
 
     def image():
-        return [vocab.boi_id, *vocab.code_to_id(rng.integers(0, vocab.n_codes, vocab.tokens_per_image)).tolist(),
-                vocab.eoi_id]
+        return [
+            vocab.boi_id,
+            *vocab.code_to_id(rng.integers(0, vocab.n_codes, vocab.tokens_per_image)).tolist(),
+            vocab.eoi_id,
+        ]
 
     w = ShardWriter(out, "bench", max_count=1000)
     for i in range(n_docs):
         kind = i % 3
-        parts = ([text(int(rng.integers(8, 22))), image()] if kind == 0 else
-                 [p for _ in range(int(rng.integers(2, 5))) for p in (text(int(rng.integers(8, 22))), image())]
-                 if kind == 1 else [text(int(rng.integers(30, 120)))])
+        parts = (
+            [text(int(rng.integers(8, 22))), image()]
+            if kind == 0
+            else [p for _ in range(int(rng.integers(2, 5))) for p in (text(int(rng.integers(8, 22))), image())]
+            if kind == 1
+            else [text(int(rng.integers(30, 120)))]
+        )
         ids, segs = [vocab.bos_id], []
         for seg in parts:
             segs.append((IMAGE if seg[0] == vocab.boi_id else TEXT, len(ids), len(ids) + len(seg)))
@@ -94,7 +101,11 @@ def step_tokens_per_s(args_model, micro_batch: int, seq_len: int, device: str, s
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
     tokens = torch.randint(0, args_model.vocab_size, (micro_batch, seq_len + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
 
     def step():
         with amp:
@@ -133,8 +144,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, seed in (("a", 0), ("b", 1)):
             shapes_like_shards(Path(tmp) / name, vocab, a.docs // 2, seed)
-        data = DataConfig(sources=[SourceConfig("a", [f"{tmp}/a"], 0.7), SourceConfig("b", [f"{tmp}/b"], 0.3)],
-                          stages=[StageConfig(0.8, {"a": 0.2, "b": 0.8})], seq_len=seq_len, shuffle_buffer=1000)
+        data = DataConfig(
+            sources=[SourceConfig("a", [f"{tmp}/a"], 0.7), SourceConfig("b", [f"{tmp}/b"], 0.3)],
+            stages=[StageConfig(0.8, {"a": 0.2, "b": 0.8})],
+            seq_len=seq_len,
+            shuffle_buffer=1000,
+        )
         data.validate()
         spec = make_spec(data, resolve_sources(data.sources, vocab), vocab, None, 1000, global_batch // micro, micro)
         load_tps, n_batches = loader_tokens_per_s(spec, a.seconds)
@@ -145,11 +160,17 @@ def main(argv=None) -> int:
     margs = ModelArgs.from_name(tiny["model_size"], vocab_size=vocab.size, max_seq_len=seq_len)
     step_tps = step_tokens_per_s(margs, micro, seq_len, a.device, a.steps)
     ratio = load_tps / step_tps
-    result = {"loader_tokens_per_s_one_core": round(load_tps), "loader_micro_batches": n_batches,
-              "loader_tokens_per_s_workers": round(worker_tps) if worker_tps else None, "workers": a.workers,
-              "step_tokens_per_s": round(step_tps), "device": a.device,
-              "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
-              "ratio": round(ratio, 1), "ok": ratio >= 10}
+    result = {
+        "loader_tokens_per_s_one_core": round(load_tps),
+        "loader_micro_batches": n_batches,
+        "loader_tokens_per_s_workers": round(worker_tps) if worker_tps else None,
+        "workers": a.workers,
+        "step_tokens_per_s": round(step_tps),
+        "device": a.device,
+        "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+        "ratio": round(ratio, 1),
+        "ok": ratio >= 10,
+    }
     print(f"loader  (1 core): {load_tps:>12,.0f} tokens/s  ({n_batches} micro-batches of {micro}x{seq_len})")
     if worker_tps:
         print(f"loader ({a.workers} workers): {worker_tps:>10,.0f} tokens/s")

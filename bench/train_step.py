@@ -33,7 +33,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--backend", default="auto", choices=["auto", "sdpa", "xformers"], help="interleaf attention backend")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "sdpa", "xformers"], help="interleaf attention backend"
+    )
     p.add_argument("--preset", default="bench-30M", help="bench-30M or a named size (interleaf info lists them)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
@@ -44,8 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="time interleaf only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-size", type=int, default=0, help="n of the n^3 peak matmul (0: 2048 on CPU, 8192 on CUDA)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="also print MFU against this datasheet peak (H100/H200 SXM, dense bf16: 989)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="also print MFU against this datasheet peak (H100/H200 SXM, dense bf16: 989)",
+    )
     return p.parse_args(argv)
 
 
@@ -62,13 +68,28 @@ def hf_model(args, device, dtype):
     """transformers' ChameleonForConditionalGeneration computing the same function as Transformer(args)."""
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    vq = dict(embed_dim=8, num_embeddings=64, latent_channels=8, resolution=16, base_channels=32,
-              channel_multiplier=[1, 2], num_res_blocks=1)  # tiny: never run
+    vq = dict(
+        embed_dim=8,
+        num_embeddings=64,
+        latent_channels=8,
+        resolution=16,
+        base_channels=32,
+        channel_multiplier=[1, 2],
+        num_res_blocks=1,
+    )  # tiny: never run
     cfg = ChameleonConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-        swin_norm=args.norm_order == "swin", vq_config=vq, vocabulary_map={"<image>": 3},
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        swin_norm=args.norm_order == "swin",
+        vq_config=vq,
+        vocabulary_map={"<image>": 3},
         tie_word_embeddings=args.tie_embeddings,
     )
     with torch.device(device):
@@ -117,6 +138,7 @@ def interleaf_step(model, opt, x, y):
         model.loss(x, y).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -125,6 +147,7 @@ def hf_step(model, opt, x):
         model(input_ids=x, labels=x).loss.backward()  # transformers shifts the labels itself
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -193,12 +216,16 @@ def main(argv=None) -> int:
     n_tok = opts.batch * opts.seq
     fpt = flops_per_token(args, opts.seq)
     palm = fpt + 3 * args.n_layers * 2 * args.dim * opts.seq  # attention over all T keys, not T/2
-    print(f"device {device} ({torch.get_num_threads()} threads), dtype {opts.dtype}, attention {model.backend(device)}"
-          f"{', compiled layers' if opts.compile else ''}; model {opts.preset}: {count_params(args) / 1e6:.1f}M "
-          f"parameters, batch {opts.batch} x {opts.seq}")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), dtype {opts.dtype}, attention {model.backend(device)}"
+        f"{', compiled layers' if opts.compile else ''}; model {opts.preset}: {count_params(args) / 1e6:.1f}M "
+        f"parameters, batch {opts.batch} x {opts.seq}"
+    )
     print(f"same function: first-step cross-entropy interleaf {ours:.6f}, transformers {theirs:.6f}")
-    print(f"matmul peak (best {size}^3 of {len(peaks)} rounds): {peak:.1f} GFLOP/s "
-          f"(median {statistics.median(p[0] for p in peaks):.1f}); model FLOPs per token (training): {fpt / 1e6:.1f}M")
+    print(
+        f"matmul peak (best {size}^3 of {len(peaks)} rounds): {peak:.1f} GFLOP/s "
+        f"(median {statistics.median(p[0] for p in peaks):.1f}); model FLOPs per token (training): {fpt / 1e6:.1f}M"
+    )
     rate, cpu_share = {}, {}
     for name, ts in times.items():
         walls = [t[0] for t in ts]
@@ -206,15 +233,24 @@ def main(argv=None) -> int:
         cpu_share[name] = fpt * n_tok / statistics.median(t[1] for t in ts) / 1e9 / cpu_peak
         rate[name] = n_tok / med
         gflops = fpt * n_tok / med / 1e9
-        print(f"{name:>12}: {med * 1e3:8.1f} ms/step (best {best * 1e3:.1f})  {rate[name]:7.0f} tokens/s  "
-              f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak:4.1f}% of peak (best step "
-              f"{100 * fpt * n_tok / best / 1e9 / peak:4.1f}%, palm {100 * palm * n_tok / best / 1e9 / peak:4.1f}%)")
-    print("per CPU-second (FLOPs per process CPU second vs the matmul's; robust to time-slicing with --threads 1): "
-          + ", ".join(f"{name} {100 * v:.1f}%" for name, v in cpu_share.items()))
+        print(
+            f"{name:>12}: {med * 1e3:8.1f} ms/step (best {best * 1e3:.1f})  {rate[name]:7.0f} tokens/s  "
+            f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak:4.1f}% of peak (best step "
+            f"{100 * fpt * n_tok / best / 1e9 / peak:4.1f}%, palm {100 * palm * n_tok / best / 1e9 / peak:4.1f}%)"
+        )
+    print(
+        "per CPU-second (FLOPs per process CPU second vs the matmul's; robust to time-slicing with --threads 1): "
+        + ", ".join(f"{name} {100 * v:.1f}%" for name, v in cpu_share.items())
+    )
     if opts.peak_tflops:
-        print(f"MFU against {opts.peak_tflops:g} TFLOP/s: " + ", ".join(
-            f"{name} {100 * fpt * r / 1e12 / opts.peak_tflops:.1f}% (palm {100 * palm * r / 1e12 / opts.peak_tflops:.1f}%)"
-            for name, r in rate.items()))
+        print(
+            f"MFU against {opts.peak_tflops:g} TFLOP/s: "
+            + ", ".join(
+                f"{name} {100 * fpt * r / 1e12 / opts.peak_tflops:.1f}% "
+                f"(palm {100 * palm * r / 1e12 / opts.peak_tflops:.1f}%)"
+                for name, r in rate.items()
+            )
+        )
     if "transformers" in rate:
         print(f"interleaf / transformers: {rate['interleaf'] / rate['transformers']:.2f}x tokens/s")
     return 0

@@ -31,8 +31,7 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered command."""
     parser = argparse.ArgumentParser(
-        prog="interleaf",
-        description="Train and run early-fusion multimodal models (text + VQ image tokens).",
+        prog="interleaf", description="Train and run early-fusion multimodal models (text + VQ image tokens)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # the DeepSpeed launcher passes --local_rank=N before the command; the env (LOCAL_RANK) has it too

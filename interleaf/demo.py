@@ -10,9 +10,9 @@ interrupted one (the VQ-GAN and transformer stages resume from their last checkp
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from interleaf.errors import ConfigError
 from interleaf.evaluate import EvalConfig
@@ -157,7 +157,9 @@ def stage_train(cfg: DemoConfig, tokenizer: Path, tokens: Path, out: Path) -> di
     if cfg.train_pairs:
         sources.append(f"{{name: pairs, paths: [{tokens / 'pairs'}], weight: {cfg.pair_weight}}}")
     overrides = [
-        f"run_dir={out}", f"tokenizer={tokenizer}", f"data.sources=[{', '.join(sources)}]",
+        f"run_dir={out}",
+        f"tokenizer={tokenizer}",
+        f"data.sources=[{', '.join(sources)}]",
         f"data.eval_sources=[{{name: shapes-val, paths: [{tokens / 'val'}]}}]",
         *cfg.train,
     ]
@@ -171,8 +173,12 @@ def stage_export(cfg: DemoConfig, train: Path, tokenizer: Path, out: Path) -> No
     sampling defaults (so `interleaf draw` and the viewer draw as the evaluation did)."""
     from interleaf.training.export import export
 
-    export(train, out / "model", tokenizer=tokenizer,
-           sampling={"cfg_scale": cfg.cfg_scale, "image_temperature": cfg.image_temperature})
+    export(
+        train,
+        out / "model",
+        tokenizer=tokenizer,
+        sampling={"cfg_scale": cfg.cfg_scale, "image_temperature": cfg.image_temperature},
+    )
 
 
 def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:
@@ -235,8 +241,13 @@ def run_demo(run_dir: str | Path = "runs/demo", config: str | Path | None = None
     import json
 
     report = json.loads((evaluation / "eval.json").read_text())
-    summary = {"seconds": time.time() - start, "stages": st.times, "model_dir": str(model_dir),
-               "samples": [str(p) for p in sorted(samples.glob("*/document.html"))], "eval": str(evaluation / "eval.json")}
+    summary = {
+        "seconds": time.time() - start,
+        "stages": st.times,
+        "model_dir": str(model_dir),
+        "samples": [str(p) for p in sorted(samples.glob("*/document.html"))],
+        "eval": str(evaluation / "eval.json"),
+    }
     write_json(run_dir / "summary.json", summary)
     print()
     print(format_report(report))

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -79,9 +79,15 @@ def _drawing(prompt, cfg: EvalConfig, cfg_scale: float, i: int):
     """The Request that draws one image for `prompt` (item i of a measurement)."""
     from interleaf.sampling.generate import Request
 
-    return Request(prompt=prompt, mode="image", cfg_scale=cfg_scale, seed=cfg.seed + i,
-                   image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
-                   image_top_p=cfg.image_top_p)
+    return Request(
+        prompt=prompt,
+        mode="image",
+        cfg_scale=cfg_scale,
+        seed=cfg.seed + i,
+        image_temperature=cfg.image_temperature,
+        image_top_k=cfg.image_top_k,
+        image_top_p=cfg.image_top_p,
+    )
 
 
 def _run_requests(pipe, requests) -> list:
@@ -135,8 +141,14 @@ def eval_story(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -
                 examples.append({"change": prompt[2], "scores": s})
         bar.update(len(batch))
     bar.close()
-    return {"cfg_scale": cfg_scale, "n": cfg.n_story, **mean_scores(scores), "copied": sum(copied) / max(len(copied), 1),
-            "unchanged": mean_scores(unchanged), "examples": examples}
+    return {
+        "cfg_scale": cfg_scale,
+        "n": cfg.n_story,
+        **mean_scores(scores),
+        "copied": sum(copied) / max(len(copied), 1),
+        "unchanged": mean_scores(unchanged),
+        "examples": examples,
+    }
 
 
 def score_image_missing() -> dict:
@@ -158,8 +170,10 @@ def eval_caption(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.n_caption, desc="caption", unit="img", disable=not progress)
     for batch in _batches(cfg.n_caption, cfg.batch_size):
         pairs = [world.pair(offset + i) for i in batch]
-        requests = [Request(prompt=[image], mode="text", temperature=0.0, max_new_tokens=64, seed=cfg.seed + i)
-                    for i, (image, _, _) in zip(batch, pairs)]
+        requests = [
+            Request(prompt=[image], mode="text", temperature=0.0, max_new_tokens=64, seed=cfg.seed + i)
+            for i, (image, _, _) in zip(batch, pairs)
+        ]
         for (_, caption, scene), doc in zip(pairs, _run_requests(pipe, requests)):
             text = doc.text.strip()
             s = score_caption(text, scene)
@@ -189,7 +203,10 @@ def eval_loss(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
             tokens = torch.tensor([ids[:-1]], device=pipe.device)
             targets = torch.tensor([ids[1:]], device=pipe.device)
             out = model.loss(tokens, targets, is_image=image_mask[targets])
-            for kind, loss, n in (("text", out.text_loss, out.n_text_tokens), ("image", out.image_loss, out.n_image_tokens)):
+            for kind, loss, n in (
+                ("text", out.text_loss, out.n_text_tokens),
+                ("image", out.image_loss, out.n_image_tokens),
+            ):
                 sums[kind] += float(loss) * int(n)
                 counts[kind] += int(n)
     result = {}
@@ -217,8 +234,12 @@ def eval_vqgan(pipe, cfg: EvalConfig, n: int = 64) -> dict:
     codes = vq.encode(x)
     recon = vq.decode_code(codes)
     roundtrip = mean_scores(score_image(to_pil(r), scene) for r, (_, _, scene) in zip(recon, pairs))
-    return {"psnr": float(psnr(recon, x).mean()), **code_stats(codes, vq.config.n_embed), "n": n,
-            "roundtrip": roundtrip}
+    return {
+        "psnr": float(psnr(recon, x).mean()),
+        **code_stats(codes, vq.config.n_embed),
+        "n": n,
+        "roundtrip": roundtrip,
+    }
 
 
 def evaluate(pipe, cfg: EvalConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict:
@@ -265,10 +286,14 @@ def format_report(report: dict) -> str:
         )
     vq = report.get("vqgan") or {}
     if vq:
-        lines.append(f"vq-gan: PSNR {vq['psnr']:.2f} dB, codebook usage {vq['usage']:.1f}%, perplexity {vq['perplexity']:.1f}")
+        lines.append(
+            f"vq-gan: PSNR {vq['psnr']:.2f} dB, codebook usage {vq['usage']:.1f}%, perplexity {vq['perplexity']:.1f}"
+        )
     if story:
-        lines.append(f"story steps: {_pct(story['exact']).strip()} drawn as the text says, "
-                     f"{_pct(story['copied']).strip()} the scene before the change again")
+        lines.append(
+            f"story steps: {_pct(story['exact']).strip()} drawn as the text says, "
+            f"{_pct(story['copied']).strip()} the scene before the change again"
+        )
     lines.append(f"evaluated in {report.get('seconds', 0):.0f} s")
     return "\n".join(lines)
 
@@ -294,8 +319,10 @@ def summary_line(report: dict) -> str:
     cap = report.get("image_to_text") or {}
     attrs = [cap.get(k) for k in ("colour", "shape", "size", "position")]
     attr = sum(attrs) / len(attrs) if all(a is not None for a in attrs) else None
-    draws = [f"text->image (cfg {d.get('cfg_scale', 0):g}): colour {_pct(d.get('colour'))}, shape {_pct(d.get('shape'))}"
-             for d in report.get("text_to_image") or []]
+    draws = [
+        f"text->image (cfg {d.get('cfg_scale', 0):g}): colour {_pct(d.get('colour'))}, shape {_pct(d.get('shape'))}"
+        for d in report.get("text_to_image") or []
+    ]
     story = report.get("story") or {}
     steps = [f"story step: exact {_pct(story.get('exact'))}"] if story else []
     return "; ".join([*draws, f"image->text: attributes {_pct(attr)}, exact {_pct(cap.get('exact'))}", *steps])

@@ -1,21 +1,21 @@
 """Model directories: what an export holds, how it is written, and `load` -> `Interleaf`.
 
-    DIR/
-      model.safetensors   Transformer weights (Llama names; tied output weight stored once)
-      model.yaml          ModelArgs
-      vocab.json          Vocabulary (specials, text ids, image-code table)
-      tokenizer/          text tokenizer (tokenizer.json or spm.model)
-      vqgan/              VQModel.save output (optional; encoder-only for converted Chameleon)
-      hf/                 source config/tokenizer JSON of a converted HF checkpoint (optional)
-      sampling.yaml       sampling options that suit this model, e.g. its guidance scale (optional;
-                          options a caller gives win over these, these over the sampler's own)
+DIR/
+  model.safetensors   Transformer weights (Llama names; tied output weight stored once)
+  model.yaml          ModelArgs
+  vocab.json          Vocabulary (specials, text ids, image-code table)
+  tokenizer/          text tokenizer (tokenizer.json or spm.model)
+  vqgan/              VQModel.save output (optional; encoder-only for converted Chameleon)
+  hf/                 source config/tokenizer JSON of a converted HF checkpoint (optional)
+  sampling.yaml       sampling options that suit this model, e.g. its guidance scale (optional;
+                      options a caller gives win over these, these over the sampler's own)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -134,8 +134,15 @@ class Interleaf:
     `.sampling_defaults` (from DIR/sampling.yaml) fill the options `stream` / `generate` are not given.
     """
 
-    def __init__(self, model, vocab, text, vqgan=None, directory: str | Path | None = None,
-                 sampling_defaults: Mapping | None = None):
+    def __init__(
+        self,
+        model,
+        vocab,
+        text,
+        vqgan=None,
+        directory: str | Path | None = None,
+        sampling_defaults: Mapping | None = None,
+    ):
         self.model, self.vocab, self.text, self.vqgan = model, vocab, text, vqgan
         self.directory = Path(directory) if directory is not None else None
         self.sampling_defaults = dict(sampling_defaults or {})
@@ -168,8 +175,10 @@ class Interleaf:
 
     def __repr__(self) -> str:
         a = self.model.args
-        return (f"Interleaf({self.directory or '<memory>'}: {a.n_layers} layers x {a.dim}, vocab {self.vocab.size}, "
-                f"vqgan {'yes' if self.vqgan is not None else 'no'})")
+        return (
+            f"Interleaf({self.directory or '<memory>'}: {a.n_layers} layers x {a.dim}, vocab {self.vocab.size}, "
+            f"vqgan {'yes' if self.vqgan is not None else 'no'})"
+        )
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -225,7 +234,9 @@ def check_state_dict(state: Mapping[str, torch.Tensor], args, source: str) -> No
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing:
-        raise InterleafError(f"{source}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise InterleafError(
+            f"{source}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
     if unexpected:
         raise InterleafError(f"{source}: unexpected tensor {unexpected[0]} (not in a model with this model.yaml)")
     for k, shape in expected.items():
@@ -279,7 +290,9 @@ def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
     model = load_model(directory, device, dtype)
     vocab = Vocabulary.load(directory)
     if vocab.size > model.args.vocab_size:
-        raise InterleafError(f"{directory}: vocabulary of {vocab.size} ids does not fit the model's {model.args.vocab_size} outputs")
+        raise InterleafError(
+            f"{directory}: vocabulary of {vocab.size} ids does not fit the model's {model.args.vocab_size} outputs"
+        )
     text = TextTokenizer.load(directory / TOKENIZER_DIR)
     vqgan = VQModel.load(directory / VQGAN_DIR, device=device) if (directory / VQGAN_DIR).is_dir() else None
     return Interleaf(model, vocab, text, vqgan, directory, sampling)

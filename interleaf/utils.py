@@ -8,8 +8,9 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import numpy as np
 
@@ -189,7 +190,5 @@ def get_logger(name: str) -> logging.Logger:
 def setup_logging(verbose: bool = False) -> None:
     """Human-readable logs on stderr."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

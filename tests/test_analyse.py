@@ -29,8 +29,14 @@ def test_ground_truth_renders_score_perfectly():
     for scene in SCENES:
         pred = analyse(WORLD.render(scene))
         assert pred == scene, (scene, pred)
-        assert score_scene(pred, scene) == {"colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0,
-                                            "count": 1.0, "exact": 1.0}
+        assert score_scene(pred, scene) == {
+            "colour": 1.0,
+            "shape": 1.0,
+            "size": 1.0,
+            "position": 1.0,
+            "count": 1.0,
+            "exact": 1.0,
+        }
 
 
 @pytest.mark.parametrize("resolution", [48, 128])
@@ -44,26 +50,42 @@ def test_other_resolutions(resolution):
 def test_lossy_round_trips_still_read():
     scores = mean_over(lambda s: jpeg(WORLD.render(s), 20), SCENES[:60])
     assert scores["exact"] >= 0.95 and min(scores[a] for a in ("colour", "shape", "size", "position")) >= 0.98
-    blur = lambda s: WORLD.render(s).resize((32, 32), Image.BILINEAR).resize((64, 64), Image.BICUBIC)
+
+    def blur(s):
+        return WORLD.render(s).resize((32, 32), Image.BILINEAR).resize((64, 64), Image.BICUBIC)
+
     assert mean_over(blur, SCENES[:60])["exact"] >= 0.95
-    gauss = lambda s: WORLD.render(s).filter(ImageFilter.GaussianBlur(1))
+
+    def gauss(s):
+        return WORLD.render(s).filter(ImageFilter.GaussianBlur(1))
+
     assert mean_over(gauss, SCENES[:60])["exact"] >= 0.95
     rng = np.random.default_rng(0)
-    noisy = lambda s: Image.fromarray(
-        np.clip(np.asarray(WORLD.render(s)) + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8))
+
+    def noisy(s):
+        return Image.fromarray(
+            np.clip(np.asarray(WORLD.render(s)) + rng.normal(0, 25, (64, 64, 3)), 0, 255).astype(np.uint8)
+        )
+
     assert mean_over(noisy, SCENES[:60])["exact"] >= 0.95
 
 
 def test_noise_and_blank_images_fail():
     rng = np.random.default_rng(0)
-    noise = lambda s: Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+    def noise(s):
+        return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
     scores = mean_over(noise, SCENES[:40])
     assert scores["exact"] == 0 and scores["colour"] < 0.1 and scores["shape"] < 0.1
-    blocky = lambda s: Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.NEAREST)
+
+    def blocky(s):
+        return Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.NEAREST)
+
     scores = mean_over(blocky, SCENES[:40])
     assert scores["exact"] == 0 and scores["colour"] < 0.25 and scores["shape"] < 0.25
     for colour in [(255, 255, 255), (0, 0, 0), (128, 128, 128), COLOURS["red"]]:
-        scores = mean_over(lambda s: Image.new("RGB", (64, 64), colour), SCENES[:30])
+        scores = mean_over(lambda s, colour=colour: Image.new("RGB", (64, 64), colour), SCENES[:30])
         assert scores["exact"] == 0 and scores["shape"] == 0 and scores["size"] == 0
         # a flood of red is one (shapeless) red blob: it gets the colour of red scenes, no more
         assert scores["colour"] < 0.3 and scores["position"] < 0.2
@@ -87,7 +109,10 @@ def test_wrong_attributes_are_caught():
         assert all(scores[a] == 1 for a in ("colour", "shape", "size", "position", "count") if a != attribute)
     # every shape moved one cell along its row
     truths = [scene for scene in SCENES[:60] if len(scene.shapes) == 1]
-    along_row = lambda p: POSITIONS[POSITIONS.index(p) // 3 * 3 + (POSITIONS.index(p) + 1) % 3]
+
+    def along_row(p):
+        return POSITIONS[POSITIONS.index(p) // 3 * 3 + (POSITIONS.index(p) + 1) % 3]
+
     moved = [alter(scene, position=lambda s: along_row(s.position)) for scene in truths]
     assert mean_over(WORLD.render, moved, truths)["position"] == 0
 
@@ -103,8 +128,14 @@ def test_score_counts_missing_and_extra_shapes():
     b = Shape("square", "blue", "small", "center")
     c = Shape("triangle", "green", "small", "bottom")
     truth = Scene([a, b])
-    assert score_scene(Scene([a]), truth) == {"colour": 0.5, "shape": 0.5, "size": 0.5, "position": 0.5,
-                                              "count": 0.0, "exact": 0.0}
+    assert score_scene(Scene([a]), truth) == {
+        "colour": 0.5,
+        "shape": 0.5,
+        "size": 0.5,
+        "position": 0.5,
+        "count": 0.0,
+        "exact": 0.0,
+    }
     extra = score_scene(Scene([a, b, c]), truth)
     assert extra["colour"] == pytest.approx(2 / 3) and extra["count"] == 0 and extra["exact"] == 0
     assert score_scene(Scene([b, a]), truth)["exact"] == 1.0  # order does not matter
@@ -115,7 +146,7 @@ def test_score_counts_missing_and_extra_shapes():
 
 
 def test_caption_round_trip():
-    for i, scene in enumerate(SCENES):
+    for scene in SCENES:
         assert parse_caption(caption(scene)) == scene
         assert score_caption(caption(scene), scene)["exact"] == 1.0
     for i in range(30):  # sentences of documents parse too
@@ -159,7 +190,14 @@ def test_eval_reports_what_the_vqgan_round_trip_reads_back():
 
     cfg = EvalConfig(n_draw=4, n_caption=4)
     lossless = eval_vqgan(types.SimpleNamespace(vqgan=PixelCodec()), cfg, n=16)
-    assert lossless["roundtrip"] == {"colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0, "count": 1.0, "exact": 1.0}
+    assert lossless["roundtrip"] == {
+        "colour": 1.0,
+        "shape": 1.0,
+        "size": 1.0,
+        "position": 1.0,
+        "count": 1.0,
+        "exact": 1.0,
+    }
     assert lossless["psnr"] > 60
     swapped = eval_vqgan(types.SimpleNamespace(vqgan=PixelCodec(lambda x: x[:, [1, 0, 2]])), cfg, n=16)
     assert swapped["roundtrip"]["colour"] < 0.6 and swapped["roundtrip"]["position"] == 1.0
@@ -175,6 +213,7 @@ def test_story_steps_score_the_scene_after_the_change(monkeypatch):
     cfg = evaluate.EvalConfig(n_draw=0, n_caption=0, n_story=12, batch_size=5)
     world = ShapesWorld(resolution=64, max_shapes=cfg.max_shapes, seed=cfg.world_seed)
     pipe = types.SimpleNamespace(vqgan=PixelCodec())
+
     def next_scene(pipe, requests):
         docs = []
         for r in requests:
@@ -187,8 +226,11 @@ def test_story_steps_score_the_scene_after_the_change(monkeypatch):
     good = evaluate.eval_story(pipe, cfg, 1.5, progress=False)
     assert good["exact"] == 1.0 and good["copied"] == 0.0 and good["n"] == 12
     assert good["unchanged"]["exact"] == 0.0 and good["unchanged"]["colour"] < 1.0  # every step changes the scene
-    monkeypatch.setattr(evaluate, "_run_requests", lambda pipe, requests: [
-        types.SimpleNamespace(images=[r.prompt[1]]) for r in requests])
+    monkeypatch.setattr(
+        evaluate,
+        "_run_requests",
+        lambda pipe, requests: [types.SimpleNamespace(images=[r.prompt[1]]) for r in requests],
+    )
     copy = evaluate.eval_story(pipe, cfg, 1.5, progress=False)
     assert copy["copied"] == 1.0 and copy["exact"] == 0.0
     assert {k: copy[k] for k in copy["unchanged"]} == copy["unchanged"]  # copying scores what leaving it unchanged does

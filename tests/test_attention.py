@@ -6,8 +6,18 @@ import torch
 import interleaf.model.attention as attention
 from interleaf.errors import ConfigError
 from interleaf.model.attention import (
-    attend, blocked_attention, build_cache_mask, build_mask, cache_mask, document_lengths, document_positions,
-    mask_from_lengths, packed_causal_mask, resolve_backend, segment_ids, xformers_available,
+    attend,
+    blocked_attention,
+    build_cache_mask,
+    build_mask,
+    cache_mask,
+    document_lengths,
+    document_positions,
+    mask_from_lengths,
+    packed_causal_mask,
+    resolve_backend,
+    segment_ids,
+    xformers_available,
 )
 
 DOCS = torch.tensor([[7, 7, 7, 3, 3, 9, 9, 9, 9], [0, 0, 0, 0, 0, 0, 1, 1, 1]])
@@ -77,7 +87,9 @@ def test_sdpa_with_cache_mask_equals_naive_attention():
     mask = build_cache_mask("sdpa", lengths, T, S)
     positions = lengths[:, None] + torch.arange(T)
     out = attend(q, k, v, mask)
-    torch.testing.assert_close(out, naive_attention(q, k, v, cache_mask(positions, S + 1, S)[:, 0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out, naive_attention(q, k, v, cache_mask(positions, S + 1, S)[:, 0]), rtol=1e-5, atol=1e-6
+    )
 
 
 def random_docs(B, T, g):
@@ -128,9 +140,13 @@ def test_attend_takes_the_blocked_path_only_for_cpu_training_within_budget(monke
     attend(q, scratch, scratch, build_cache_mask("sdpa", torch.zeros(B, dtype=torch.long), T, T))
     everywhere = torch.ones(B, 1, T, T, dtype=torch.bool)  # a mask that is not causal: SDPA's
     want_all = naive_attention(q, k, v, everywhere[:, 0])
-    torch.testing.assert_close(attend(q, k, v, attention.AttentionMask("sdpa", everywhere)), want_all, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        attend(q, k, v, attention.AttentionMask("sdpa", everywhere)), want_all, rtol=1e-5, atol=1e-6
+    )
     additive = torch.zeros(B, 1, T, T)
-    torch.testing.assert_close(attend(q, k, v, attention.AttentionMask("sdpa", additive)), want_all, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        attend(q, k, v, attention.AttentionMask("sdpa", additive)), want_all, rtol=1e-5, atol=1e-6
+    )
     assert not calls
     need = B * H * T * (T + attention.BLOCK_ROWS) // 2 * 4  # bytes of the probabilities kept
     monkeypatch.setattr(attention, "BLOCKED_MAX_BYTES", need)
@@ -155,7 +171,9 @@ def test_xformers_gradients_equal_sdpa_without_the_forward_only_gqa_layout(n_kv,
     from xformers import ops
 
     reference, ndims = ops.memory_efficient_attention, []
-    monkeypatch.setattr(ops, "memory_efficient_attention", lambda q, *a, **kw: ndims.append(q.ndim) or reference(q, *a, **kw))
+    monkeypatch.setattr(
+        ops, "memory_efficient_attention", lambda q, *a, **kw: ndims.append(q.ndim) or reference(q, *a, **kw)
+    )
     g = torch.Generator().manual_seed(3)
     B, T, H, hd = DOCS.shape[0], DOCS.shape[1], 4, 8
     leaves = [torch.randn(B, T, h, hd, generator=g, requires_grad=True) for h in (H, n_kv, n_kv)]
@@ -183,8 +201,12 @@ def test_xformers_counts_as_available_only_where_its_attention_runs(monkeypatch)
     refusal = NotImplementedError(  # the shape of xformers' dispatcher message on a GPU it does not fit
         "No operator found for `memory_efficient_attention_forward` with inputs:\n     query : shape=(1, 16, 1, 64)\n"
         "`fa3F@0.0.0` is not supported because:\n    requires device with capability >= (9, 0)\n    dtype=x\n"
-        "`cutlassF-pt` is not supported because:\n    operator wasn't built\n")
-    assert attention._reason(refusal) == "fa3F@0.0.0: requires device with capability >= (9, 0); cutlassF-pt: operator wasn't built"
+        "`cutlassF-pt` is not supported because:\n    operator wasn't built\n"
+    )
+    assert (
+        attention._reason(refusal)
+        == "fa3F@0.0.0: requires device with capability >= (9, 0); cutlassF-pt: operator wasn't built"
+    )
     assert attention._reason(RuntimeError("CUDA error: no kernel image\nmore")) == "CUDA error: no kernel image"
 
 
@@ -199,8 +221,9 @@ def test_xformers_masks_and_layouts_equal_sdpa(n_kv, xformers_on_cpu):
     for doc_ids in (None, DOCS):
         xf = build_mask("xformers", doc_ids, T)
         assert xf.flat == (doc_ids is not None)
-        torch.testing.assert_close(attend(q, k, v, xf), attend(q, k, v, build_mask("sdpa", doc_ids, T)),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            attend(q, k, v, xf), attend(q, k, v, build_mask("sdpa", doc_ids, T)), rtol=1e-5, atol=1e-6
+        )
     S = 16  # cache slots (+1 scratch slot)
     kc, vc = torch.randn(2, B, S + 1, n_kv, hd, generator=g)
     # ([13, 2], 4): row 0's padding reaches the scratch slot, the most the mask can hold; ([14, 2], 4):
@@ -214,8 +237,13 @@ def test_xformers_masks_and_layouts_equal_sdpa(n_kv, xformers_on_cpu):
         got = attend(q[:, :n], kc, vc, xf)
         room = (S - lengths).clamp(max=n)  # the queries a row may really hold; the others are padding
         for b in range(B):
-            torch.testing.assert_close(got[b, : room[b]], want[b, : room[b]], rtol=1e-5, atol=1e-6,
-                                       msg=f"lengths {lengths.tolist()}, {n} new, row {b}")
+            torch.testing.assert_close(
+                got[b, : room[b]],
+                want[b, : room[b]],
+                rtol=1e-5,
+                atol=1e-6,
+                msg=f"lengths {lengths.tolist()}, {n} new, row {b}",
+            )
 
 
 @pytest.mark.gpu
@@ -237,7 +265,6 @@ def test_xformers_equals_sdpa_on_cuda():
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
 @pytest.mark.parametrize("n_kv", [4, 2, 1])
@@ -245,8 +272,10 @@ def test_xformers_gradients_equal_sdpa_on_cuda(n_kv):
     """bf16 training passes (the kernels a GPU run uses: FA3 on Hopper), plain and packed, MHA/GQA/MQA."""
     g = torch.Generator(device="cuda").manual_seed(1)
     B, T, H, hd = DOCS.shape[0], DOCS.shape[1], 4, 64
-    leaves = [torch.randn(B, T, h, hd, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-              for h in (H, n_kv, n_kv)]
+    leaves = [
+        torch.randn(B, T, h, hd, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for h in (H, n_kv, n_kv)
+    ]
     for doc_ids in (None, DOCS.cuda()):
         results = []
         for backend in ("xformers", "sdpa"):

@@ -11,8 +11,22 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("shards", "tokenize", "train-bpe", "train-vqgan", "train", "export", "convert", "info",
-                "generate", "caption", "draw", "serve", "eval", "demo"):
+    for cmd in (
+        "shards",
+        "tokenize",
+        "train-bpe",
+        "train-vqgan",
+        "train",
+        "export",
+        "convert",
+        "info",
+        "generate",
+        "caption",
+        "draw",
+        "serve",
+        "eval",
+        "demo",
+    ):
         assert cmd in out, cmd
 
 

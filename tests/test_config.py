@@ -1,5 +1,5 @@
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -18,7 +18,7 @@ class Cfg:
     name: str = "x"
     steps: int = 10
     backend: Literal["sdpa", "xformers", "auto"] = "auto"
-    ckpt: Optional[str] = None
+    ckpt: str | None = None
     optim: Optim = field(default_factory=Optim)
     sizes: list[int] = field(default_factory=lambda: [1, 2])
 
@@ -39,8 +39,14 @@ def test_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("optim.lrr=1", "optim.lrr"), ("steps=abc", "steps"), ("backend=flash", "backend"),
-     ("optim.betas=[1]", "optim.betas"), ("steps=true", "steps"), ("nope", "nope")],
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("steps=abc", "steps"),
+        ("backend=flash", "backend"),
+        ("optim.betas=[1]", "optim.betas"),
+        ("steps=true", "steps"),
+        ("nope", "nope"),
+    ],
 )
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -10,13 +10,18 @@ transformers = pytest.importorskip("transformers")
 import interleaf  # noqa: E402
 from interleaf import cli  # noqa: E402
 from interleaf.errors import InterleafError  # noqa: E402
-from interleaf.model.convert import (  # noqa: E402
-    image_code_of, image_token_name, read_safetensors_dir, rope_from_hf, rope_to_hf,
-)
+from interleaf.model.convert import image_code_of, image_token_name, read_safetensors_dir, rope_from_hf, rope_to_hf  # noqa: E402
 
 N_CODES = 64
-VQ = dict(embed_dim=8, num_embeddings=N_CODES, latent_channels=8, resolution=16, base_channels=32,
-          channel_multiplier=[1, 2], num_res_blocks=1)  # 16px -> 8x8 codes
+VQ = dict(
+    embed_dim=8,
+    num_embeddings=N_CODES,
+    latent_channels=8,
+    resolution=16,
+    base_channels=32,
+    channel_multiplier=[1, 2],
+    num_res_blocks=1,
+)  # 16px -> 8x8 codes
 
 
 def chameleon_tokenizer():
@@ -28,8 +33,12 @@ def chameleon_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["a red circle above a blue square", "the quick brown fox"] * 10, trainer)
     return tok
 
@@ -39,10 +48,22 @@ def build_hf(path, swin: bool, tie: bool = False):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     tok = chameleon_tokenizer()
-    cfg = ChameleonConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          swin_norm=swin, vq_config=VQ, vocabulary_map=tok.get_vocab(), tie_word_embeddings=tie,
-                          bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    cfg = ChameleonConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        swin_norm=swin,
+        vq_config=VQ,
+        vocabulary_map=tok.get_vocab(),
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     hf = ChameleonForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # move every parameter off its init (norm weights of 1, biases of 0 hide layout bugs)
@@ -137,8 +158,9 @@ def test_to_hf_round_trip_is_bit_exact(converted, tmp_path):
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     for name in ("config.json", "tokenizer.json", "generation_config.json"):
-        assert (tmp_path / "back" / name).read_bytes() == (root / "hf" / name).read_bytes() or \
-            json.loads((tmp_path / "back" / name).read_text()) == json.loads((root / "hf" / name).read_text()), name
+        assert (tmp_path / "back" / name).read_bytes() == (root / "hf" / name).read_bytes() or json.loads(
+            (tmp_path / "back" / name).read_text()
+        ) == json.loads((root / "hf" / name).read_text()), name
     from transformers import ChameleonForConditionalGeneration
 
     again = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
@@ -175,11 +197,23 @@ def test_native_model_exports_to_transformers(tmp_path):
     from interleaf.tokenizer.vqgan import VQConfig, VQModel
 
     text = train_bpe(["a red circle", "two blue squares"] * 5, vocab_size=300)
-    vq = VQModel(VQConfig(resolution=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=32))
+    vq = VQModel(
+        VQConfig(resolution=16, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=32)
+    )
     vocab = Vocabulary.build(n_text=text.vocab_size, n_codes=32, image_grid=vq.grid)
     torch.manual_seed(3)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=vocab.size, multiple_of=16,
-                                  qk_norm="layernorm", tie_embeddings=True, max_seq_len=64)).eval()
+    model = Transformer(
+        ModelArgs(
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            vocab_size=vocab.size,
+            multiple_of=16,
+            qk_norm="layernorm",
+            tie_embeddings=True,
+            max_seq_len=64,
+        )
+    ).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:
@@ -214,8 +248,11 @@ def test_model_without_vqgan_keeps_its_image_grid_through_hf(tmp_path, capsys):
     text = train_bpe(["a red circle", "two blue squares"] * 5, vocab_size=300)
     vocab = Vocabulary.build(n_text=text.vocab_size, n_codes=24, image_grid=(4, 4))
     torch.manual_seed(5)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab.size, multiple_of=16,
-                                  qk_norm="layernorm", max_seq_len=64)).eval()
+    model = Transformer(
+        ModelArgs(
+            dim=32, n_layers=1, n_heads=2, vocab_size=vocab.size, multiple_of=16, qk_norm="layernorm", max_seq_len=64
+        )
+    ).eval()
     save_model_dir(tmp_path / "il", model, vocab, text)
     assert cli.main(["convert", "to-hf", str(tmp_path / "il"), str(tmp_path / "hf")]) == 0
     hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
@@ -303,9 +340,12 @@ def test_malformed_sources_and_used_destinations_fail_clearly(prenorm, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
 
-    for text, message in [("[1, 2]", "must hold a JSON object"), (json.dumps(dict(cfg, hidden_size="abc")), "config.json:"),
-                          (json.dumps(dict(cfg, hidden_size=None)), "config.json:"),
-                          (json.dumps(dict(cfg, vocabulary_map=5)), "is a token table")]:
+    for text, message in [
+        ("[1, 2]", "must hold a JSON object"),
+        (json.dumps(dict(cfg, hidden_size="abc")), "config.json:"),
+        (json.dumps(dict(cfg, hidden_size=None)), "config.json:"),
+        (json.dumps(dict(cfg, vocabulary_map=5)), "is a token table"),
+    ]:
         (src / "config.json").write_text(text)
         fails(["from-hf", src, tmp_path / "out"], message)
     (src / "config.json").write_bytes(b"\xff\xfe{}")

@@ -9,12 +9,21 @@ import pytest
 from interleaf.cli import main
 
 TINY = [
-    "train_documents=48", "train_pairs=24", "val_documents=12", "progress=false",
+    "train_documents=48",
+    "train_pairs=24",
+    "val_documents=12",
+    "progress=false",
     "vqgan=[steps=6, batch_size=4, log_every=2, save_every=3, data.val_images=8]",
     "train=[steps=4, global_batch=2, micro_batch=1, log_every=1, eval_every=0, save_every=2, data.seq_len=160, "
     "data.shuffle_buffer=8, model_size=debug, model.max_seq_len=256]",
-    "eval.n_draw=2", "eval.n_caption=2", "eval.n_loss=2", "eval.n_story=2", "eval.batch_size=2", "eval.cfg_scales=[2.0]",
-    "cfg_scale=1.5", "image_temperature=0.8",
+    "eval.n_draw=2",
+    "eval.n_caption=2",
+    "eval.n_loss=2",
+    "eval.n_story=2",
+    "eval.batch_size=2",
+    "eval.cfg_scales=[2.0]",
+    "cfg_scale=1.5",
+    "image_temperature=0.8",
 ]
 
 
@@ -56,7 +65,23 @@ def test_rerun_reuses_finished_stages(demo_run, capsys):
 def test_eval_command_writes_report(demo_run, tmp_path, capsys):
     out = tmp_path / "r.json"
     model = demo_run / "export" / "model"
-    assert main(["eval", str(model), "n_draw=1", "n_caption=1", "n_loss=1", "n_story=1", "cfg_scales=[1.0]", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(model),
+                "n_draw=1",
+                "n_caption=1",
+                "n_loss=1",
+                "n_story=1",
+                "cfg_scales=[1.0]",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["model_dir"] == str(model)
     assert "text->image" in capsys.readouterr().out
 
@@ -67,6 +92,7 @@ def test_eval_bad_input_is_one_line_error_before_any_work(demo_run, tmp_path, ca
     model = demo_run / "export" / "model"
     (tmp_path / "afile").write_text("")
     monkeypatch.setattr(interleaf, "load", lambda *a, **k: pytest.fail("loaded the model before checking the input"))
+
     def refused(argv, message):
         assert main(["eval", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()

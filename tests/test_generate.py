@@ -37,11 +37,31 @@ MAX_LEN = 160
 def build_model_dir(directory, seed=0):
     torch.manual_seed(seed)
     text = train_bpe(SENTENCES * 4, vocab_size=300, min_frequency=1)
-    vq = VQModel(VQConfig(resolution=8, ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
-                          mid_attn=False, z_channels=8, norm_groups=4, n_embed=48, embed_dim=4))
+    vq = VQModel(
+        VQConfig(
+            resolution=8,
+            ch=8,
+            ch_mult=[1, 2],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            mid_attn=False,
+            z_channels=8,
+            norm_groups=4,
+            n_embed=48,
+            embed_dim=4,
+        )
+    )
     vocab = Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid)  # 4x4 = 16 codes per image
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab.size, multiple_of=32,
-                     max_seq_len=MAX_LEN, qk_norm="layernorm")
+    args = ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=vocab.size,
+        multiple_of=32,
+        max_seq_len=MAX_LEN,
+        qk_norm="layernorm",
+    )
     model = Transformer(args)
     with torch.no_grad():
         model.output.weight.mul_(40)  # logits with std ~ 5: no near-ties for greedy decoding
@@ -118,8 +138,18 @@ def test_cached_decoding_equals_full_forward(pipe, picture, mode, cfg, temperatu
     """Greedy (and seeded sampling) through the KV cache and guidance rows == full passes each step."""
     prompt = [picture, "a red circle"] if mode == "text" else ["a red circle above"]
     max_new = 40 if mode != "interleaved" else 70
-    got = G.generate(pipe, prompt, mode=mode, max_new_tokens=max_new, temperature=temperature, top_p=1.0,
-                     image_temperature=temperature, cfg_scale=cfg, max_images=2, seed=7).token_ids
+    got = G.generate(
+        pipe,
+        prompt,
+        mode=mode,
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=1.0,
+        image_temperature=temperature,
+        cfg_scale=cfg,
+        max_images=2,
+        seed=7,
+    ).token_ids
     ref = full_pass_reference(pipe, prompt, mode, max_new, cfg, max_images=2, temperature=temperature, seed=7)
     assert got == ref
     if mode != "text":
@@ -156,8 +186,15 @@ def test_batch_mixing_caption_and_drawing_equals_alone(pipe, picture):
     reqs = [
         G.Request([picture], mode="text", max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1),
         G.Request("a red circle", mode="image", cfg_scale=3.0, seed=2, image_top_k=20),
-        G.Request("two green", mode="interleaved", max_new_tokens=60, max_images=2, cfg_scale=2.0, seed=3,
-                  repetition_penalty=1.3),
+        G.Request(
+            "two green",
+            mode="interleaved",
+            max_new_tokens=60,
+            max_images=2,
+            cfg_scale=2.0,
+            seed=3,
+            repetition_penalty=1.3,
+        ),
     ]
     together = ids_of(G.stream_requests(pipe, reqs))
     alone = [ids_of(G.stream_requests(pipe, [r]))[0] for r in reqs]
@@ -169,8 +206,11 @@ def test_batch_mixing_caption_and_drawing_equals_alone(pipe, picture):
 
 
 def test_streamed_events_concatenate_to_the_document(pipe):
-    events = list(pipe.stream("a red", mode="interleaved", max_new_tokens=120, max_images=3, seed=5,
-                              temperature=1.0, preview_every=4))
+    events = list(
+        pipe.stream(
+            "a red", mode="interleaved", max_new_tokens=120, max_images=3, seed=5, temperature=1.0, preview_every=4
+        )
+    )
     done = [e for e in events if isinstance(e, Done)]
     assert len(done) == 1 and events[-1] is done[0]
     doc = done[0].document
@@ -225,8 +265,23 @@ def test_cli_generate_caption_draw(model_dir, tmp_path, picture, capsys):
     img = tmp_path / "in.png"
     picture.save(img)
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "generate", model_dir, "--prompt", "a red", "--image", img,
-                                "--mode", "interleaved", "--max-images", "2", "--seed", "5", "--out", out)
+    code, stdout, err = run_cli(
+        capsys,
+        "generate",
+        model_dir,
+        "--prompt",
+        "a red",
+        "--image",
+        img,
+        "--mode",
+        "interleaved",
+        "--max-images",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        out,
+    )
     assert code == 0, err
     md = (out / "document.md").read_text()
     assert str(out / "document.md") in stdout and str(out / "document.html") in stdout
@@ -235,8 +290,19 @@ def test_cli_generate_caption_draw(model_dir, tmp_path, picture, capsys):
         assert str(out / png) in stdout and Image.open(out / png).size == (8, 8)
     assert "data:image/png;base64," in (out / "document.html").read_text()
     # an <image> marker puts the image where it stands in the text
-    code, stdout, err = run_cli(capsys, "generate", model_dir, "--prompt", "a red <image> then", "--image", img,
-                                "--max-new-tokens", "4", "--out", tmp_path / "marked")
+    code, stdout, err = run_cli(
+        capsys,
+        "generate",
+        model_dir,
+        "--prompt",
+        "a red <image> then",
+        "--image",
+        img,
+        "--max-new-tokens",
+        "4",
+        "--out",
+        tmp_path / "marked",
+    )
     assert code == 0, err
     prompt_md = (tmp_path / "marked" / "document.md").read_text().split("## Output")[0]
     assert prompt_md.index("a red") < prompt_md.index("prompt-1.png") < prompt_md.index("then")
@@ -249,36 +315,48 @@ def test_cli_generate_caption_draw(model_dir, tmp_path, picture, capsys):
     assert stdout.startswith(caption)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "{missing}", "--prompt", "x"], "model directory not found"),
-    (["generate", "{empty}", "--prompt", "x"], "not a model directory"),
-    (["caption", "{model}", "{bad_image}"], "cannot read image"),
-    (["generate", "{model}", "--prompt", "{too_long}"], "context"),
-    (["generate", "{model}", "--prompt", "x", "--cfg", "-1"], "cfg"),
-    (["generate", "{model}", "--prompt", "x", "--top-p", "0"], "top-p"),
-    (["generate", "{model}", "--prompt", "x", "--top-p", "1.5"], "top-p"),
-    (["draw", "{model}", "{no_room}"], "an image needs"),
-    (["generate", "{model}", "--prompt", "x", "--num", "0"], "num"),
-    (["generate", "{model}", "--prompt", "x <image> <image>", "--image", "{image}"], "2 <image> markers but 1 images"),
-    (["draw", "{model}", "  "], "the prompt is empty"),
-    (["generate", "{model}", "--prompt", "x", "--temperature", "inf"], "temperature must be a finite number"),
-    (["generate", "{model}", "--prompt", "x", "--temperature", "1e39"], "temperature must be in"),
-    (["generate", "{model}", "--prompt", "x", "--repetition-penalty", "1e-300"], "repetition penalty must be in"),
-    (["draw", "{model}", "a red circle", "--cfg", "1e39"], "cfg scale must be at most"),
-    (["draw", "{model}", "a red circle", "--image-temperature", "nan"], "image temperature must be a finite"),
-    (["generate", "{model}", "--prompt", "x", "--seed", str(10**23)], "seed must be in"),
-    (["generate", "{model}", "--prompt", "x", "--out", "/proc/interleaf-out"], "cannot write in /proc"),
-    (["generate", "{model}", "--prompt", "x", "--out", "{image}/sub"], "is a file, not a folder"),
-    (["generate", "{model}", "--prompt", "x", "--dtype", "int8"], "unknown dtype"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "{missing}", "--prompt", "x"], "model directory not found"),
+        (["generate", "{empty}", "--prompt", "x"], "not a model directory"),
+        (["caption", "{model}", "{bad_image}"], "cannot read image"),
+        (["generate", "{model}", "--prompt", "{too_long}"], "context"),
+        (["generate", "{model}", "--prompt", "x", "--cfg", "-1"], "cfg"),
+        (["generate", "{model}", "--prompt", "x", "--top-p", "0"], "top-p"),
+        (["generate", "{model}", "--prompt", "x", "--top-p", "1.5"], "top-p"),
+        (["draw", "{model}", "{no_room}"], "an image needs"),
+        (["generate", "{model}", "--prompt", "x", "--num", "0"], "num"),
+        (
+            ["generate", "{model}", "--prompt", "x <image> <image>", "--image", "{image}"],
+            "2 <image> markers but 1 images",
+        ),
+        (["draw", "{model}", "  "], "the prompt is empty"),
+        (["generate", "{model}", "--prompt", "x", "--temperature", "inf"], "temperature must be a finite number"),
+        (["generate", "{model}", "--prompt", "x", "--temperature", "1e39"], "temperature must be in"),
+        (["generate", "{model}", "--prompt", "x", "--repetition-penalty", "1e-300"], "repetition penalty must be in"),
+        (["draw", "{model}", "a red circle", "--cfg", "1e39"], "cfg scale must be at most"),
+        (["draw", "{model}", "a red circle", "--image-temperature", "nan"], "image temperature must be a finite"),
+        (["generate", "{model}", "--prompt", "x", "--seed", str(10**23)], "seed must be in"),
+        (["generate", "{model}", "--prompt", "x", "--out", "/proc/interleaf-out"], "cannot write in /proc"),
+        (["generate", "{model}", "--prompt", "x", "--out", "{image}/sub"], "is a file, not a folder"),
+        (["generate", "{model}", "--prompt", "x", "--dtype", "int8"], "unknown dtype"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(model_dir, pipe, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.png").write_text("not a png")
     picture_path = tmp_path / "ok.png"
     Image.new("RGB", (8, 8)).save(picture_path)
-    paths = dict(missing=tmp_path / "nope", empty=tmp_path / "empty", model=model_dir, bad_image=tmp_path / "bad.png",
-                 image=picture_path,
-                 too_long=prompt_of_length(pipe, MAX_LEN), no_room=prompt_of_length(pipe, MAX_LEN - 10))
+    paths = dict(
+        missing=tmp_path / "nope",
+        empty=tmp_path / "empty",
+        model=model_dir,
+        bad_image=tmp_path / "bad.png",
+        image=picture_path,
+        too_long=prompt_of_length(pipe, MAX_LEN),
+        no_room=prompt_of_length(pipe, MAX_LEN - 10),
+    )
     argv = [a.format(**paths) for a in argv]
     argv += [] if "--out" in argv else ["--out", tmp_path / "out"]
     code, stdout, err = run_cli(capsys, *argv)
@@ -318,12 +396,11 @@ def test_sigint_while_streaming_leaves_no_output_file(model_dir, tmp_path):
     """A real Ctrl-C (SIGINT) to the running command: exit 130, nothing half-written."""
     import os
     import selectors
+    import shutil
     import signal
     import subprocess
     import sys
     import time
-
-    import shutil
 
     # a long context (RoPE: same weights) so that generation cannot end before the signal arrives
     long_dir = tmp_path / "long"
@@ -332,8 +409,23 @@ def test_sigint_while_streaming_leaves_no_output_file(model_dir, tmp_path):
     (long_dir / "model.yaml").write_text(re.sub(r"max_seq_len: \d+", "max_seq_len: 8192", yaml))
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "interleaf.cli", "generate", str(long_dir), "--prompt", "a red",
-           "--mode", "interleaved", "--max-images", "100", "--max-new-tokens", "8000", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "interleaf.cli",
+        "generate",
+        str(long_dir),
+        "--prompt",
+        "a red",
+        "--mode",
+        "interleaved",
+        "--max-images",
+        "100",
+        "--max-new-tokens",
+        "8000",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         sel = selectors.DefaultSelector()
@@ -362,7 +454,6 @@ def model_with_defaults(model_dir, tmp_path):
     shutil.copytree(model_dir, d)
     write_sampling_defaults(d, cfg_scale=1.0, image_temperature=0.5)
     return d
-
 
 
 def test_model_sampling_defaults_fill_what_the_caller_leaves_out(model_with_defaults, model_dir):
@@ -395,13 +486,16 @@ def test_cli_uses_the_models_sampling_defaults_unless_flags_say_otherwise(model_
     assert code == 0 and "sampling defaults (sampling.yaml): image_temperature 0.5, cfg_scale 1\n" in stdout
 
 
-@pytest.mark.parametrize("text, message", [
-    ("cfg_scale: -1\n", "cfg scale must be >= 0"),
-    ("guidance: 2\n", "unknown config key 'guidance'"),
-    ("top_k: 2.5\n", "expected int"),
-    ("- 1\n", "mapping"),
-    ("image_temperature: .inf\n", "finite"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cfg_scale: -1\n", "cfg scale must be >= 0"),
+        ("guidance: 2\n", "unknown config key 'guidance'"),
+        ("top_k: 2.5\n", "expected int"),
+        ("- 1\n", "mapping"),
+        ("image_temperature: .inf\n", "finite"),
+    ],
+)
 def test_bad_sampling_yaml_is_one_line_naming_the_file(model_with_defaults, tmp_path, capsys, text, message):
     (model_with_defaults / "sampling.yaml").write_text(text)
     code, _, err = run_cli(capsys, "draw", model_with_defaults, "a red circle", "--out", tmp_path / "o")

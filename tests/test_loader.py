@@ -5,22 +5,37 @@ import json
 
 import numpy as np
 import pytest
+from training_helpers import make_tokenizer_dir, truncate, write_token_shards
 
 from interleaf.errors import InterleafError
 from interleaf.tokenizer.vocab import Vocabulary
-from interleaf.training.loader import (IGNORE, DataConfig, StreamingLoader, attention_mask, full_state, jsonable,
-                                       make_spec, positions, resolve_sources)
+from interleaf.training.loader import (
+    IGNORE,
+    DataConfig,
+    StreamingLoader,
+    attention_mask,
+    full_state,
+    jsonable,
+    make_spec,
+    positions,
+    resolve_sources,
+)
 from interleaf.training.mixtures import Schedule, SourceConfig, StageConfig, pick
-from training_helpers import make_tokenizer_dir, truncate, write_token_shards
 
 VOCAB = Vocabulary.build(n_text=16 + 400, n_codes=32, image_grid=(2, 2))
 
 
 def spec(tmp_sources, n_streams=4, micro=2, seq_len=24, total_steps=100, **overrides):
-    data = DataConfig(sources=tmp_sources, seq_len=seq_len, shuffle_buffer=overrides.pop("buffer", 5),
-                      stages=overrides.pop("stages", []), resample=overrides.pop("resample", True),
-                      image_first_prob=overrides.pop("image_first_prob", 0.5),
-                      text_loss_weight=overrides.pop("text_w", 1.0), image_loss_weight=overrides.pop("image_w", 1.0))
+    data = DataConfig(
+        sources=tmp_sources,
+        seq_len=seq_len,
+        shuffle_buffer=overrides.pop("buffer", 5),
+        stages=overrides.pop("stages", []),
+        resample=overrides.pop("resample", True),
+        image_first_prob=overrides.pop("image_first_prob", 0.5),
+        text_loss_weight=overrides.pop("text_w", 1.0),
+        image_loss_weight=overrides.pop("image_w", 1.0),
+    )
     data.validate()
     tok = overrides.pop("tokenizer", None)
     s = make_spec(data, resolve_sources(data.sources, VOCAB), VOCAB, tok, total_steps, n_streams, micro)
@@ -79,14 +94,26 @@ def assemble(batches):
 def test_packing_trains_every_token_once_and_never_across_documents(shards, split):
     d, docs = shards
     T = 24
-    s = spec([SourceConfig("a", [str(d)])], n_streams=4, micro=2, seq_len=T, image_first_prob=0.0,
-             resample=False, epochs=1, split_documents=split)
+    s = spec(
+        [SourceConfig("a", [str(d)])],
+        n_streams=4,
+        micro=2,
+        seq_len=T,
+        image_first_prob=0.0,
+        resample=False,
+        epochs=1,
+        split_documents=split,
+    )
     batches = list(StreamingLoader(s, 0, 1))
     # a document that fits in a row is cut only when asked to (a cut piece loses its context)
     n_short = sum(len(doc.ids) - 1 <= T for doc in docs.values())
     assert 0 < n_short < len(docs), "the fixture needs documents shorter and longer than a row"
-    pieces = [(tok[row_ids == i], tgt[row_ids == i]) for b in batches
-              for tok, tgt, row_ids in zip(b["tokens"], b["targets"], b["doc_ids"]) for i in np.unique(row_ids)]
+    pieces = [
+        (tok[row_ids == i], tgt[row_ids == i])
+        for b in batches
+        for tok, tgt, row_ids in zip(b["tokens"], b["targets"], b["doc_ids"])
+        for i in np.unique(row_ids)
+    ]
     n_whole = sum(tok[0] == VOCAB.bos_id and tgt[-1] == VOCAB.eos_id for tok, tgt in pieces)
     assert (n_whole < n_short) if split else (n_whole == n_short)
     # every document exactly once (every token except <bos> a target exactly once), nothing else
@@ -144,7 +171,9 @@ def test_world_size_does_not_change_the_data(shards):
     s = spec([SourceConfig("a", [str(d)])], n_streams=4)
     one = take(StreamingLoader(s, 0, 1), 12)  # 3 steps x 4 micro-batches
     r0, r1 = take(StreamingLoader(s, 0, 2), 6), take(StreamingLoader(s, 1, 2), 6)
-    two = [x for step in range(3) for pair in zip(r0[2 * step: 2 * step + 2], r1[2 * step: 2 * step + 2]) for x in pair]
+    two = [
+        x for step in range(3) for pair in zip(r0[2 * step : 2 * step + 2], r1[2 * step : 2 * step + 2]) for x in pair
+    ]
     same_batches(one, two)
     with pytest.raises(Exception, match="cannot be split over 3"):
         StreamingLoader(s, 0, 3)
@@ -166,11 +195,11 @@ def test_resume_is_exact_and_resplits_over_world_sizes(shards, other):
     d, _ = shards
     s = mixture_spec(d, other, buffer=6)
     loaders = [StreamingLoader(s, r, 2) for r in range(2)]
-    its = [iter(l) for l in loaders]
+    its = [iter(loader) for loader in loaders]
     for _ in range(3):  # 3 steps, 2 micro-batches per rank
         for it in its:
             next(it), next(it)
-    state = json.loads(json.dumps(full_state([l.state_dict() for l in loaders], 4)))  # as written to disk
+    state = json.loads(json.dumps(full_state([loader.state_dict() for loader in loaders], 4)))  # as written to disk
     ref = {r: [next(its[r]) for _ in range(6)] for r in range(2)}  # steps 4-6
     for r in range(2):  # same world size
         again = StreamingLoader(s, r, 2)
@@ -180,8 +209,8 @@ def test_resume_is_exact_and_resplits_over_world_sizes(shards, other):
     single.load_state_dict(state)
     got = take(single, 12)
     for step in range(3):
-        same_batches(got[4 * step: 4 * step + 4:2], ref[0][2 * step: 2 * step + 2])
-        same_batches(got[4 * step + 1: 4 * step + 4:2], ref[1][2 * step: 2 * step + 2])
+        same_batches(got[4 * step : 4 * step + 4 : 2], ref[0][2 * step : 2 * step + 2])
+        same_batches(got[4 * step + 1 : 4 * step + 4 : 2], ref[1][2 * step : 2 * step + 2])
     bad = StreamingLoader(spec([SourceConfig("a", [str(d)])], n_streams=2), 0, 1)
     with pytest.raises(InterleafError, match="streams"):
         bad.load_state_dict(state)
@@ -201,8 +230,13 @@ def test_stage_schedule_switches_the_mixture(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     write_token_shards(a, VOCAB, 30, 5, seed=2, kinds=("text",), prefix="a")
     write_token_shards(b, VOCAB, 30, 5, seed=3, kinds=("pair",), prefix="b")
-    s = spec([SourceConfig("a", [str(a)], weight=1.0), SourceConfig("b", [str(b)], weight=0.0)], n_streams=1, micro=1,
-             stages=[StageConfig(0.5, {"a": 0.0, "b": 1.0})], total_steps=10)
+    s = spec(
+        [SourceConfig("a", [str(a)], weight=1.0), SourceConfig("b", [str(b)], weight=0.0)],
+        n_streams=1,
+        micro=1,
+        stages=[StageConfig(0.5, {"a": 0.0, "b": 1.0})],
+        total_steps=10,
+    )
     batches = take(StreamingLoader(s, 0, 1), 10)
     has_image = [bool(np.asarray(x["is_image"]).any()) for x in batches]
     assert not any(has_image[:5]) and all(has_image[6:])  # step 5 may still finish a text document

@@ -81,7 +81,10 @@ def test_chunked_gradients_match_autograd_of_reference(batch, chunk):
 
 def test_gradcheck_float64(batch):
     h, W, targets, weights, _ = batch
-    f = lambda a, b: chunked_linear_cross_entropy(a, b, targets[:6], weights[:6], z_coef=0.05, chunk=4).loss
+
+    def f(a, b):
+        return chunked_linear_cross_entropy(a, b, targets[:6], weights[:6], z_coef=0.05, chunk=4).loss
+
     assert torch.autograd.gradcheck(f, (h[:6].clone().requires_grad_(), W.clone().requires_grad_()))
 
 

@@ -13,20 +13,49 @@ from interleaf.model import ops, transformer
 from interleaf.model.args import MODEL_SIZES, ModelArgs, count_params, ffn_hidden_size, flops_per_token
 from interleaf.model.attention import build_cache_mask, xformers_available
 from interleaf.model.transformer import (
-    MATVEC_MAX_ROWS, SPLIT_MAX_ROWS, FusedWeight, HeadLayerNorm, RMSNorm, Transformer,
+    MATVEC_MAX_ROWS,
+    SPLIT_MAX_ROWS,
+    FusedWeight,
+    HeadLayerNorm,
+    RMSNorm,
+    Transformer,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small variants that together set every ModelArgs option away from its default.
 VARIANTS = {
-    "gqa-layernorm-pre": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
-                              qk_norm="layernorm", max_seq_len=64),
-    "mqa-rms-swin-tied": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=64, ffn_hidden=40,
-                              qk_norm="rms", qk_norm_eps=1e-4, norm_order="swin", tie_embeddings=True,
-                              norm_eps=1e-6, rope_theta=500.0, max_seq_len=64),
-    "mha-none": dict(dim=24, n_layers=1, n_heads=2, vocab_size=50, ffn_multiplier=1.5, multiple_of=8,
-                     init_std=0.05, loss_chunk=5, z_loss=1e-3, attention="sdpa", max_seq_len=64),
+    "gqa-layernorm-pre": dict(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, qk_norm="layernorm", max_seq_len=64
+    ),
+    "mqa-rms-swin-tied": dict(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=1,
+        vocab_size=64,
+        ffn_hidden=40,
+        qk_norm="rms",
+        qk_norm_eps=1e-4,
+        norm_order="swin",
+        tie_embeddings=True,
+        norm_eps=1e-6,
+        rope_theta=500.0,
+        max_seq_len=64,
+    ),
+    "mha-none": dict(
+        dim=24,
+        n_layers=1,
+        n_heads=2,
+        vocab_size=50,
+        ffn_multiplier=1.5,
+        multiple_of=8,
+        init_std=0.05,
+        loss_chunk=5,
+        z_loss=1e-3,
+        attention="sdpa",
+        max_seq_len=64,
+    ),
 }
 # options exercised by dedicated tests below (dropout: test_dropout_only_in_training)
 EXERCISED = {k for v in VARIANTS.values() for k in v} | {"dropout"}
@@ -62,8 +91,12 @@ def test_ffn_width_and_validation():
     assert ffn_hidden_size(4096) == 11008
     assert ModelArgs(dim=96, multiple_of=32, ffn_multiplier=1.5).ffn_hidden == 384  # int(1.5 * 256) = 384
     assert Transformer(ModelArgs(**VARIANTS["mqa-rms-swin-tied"])).layers[0].feed_forward.w1.weight.shape == (40, 32)
-    for bad, msg in [(dict(dim=30, n_heads=4), "not divisible"), (dict(n_heads=4, n_kv_heads=3), "multiple of"),
-                     (dict(dim=12, n_heads=4), "even"), (dict(dropout=1.0), "dropout")]:
+    for bad, msg in [
+        (dict(dim=30, n_heads=4), "not divisible"),
+        (dict(n_heads=4, n_kv_heads=3), "multiple of"),
+        (dict(dim=12, n_heads=4), "even"),
+        (dict(dropout=1.0), "dropout"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             ModelArgs(**bad).validate()
 
@@ -109,7 +142,9 @@ def test_fused_ops_match_reference_values_and_gradients():
         (lambda h: ops.swiglu(h), lambda h: ops.swiglu_reference(h), [(3, 5, 12)]),
     ]
     cos, sin = ops.rope_angles(torch.arange(5)[None], 8, 100.0)
-    cases.append((lambda x: ops.apply_rope(x, cos, sin), lambda x: ops.apply_rope_reference(x, cos, sin), [(1, 5, 3, 8)]))
+    cases.append(
+        (lambda x: ops.apply_rope(x, cos, sin), lambda x: ops.apply_rope_reference(x, cos, sin), [(1, 5, 3, 8)])
+    )
     for fast, ref, shapes in cases:
         xs = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
         torch.testing.assert_close(fast(*xs), ref(*xs))
@@ -156,7 +191,9 @@ def test_packed_equals_separate(name):
     ids2 = torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([11, 9, 4]))[None]
     packed = model(torch.cat([row, row2]), torch.cat([doc_ids, ids2]))
     torch.testing.assert_close(packed[0], alone[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed[1], torch.cat([alone[:, 13:], alone[:, :9], alone[:, 9:13]], 1)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        packed[1], torch.cat([alone[:, 13:], alone[:, :9], alone[:, 9:13]], 1)[0], rtol=1e-5, atol=1e-5
+    )
     # and the loss of the packed row is the loss of the documents
     targets = torch.randint(0, model.args.vocab_size, row.shape, generator=g)
     with torch.no_grad():
@@ -246,8 +283,9 @@ def _check_xformers_equals_sdpa(name, device, tol):
         # padding into the scratch slot; in the second run it is 20 wide, past the slots of rows 0
         # and 2, so that step attends with SDPA
         for third in ((10, 15, 14), (15, 20, 12)):
-            _check_cached_decoding(name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), third), device=device,
-                                   tol=tol, attention="xformers")
+            _check_cached_decoding(
+                name, max_len=24, chunks=((5, 2, 9), (3, 0, 1), third), device=device, tol=tol, attention="xformers"
+            )
     _check_cached_decoding(name, device=device, tol=tol, attention="xformers")  # with gradients: SDPA
     grads = []
     for model in (xf.train(), sdpa.train()):
@@ -339,7 +377,9 @@ def test_kept_weights_only_where_they_compute_the_same():
     x, w = torch.randn(1, 1, 16, generator=g), torch.randn(48, 16, generator=g)
     kept = FusedWeight()
     half = kept.linear(x.bfloat16(), w.bfloat16())
-    assert kept.value_t is None and torch.equal(half, F.linear(x.bfloat16(), w.bfloat16()))  # F.linear: CPU bmm is slow there
+    assert kept.value_t is None and torch.equal(
+        half, F.linear(x.bfloat16(), w.bfloat16())
+    )  # F.linear: CPU bmm is slow there
     with_bias = torch.nn.Linear(16, 48)
     torch.testing.assert_close(FusedWeight().apply(x, with_bias), with_bias(x))
     hooked = torch.nn.Linear(16, 48, bias=False)
@@ -396,8 +436,9 @@ def test_gradcheck_float64(name):
     names, params = zip(*model.named_parameters())
 
     def f(*ps):
-        out = torch.func.functional_call(model, dict(zip(names, ps)), (tokens,),
-                                         dict(targets=targets, weights=weights, doc_ids=doc_ids))
+        out = torch.func.functional_call(
+            model, dict(zip(names, ps)), (tokens,), dict(targets=targets, weights=weights, doc_ids=doc_ids)
+        )
         return out.loss
 
     assert torch.autograd.gradcheck(f, tuple(p.detach().clone().requires_grad_() for p in params), fast_mode=True)
@@ -438,7 +479,8 @@ def test_dropout_only_in_training():
 
 
 def test_inference_path_keeps_hooks_and_dropout():
-    # without autograd a block calls its parts' forward functions, unless hooks need the module calls; dropout still applies
+    # without autograd a block calls its parts' forward functions, unless hooks need the module calls;
+    # dropout still applies
     model = make("gqa-layernorm-pre", dropout=0.3)
     tokens = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
@@ -508,8 +550,9 @@ def save_dir(tmp_path, model_name, text_tokenizer):
 
 @pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
 def test_save_and_load_model_dir(tmp_path, text_tokenizer, name):
-    import interleaf
     from safetensors import safe_open
+
+    import interleaf
 
     model, d = save_dir(tmp_path, name, text_tokenizer)
     pipe = interleaf.load(d)
@@ -526,8 +569,9 @@ def test_save_and_load_model_dir(tmp_path, text_tokenizer, name):
 
 
 def test_mismatched_model_dir_fails_clearly(tmp_path, text_tokenizer):
-    import interleaf
     from safetensors.torch import load_file, save_file
+
+    import interleaf
 
     _, d = save_dir(tmp_path, "gqa-layernorm-pre", text_tokenizer)
     state = load_file(str(d / "model.safetensors"))
@@ -536,7 +580,9 @@ def test_mismatched_model_dir_fails_clearly(tmp_path, text_tokenizer):
     with pytest.raises(InterleafError, match="missing tensor layers.2"):
         interleaf.load(d)
     (d / "model.yaml").write_text(yaml_text.replace("ffn_hidden: 96", "ffn_hidden: 80"))
-    with pytest.raises(InterleafError, match=r"feed_forward.w1.weight has shape \(96, 32\), model.yaml implies \(80, 32\)"):
+    with pytest.raises(
+        InterleafError, match=r"feed_forward.w1.weight has shape \(96, 32\), model.yaml implies \(80, 32\)"
+    ):
         interleaf.load(d)
     (d / "model.yaml").write_text(yaml_text)
     save_file({**state, "extra.weight": torch.zeros(1)}, str(d / "model.safetensors"))
@@ -578,9 +624,11 @@ def test_info_command(tmp_path, text_tokenizer, capsys):
     assert "not a model config file" in capsys.readouterr().err
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe")
-    for argv, message in [(["info", str(tmp_path / "empty.yaml")], "is empty"),
-                          (["info", str(tmp_path / "binary.yaml")], "not a UTF-8 text file"),
-                          (["info", "debug", "--seq-len", "0"], "--seq-len must be >= 1")]:
+    for argv, message in [
+        (["info", str(tmp_path / "empty.yaml")], "is empty"),
+        (["info", str(tmp_path / "binary.yaml")], "not a UTF-8 text file"),
+        (["info", "debug", "--seq-len", "0"], "--seq-len must be >= 1"),
+    ]:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

@@ -31,8 +31,19 @@ def text():
 @pytest.fixture(scope="module")
 def vqgan():
     torch.manual_seed(0)
-    cfg = VQConfig(resolution=32, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], mid_attn=False,
-                   z_channels=16, norm_groups=8, n_embed=64, embed_dim=8, l2_norm=True)
+    cfg = VQConfig(
+        resolution=32,
+        ch=16,
+        ch_mult=[1, 2, 2],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        mid_attn=False,
+        z_channels=16,
+        norm_groups=8,
+        n_embed=64,
+        embed_dim=8,
+        l2_norm=True,
+    )
     return VQModel(cfg).eval()
 
 

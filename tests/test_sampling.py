@@ -35,7 +35,7 @@ def test_mask_table_rows(vocab):
     m = L.mask_table(vocab, V)
     image, text = vocab.image_mask(), vocab.text_mask()
     assert m.shape == (len(L.Allowed), V)
-    assert not m[:, vocab.size:].any()
+    assert not m[:, vocab.size :].any()
     assert torch.equal(m[L.Allowed.IMAGE, : vocab.size], image)
     for a in (L.Allowed.TEXT, L.Allowed.TEXT_OR_IMAGE):
         assert not (m[a, : vocab.size] & image).any()
@@ -116,9 +116,13 @@ def test_sample_greedy_distribution_and_batch_independence():
     assert chi2 < 25, (counts, expected)  # 5 degrees of freedom: p ~ 1e-4
     # a row's draws depend on its own generator and logits only
     temps, tk, tp = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0, 3, 0]), torch.tensor([0.9, 1.0, 0.5])
-    together = [L.sample(logits, temps, [torch.Generator().manual_seed(s) for s in (7, 8, 9)], tk, tp) for _ in range(1)]
+    together = [
+        L.sample(logits, temps, [torch.Generator().manual_seed(s) for s in (7, 8, 9)], tk, tp) for _ in range(1)
+    ]
     for b, s in enumerate((7, 8, 9)):
-        alone = L.sample(logits[b : b + 1], temps[b : b + 1], [torch.Generator().manual_seed(s)], tk[b : b + 1], tp[b : b + 1])
+        alone = L.sample(
+            logits[b : b + 1], temps[b : b + 1], [torch.Generator().manual_seed(s)], tk[b : b + 1], tp[b : b + 1]
+        )
         assert alone.item() == together[0][b].item()
 
 
@@ -280,8 +284,9 @@ class FakeVQ:
 def fake_pipe(vocab, max_seq_len=64, seed=0, script=None):
     text = ByteText()
     tok = SimpleNamespace(encode=lambda doc, bos=True, eos=False: vocab.encode_document(doc, text.encode, bos, eos))
-    return SimpleNamespace(model=FakeModel(vocab, max_seq_len, seed, script), vocab=vocab, text=text,
-                           tokenizer=tok, vqgan=FakeVQ())
+    return SimpleNamespace(
+        model=FakeModel(vocab, max_seq_len, seed, script), vocab=vocab, text=text, tokenizer=tok, vqgan=FakeVQ()
+    )
 
 
 def test_decode_loop_invariants_and_events(vocab):
@@ -409,8 +414,16 @@ def commonmark_blocks(text):
     from markdown_it import MarkdownIt  # comes with the dev extra (transformers -> typer -> rich)
 
     def inline(children):
-        return "".join(c.content if c.type == "text" else "\n" if c.type == "hardbreak" else
-                       f"<image {c.attrs['src']}>" if c.type == "image" else f"<{c.type}>" for c in children)
+        return "".join(
+            c.content
+            if c.type == "text"
+            else "\n"
+            if c.type == "hardbreak"
+            else f"<image {c.attrs['src']}>"
+            if c.type == "image"
+            else f"<{c.type}>"
+            for c in children
+        )
 
     blocks, tag = [], None
     for tok in MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(text):
@@ -429,8 +442,14 @@ def test_markdown_shows_prompt_and_text_literally(tmp_path):
     md = write_documents(tmp_path, [doc]).markdown.read_text()
     paragraphs = [("p", p) for p in HOSTILE_MARKDOWN.split("\n\n")]  # a blank line still splits paragraphs
     assert commonmark_blocks(md) == [
-        ("h1", "interleaf"), ("h2", "Prompt"), *paragraphs, ("p", "<image prompt-1.png>"),
-        ("h2", "Output"), *paragraphs, ("p", "<image image-0-0.png>"), ("p", " after "),
+        ("h1", "interleaf"),
+        ("h2", "Prompt"),
+        *paragraphs,
+        ("p", "<image prompt-1.png>"),
+        ("h2", "Output"),
+        *paragraphs,
+        ("p", "<image image-0-0.png>"),
+        ("p", " after "),
     ]
     assert "![prompt-1.png](prompt-1.png)" in md and "![image-0-0.png](image-0-0.png)" in md
 
@@ -438,10 +457,14 @@ def test_markdown_shows_prompt_and_text_literally(tmp_path):
 def test_markdown_escapes_only_what_could_be_syntax():
     plain = "A red circle, 3.5 cm (50%) - left of it! 'Quotes' \"too\"? a@b.c {x} $y$ /z/ + 1 = 2 # 3"
     assert escape_markdown(plain) == plain
-    assert escape_markdown("# *a* _b_ `c` [d](e) <f> &g; h|i ~j~ k\\") == \
-        "\\# \\*a\\* \\_b\\_ \\`c\\` \\[d\\](e) \\<f> \\&g; h\\|i \\~j\\~ k\\\\"
-    assert escape_markdown("- a\n+ b\n> c\n10. d\n2) e\n---\n===") == \
-        "\\- a\\\n\\+ b\\\n\\> c\\\n10\\. d\\\n2\\) e\\\n\\---\\\n\\==="
+    assert (
+        escape_markdown("# *a* _b_ `c` [d](e) <f> &g; h|i ~j~ k\\")
+        == "\\# \\*a\\* \\_b\\_ \\`c\\` \\[d\\](e) \\<f> \\&g; h\\|i \\~j\\~ k\\\\"
+    )
+    assert (
+        escape_markdown("- a\n+ b\n> c\n10. d\n2) e\n---\n===")
+        == "\\- a\\\n\\+ b\\\n\\> c\\\n10\\. d\\\n2\\) e\\\n\\---\\\n\\==="
+    )
     assert escape_markdown("    code\nhard  \n\tx\t\n \n\r\nend") == "&#32;   code\\\nhard &#32;\\\n&#9;x&#9;\n\n\nend"
 
 
@@ -451,7 +474,12 @@ def test_render_into_an_earlier_output_keeps_one_set_of_files(tmp_path):
     out_dir.mkdir()
     (out_dir / "image-7-7.png").write_bytes(b"the user's own file")  # no document.md yet: kept
     write_documents(out_dir, [Document(segments=["two", red, blue]), Document(segments=["one", red])])
-    assert {p.name for p in out_dir.glob("image-*")} == {"image-0-0.png", "image-0-1.png", "image-1-0.png", "image-7-7.png"}
+    assert {p.name for p in out_dir.glob("image-*")} == {
+        "image-0-0.png",
+        "image-0-1.png",
+        "image-1-0.png",
+        "image-7-7.png",
+    }
     out = write_documents(out_dir, [Document(segments=["now one", blue])])  # the earlier PNGs go
     assert sorted(p.name for p in out_dir.iterdir()) == ["document.html", "document.md", "image-0-0.png"]
     assert out.images == [out_dir / "image-0-0.png"]
@@ -477,9 +505,12 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 def test_option_bounds():
     Request("x", seed=-1).validate()  # torch takes negative seeds, and so does the sampler
     Request("x", seed=2**64 - 1, temperature=0, image_temperature=1e-4, cfg_scale=1e3).validate()
-    for options, message in [(dict(seed=2**64), "seed must be in"), (dict(temperature=float("inf")), "finite"),
-                             (dict(temperature=1e-5), r"temperature must be in \[0.0001, 10000\] \(or 0: greedy\)"),
-                             (dict(repetition_penalty=1e5), "repetition penalty must be in"),
-                             (dict(image_cfg_scale=1e4), "image cfg scale must be at most 1000")]:
+    for options, message in [
+        (dict(seed=2**64), "seed must be in"),
+        (dict(temperature=float("inf")), "finite"),
+        (dict(temperature=1e-5), r"temperature must be in \[0.0001, 10000\] \(or 0: greedy\)"),
+        (dict(repetition_penalty=1e5), "repetition penalty must be in"),
+        (dict(image_cfg_scale=1e4), "image cfg scale must be at most 1000"),
+    ]:
         with pytest.raises(InterleafError, match=message):
             Request("x", **options).validate()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_serve import GatedPipe, LiveServer, tiny_model_dir
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -37,8 +36,9 @@ pytestmark = [
         CHROMIUM is None or CHROMEDRIVER is None,
         reason="no headless browser: install Debian's chromium and chromium-driver (make test does where it can)",
     ),
-    pytest.mark.skipif(importlib.util.find_spec("selenium") is None,
-                       reason="selenium is not installed (pip install -e '.[dev]')"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("selenium") is None, reason="selenium is not installed (pip install -e '.[dev]')"
+    ),
 ]
 
 
@@ -173,8 +173,13 @@ def test_page_shows_a_refused_upload_and_keeps_working(served, browser, tmp_path
 
 
 # ---- the README screenshot -----------------------------------------------------------------------
-def screenshot(out: Path, model_dir: Path | None = None, prompt: str = "A red circle above a blue square.",
-               mode: str = "interleaved", hold_at: int = 40) -> None:
+def screenshot(
+    out: Path,
+    model_dir: Path | None = None,
+    prompt: str = "A red circle above a blue square.",
+    mode: str = "interleaved",
+    hold_at: int = 40,
+) -> None:
     """Serve a model in-process, hold its first image at `hold_at` codes, photograph the page."""
     import torch
     from selenium.webdriver.common.by import By

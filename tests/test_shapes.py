@@ -2,9 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from interleaf.data.shapes import (
-    BACKGROUND, COLOURS, KINDS, POSITIONS, SIZES, Scene, Shape, ShapesWorld, caption,
-)
+from interleaf.data.shapes import BACKGROUND, COLOURS, KINDS, POSITIONS, SIZES, Scene, Shape, ShapesWorld, caption
 from interleaf.errors import InterleafError
 
 
@@ -19,8 +17,9 @@ def test_deterministic_by_seed_and_index():
         assert np.array_equal(pixels(a.pair(i)[0]), pixels(b.pair(i)[0]))
         assert a.text(i) == b.text(i)
         da, db = a.document(i)[0], b.document(i)[0]
-        assert [x if isinstance(x, str) else pixels(x).tobytes() for x in da] == \
-               [x if isinstance(x, str) else pixels(x).tobytes() for x in db]
+        assert [x if isinstance(x, str) else pixels(x).tobytes() for x in da] == [
+            x if isinstance(x, str) else pixels(x).tobytes() for x in db
+        ]
     other = ShapesWorld(seed=4)
     assert sum(a.scene(i) != other.scene(i) for i in range(20)) >= 15
     assert len({caption(a.scene(i)) for i in range(50)}) >= 45
@@ -59,8 +58,10 @@ def test_render_is_aliased_and_matches_scene():
             # the box is tight: the shape touches all four sides
             assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
         n_fg = (x != BACKGROUND).any(-1).sum()
-        n_boxes = sum(((pixels(image)[b[1]:b[3] + 1, b[0]:b[2] + 1] != BACKGROUND).any(-1)).sum()
-                      for b in map(world.shape_box, scene.shapes))
+        n_boxes = sum(
+            ((pixels(image)[b[1] : b[3] + 1, b[0] : b[2] + 1] != BACKGROUND).any(-1)).sum()
+            for b in map(world.shape_box, scene.shapes)
+        )
         assert n_fg == n_boxes  # nothing drawn outside the boxes
 
 
@@ -77,14 +78,12 @@ def test_large_is_larger_and_boxes_stay_in_cells():
 
 
 def test_caption_matches_scene():
-    scene = Scene([
-        Shape("square", "blue", "small", "center"),
-        Shape("circle", "red", "large", "top left"),
-    ])
+    scene = Scene([Shape("square", "blue", "small", "center"), Shape("circle", "red", "large", "top left")])
     assert caption(scene) == "a large red circle at the top left and a small blue square in the center"
     three = Scene(scene.shapes + [Shape("triangle", "green", "small", "right")])
-    assert caption(three) == ("a large red circle at the top left, a small blue square in the center "
-                              "and a small green triangle on the right")
+    assert caption(three) == (
+        "a large red circle at the top left, a small blue square in the center and a small green triangle on the right"
+    )
     world = ShapesWorld()
     for i in range(50):
         _, text, scene = world.pair(i)
@@ -101,7 +100,9 @@ def test_documents_change_step_by_step():
         images = [s for s in segments if isinstance(s, Image.Image)]
         n_images.add(len(images))
         assert len(images) == len(scenes) >= 2
-        assert isinstance(segments[0], str) and segments[0] == caption(scenes[0])[0].upper() + caption(scenes[0])[1:] + "."
+        assert (
+            isinstance(segments[0], str) and segments[0] == caption(scenes[0])[0].upper() + caption(scenes[0])[1:] + "."
+        )
         for image, scene in zip(images, scenes):
             assert np.array_equal(pixels(image), pixels(world.render(scene)))
         # text before each later image is the change from the previous scene

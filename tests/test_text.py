@@ -168,14 +168,20 @@ def test_chameleon_style_tokenizer_json(tmp_path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\s*\S+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\s*\S+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "<racm3:break>", "<eoss>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     hf.train_from_iterator(CORPUS, trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = TextTokenizer.load(tmp_path / "tokenizer.json")
@@ -207,8 +213,14 @@ def spm_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("spm") / "tiny.model"
     with open(path, "wb") as f:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(CORPUS), model_writer=f, vocab_size=400, model_type="bpe",
-            byte_fallback=True, character_coverage=0.98, minloglevel=2, num_threads=1,
+            sentence_iterator=iter(CORPUS),
+            model_writer=f,
+            vocab_size=400,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=0.98,
+            minloglevel=2,
+            num_threads=1,
         )
     return path
 
@@ -234,6 +246,7 @@ def test_sentencepiece_model(spm_model, tmp_path):
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
+
 
 def test_cli_train_bpe_end_to_end(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
@@ -289,11 +302,26 @@ def test_cli_train_bpe_from_shards_and_document_jsonl(tmp_path):
     docs = [(f"doc{i}", world.document(i)[0], None) for i in range(30)]
     write_documents(docs, tmp_path / "shards")
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text(json.dumps(["zebra " * 5, {"image": "x.png"}]) + "\n"
-                     + json.dumps({"segments": [{"text": "quokka " * 5}]}) + "\n")
+    jsonl.write_text(
+        json.dumps(["zebra " * 5, {"image": "x.png"}])
+        + "\n"
+        + json.dumps({"segments": [{"text": "quokka " * 5}]})
+        + "\n"
+    )
     out = tmp_path / "bpe"
-    rc = main(["train-bpe", "-i", str(tmp_path / "shards" / "*.tar"), "-i", str(jsonl),
-               "vocab_size=500", "min_frequency=1", "-o", str(out)])
+    rc = main(
+        [
+            "train-bpe",
+            "-i",
+            str(tmp_path / "shards" / "*.tar"),
+            "-i",
+            str(jsonl),
+            "vocab_size=500",
+            "min_frequency=1",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     tok = TextTokenizer.load(out)
     for word in (" triangle", " appears", " zebra", " quokka"):
@@ -305,7 +333,7 @@ def test_cli_train_bpe_stops_at_once_on_ctrl_c(tmp_path):
     rng = random.Random(0)
     words = ["".join(rng.choices(string.ascii_lowercase, k=40)) for _ in range(50_000)] * 2
     corpus = tmp_path / "corpus.txt"  # 4 MB of long words: ~10 s of merges on 2 cores, ~0.2 s to read
-    corpus.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(0, len(words), 5)) + "\n")
+    corpus.write_text("\n".join(" ".join(words[i : i + 5]) for i in range(0, len(words), 5)) + "\n")
     out = tmp_path / "bpe"
     cmd = [sys.executable, "-m", "interleaf", "train-bpe", "vocab_size=300000", "-i", str(corpus), "-o", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from training_helpers import make_tokenizer_dir, truncate, write_token_shards
 
 from interleaf.cli import main
 from interleaf.errors import ConfigError, InterleafError
-from training_helpers import make_tokenizer_dir, truncate, write_token_shards
 
 pytestmark = pytest.mark.slow
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "debug.yaml")
@@ -41,9 +41,17 @@ def setup(tmp_path_factory):
     truncate(root / "data" / "t-000003.tar")
     (root / "data" / "t-000099.tar").write_bytes(b"not a tar" * 100)
     write_token_shards(root / "val", vocab, n_docs=12, per_shard=6, seed=5, prefix="v")
-    base = [f"tokenizer={root / 'tok'}", f"data.sources=[{{name: a, paths: [{root / 'data'}]}}]",
-            f"data.eval_sources=[{{name: v, paths: [{root / 'val'}]}}]", f"steps={STEPS}", "save_every=2",
-            "keep_last=2", "eval_every=1", "data.shuffle_buffer=32", "debug.nonfinite_steps=[2]"]
+    base = [
+        f"tokenizer={root / 'tok'}",
+        f"data.sources=[{{name: a, paths: [{root / 'data'}]}}]",
+        f"data.eval_sources=[{{name: v, paths: [{root / 'val'}]}}]",
+        f"steps={STEPS}",
+        "save_every=2",
+        "keep_last=2",
+        "eval_every=1",
+        "data.shuffle_buffer=32",
+        "debug.nonfinite_steps=[2]",
+    ]
     return root, base
 
 
@@ -92,7 +100,9 @@ def test_world_sizes_and_zero_stages_agree(runs):
     np.testing.assert_allclose(d, a, rtol=1e-5)
     for r in "ABD":
         steps, evals = metrics(runs / r)
-        assert [steps[s]["data_crc"] for s in sorted(steps)] == [metrics(runs / "A")[0][s]["data_crc"] for s in sorted(steps)]
+        assert [steps[s]["data_crc"] for s in sorted(steps)] == [
+            metrics(runs / "A")[0][s]["data_crc"] for s in sorted(steps)
+        ]
         assert steps[2]["nonfinite"] and steps[STEPS]["skipped"] == 1 and steps[3]["grad_norm"] > 0
         assert evals[2]["eval"]["loss"] == evals[1]["eval"]["loss"]  # the skipped step left the weights alone
         assert evals[3]["eval"]["loss"] != evals[2]["eval"]["loss"]

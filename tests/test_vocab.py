@@ -7,8 +7,12 @@ from interleaf.tokenizer.vocab import ImageCodes, Vocabulary, special_token_name
 
 def text_codec():
     # a stand-in text codec over ids 16..(16+256): one id per byte
-    enc = lambda s: [16 + b for b in s.encode("utf-8")]
-    dec = lambda ids: bytes(i - 16 for i in ids).decode("utf-8", errors="replace")
+    def enc(s):
+        return [16 + b for b in s.encode("utf-8")]
+
+    def dec(ids):
+        return bytes(i - 16 for i in ids).decode("utf-8", errors="replace")
+
     return enc, dec
 
 
@@ -24,7 +28,7 @@ def test_layout(vocab):
     text, image = vocab.text_mask(), vocab.image_mask()
     assert not (text & image).any()
     assert text.sum() == 256 and image.sum() == 32
-    assert not text[: 16].any() and not text[16 + 256 + 32 :].any()
+    assert not text[:16].any() and not text[16 + 256 + 32 :].any()
     codes = np.arange(32)
     assert np.array_equal(vocab.id_to_code(vocab.code_to_id(codes)), codes)
     assert torch.equal(vocab.id_to_code(vocab.code_to_id(torch.arange(32))), torch.arange(32))
@@ -33,7 +37,13 @@ def test_layout(vocab):
 def test_mixed_round_trip(vocab):
     enc, dec = text_codec()
     rng = np.random.default_rng(0)
-    doc = ["héllo 👋", ImageCodes(rng.integers(0, 32, (2, 3))), " then ", ImageCodes(rng.integers(0, 32, (2, 3))), "end"]
+    doc = [
+        "héllo 👋",
+        ImageCodes(rng.integers(0, 32, (2, 3))),
+        " then ",
+        ImageCodes(rng.integers(0, 32, (2, 3))),
+        "end",
+    ]
     ids = vocab.encode_document(doc, enc)
     assert ids[0] == vocab.bos_id and ids[-1] == vocab.eos_id
     assert ids.count(vocab.boi_id) == 2 and ids.count(vocab.eoi_id) == 2

@@ -12,11 +12,26 @@ from interleaf.tokenizer.image import list_images, load_image, to_pil
 from interleaf.tokenizer.losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips
 from interleaf.tokenizer.quantize import VectorQuantizer
 from interleaf.tokenizer.vqgan import (
-    VQConfig, VQModel, code_stats, convert_hf_vq_state_dict, psnr, to_hf_vq_state_dict, vq_config_from_hf,
+    VQConfig,
+    VQModel,
+    code_stats,
+    convert_hf_vq_state_dict,
+    psnr,
+    to_hf_vq_state_dict,
+    vq_config_from_hf,
 )
 
-TINY = dict(resolution=32, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16], z_channels=16,
-            norm_groups=8, n_embed=64, embed_dim=8)
+TINY = dict(
+    resolution=32,
+    ch=16,
+    ch_mult=[1, 2, 2],
+    num_res_blocks=1,
+    attn_resolutions=[16],
+    z_channels=16,
+    norm_groups=8,
+    n_embed=64,
+    embed_dim=8,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,11 +48,13 @@ def tiny(**kw) -> VQModel:
     return VQModel(VQConfig(**{**TINY, **kw}))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _photos(resolution: int) -> torch.Tensor:
     from skimage import data
 
-    return torch.stack([load_image(Image.fromarray(getattr(data, n)()), resolution) for n in ("astronaut", "coffee", "chelsea")])
+    return torch.stack(
+        [load_image(Image.fromarray(getattr(data, n)()), resolution) for n in ("astronaut", "coffee", "chelsea")]
+    )
 
 
 def photos(resolution: int) -> torch.Tensor:
@@ -86,13 +103,27 @@ def test_bad_shapes_are_clear_errors():
 def test_taming_module_names():
     keys = set(VQModel(VQConfig(**{**TINY, "ch_mult": [1, 2, 2]})).state_dict())
     for k in [
-        "encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "encoder.down.0.block.0.conv1.weight",
-        "encoder.down.1.block.0.nin_shortcut.weight", "encoder.down.0.downsample.conv.weight",
-        "encoder.down.1.attn.0.q.weight", "encoder.mid.block_1.conv2.bias", "encoder.mid.attn_1.proj_out.weight",
-        "encoder.norm_out.weight", "encoder.conv_out.weight", "quant_conv.weight", "quantize.embedding.weight",
-        "post_quant_conv.weight", "decoder.conv_in.weight", "decoder.mid.attn_1.k.weight",
-        "decoder.up.2.block.0.conv1.weight", "decoder.up.0.block.1.conv2.weight", "decoder.up.1.upsample.conv.weight",
-        "decoder.up.1.attn.1.v.weight", "decoder.norm_out.bias", "decoder.conv_out.weight",
+        "encoder.conv_in.weight",
+        "encoder.down.0.block.0.norm1.weight",
+        "encoder.down.0.block.0.conv1.weight",
+        "encoder.down.1.block.0.nin_shortcut.weight",
+        "encoder.down.0.downsample.conv.weight",
+        "encoder.down.1.attn.0.q.weight",
+        "encoder.mid.block_1.conv2.bias",
+        "encoder.mid.attn_1.proj_out.weight",
+        "encoder.norm_out.weight",
+        "encoder.conv_out.weight",
+        "quant_conv.weight",
+        "quantize.embedding.weight",
+        "post_quant_conv.weight",
+        "decoder.conv_in.weight",
+        "decoder.mid.attn_1.k.weight",
+        "decoder.up.2.block.0.conv1.weight",
+        "decoder.up.0.block.1.conv2.weight",
+        "decoder.up.1.upsample.conv.weight",
+        "decoder.up.1.attn.1.v.weight",
+        "decoder.norm_out.bias",
+        "decoder.conv_out.weight",
     ]:
         assert k in keys, k
     assert not any("downsample" in k for k in keys if k.startswith("encoder.down.2."))  # last level keeps resolution
@@ -101,8 +132,14 @@ def test_taming_module_names():
 
 def test_loads_taming_checkpoint_and_gives_same_codes():
     src = tiny()
-    ckpt = {"state_dict": {**src.state_dict(), "loss.discriminator.main.0.weight": torch.zeros(1),
-                           "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1)}, "global_step": 5}
+    ckpt = {
+        "state_dict": {
+            **src.state_dict(),
+            "loss.discriminator.main.0.weight": torch.zeros(1),
+            "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1),
+        },
+        "global_step": 5,
+    }
     dst = VQModel(VQConfig(**TINY))
     dst.load_state_dict(convert_hf_vq_state_dict(ckpt), strict=True)
     x = photos(32)
@@ -115,8 +152,16 @@ def _hf_model():
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
     torch.manual_seed(1)
-    cfg = ChameleonVQVAEConfig(resolution=32, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
-                               latent_channels=32, embed_dim=16, num_embeddings=128, attn_resolutions=[16])
+    cfg = ChameleonVQVAEConfig(
+        resolution=32,
+        base_channels=32,
+        channel_multiplier=[1, 2],
+        num_res_blocks=1,
+        latent_channels=32,
+        embed_dim=16,
+        num_embeddings=128,
+        attn_resolutions=[16],
+    )
     return ChameleonVQVAE(cfg).eval(), cfg
 
 
@@ -155,7 +200,13 @@ def test_chameleon_config_shape():
 
     cfg = load_config(TrainVQConfig, "configs/vqgan/chameleon.yaml").model
     assert (cfg.resolution, cfg.ch, cfg.ch_mult, cfg.num_res_blocks) == (512, 128, [1, 1, 2, 2, 4], 2)
-    assert (cfg.z_channels, cfg.embed_dim, cfg.n_embed, cfg.attn_resolutions, cfg.mid_attn) == (256, 256, 8192, [], True)
+    assert (cfg.z_channels, cfg.embed_dim, cfg.n_embed, cfg.attn_resolutions, cfg.mid_attn) == (
+        256,
+        256,
+        8192,
+        [],
+        True,
+    )
     assert cfg.grid == (32, 32)
     with torch.device("meta"):
         n = sum(p.numel() for p in VQModel(cfg).parameters())
@@ -292,7 +343,11 @@ def test_load_image_crop_resize_and_round_trip(tmp_path):
     a[:, 10:30] = (255, 0, 0)  # the centre square is all red; the side bars are cropped away
     Image.fromarray(a).save(tmp_path / "wide.png")
     x = load_image(tmp_path / "wide.png", 20)
-    assert x.shape == (3, 20, 20) and torch.allclose(x[0], torch.ones(20, 20)) and torch.allclose(x[1:], -torch.ones(2, 20, 20))
+    assert (
+        x.shape == (3, 20, 20)
+        and torch.allclose(x[0], torch.ones(20, 20))
+        and torch.allclose(x[1:], -torch.ones(2, 20, 20))
+    )
     rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     assert torch.allclose(load_image(rgba, 8), torch.ones(3, 8, 8))  # transparent -> white
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))

@@ -15,11 +15,29 @@ from interleaf.tokenizer.vqgan import VQModel
 from interleaf.tokenizer.vqgan_train import DataConfig, TrainVQConfig, folder_source, train_vqgan
 
 TINY = [
-    "model.resolution=16", "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.z_channels=8",
-    "model.norm_groups=4", "model.n_embed=16", "model.embed_dim=4", "model.attn_resolutions=[8]",
-    "threads=1", "batch_size=4", "data.val_images=8", "val_batch_size=8", "log_every=1", "save_every=2",
-    "optim.warmup_steps=2", "loss.disc_weight=0.5", "loss.disc_start=100", "loss.disc_channels=8", "loss.disc_layers=1",
-    "model.l2_norm=false", "model.restart_dead=false", "model.mid_attn=true",
+    "model.resolution=16",
+    "model.ch=8",
+    "model.ch_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.z_channels=8",
+    "model.norm_groups=4",
+    "model.n_embed=16",
+    "model.embed_dim=4",
+    "model.attn_resolutions=[8]",
+    "threads=1",
+    "batch_size=4",
+    "data.val_images=8",
+    "val_batch_size=8",
+    "log_every=1",
+    "save_every=2",
+    "optim.warmup_steps=2",
+    "loss.disc_weight=0.5",
+    "loss.disc_start=100",
+    "loss.disc_channels=8",
+    "loss.disc_layers=1",
+    "model.l2_norm=false",
+    "model.restart_dead=false",
+    "model.mid_attn=true",
 ]
 
 
@@ -46,7 +64,7 @@ def cfg(tmp_path, *extra) -> TrainVQConfig:
 
 
 def rows(run_dir) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_shipped_config_loads():
@@ -85,6 +103,7 @@ def crash_after(n: int):
         if i >= n:
             raise Crash
         return blobs(i)
+
     return images
 
 
@@ -109,15 +128,25 @@ def test_resume_continues_exactly(tmp_path):
 def test_seeded_runs_reproduce_and_seeds_differ(tmp_path):
     r1 = train_vqgan(cfg(tmp_path / "1", "steps=2"), images=blobs, progress=False)
     r2 = train_vqgan(cfg(tmp_path / "2", "steps=2"), images=blobs, progress=False)
-    r3 = train_vqgan(cfg(tmp_path / "3", "steps=2", "seed=1"), images=blobs, progress=False)
+    train_vqgan(cfg(tmp_path / "3", "steps=2", "seed=1"), images=blobs, progress=False)
     w = [load_file(str(tmp_path / n / "vqgan" / "vqgan.safetensors")) for n in "123"]
     assert all(torch.equal(w[0][k], w[1][k]) for k in w[0]) and r1["val_psnr"] == r2["val_psnr"]
     assert not torch.equal(w[0]["encoder.conv_in.weight"], w[2]["encoder.conv_in.weight"])
 
 
 def test_cli_shapes_source(tmp_path, capsys):
-    status = main(["train-vqgan", "configs/vqgan/shapes-tiny.yaml", *TINY, "model.resolution=32",
-                   "model.ch_mult=[1,2,2]", "steps=2", f"run_dir={tmp_path}", "--no-progress"])
+    status = main(
+        [
+            "train-vqgan",
+            "configs/vqgan/shapes-tiny.yaml",
+            *TINY,
+            "model.resolution=32",
+            "model.ch_mult=[1,2,2]",
+            "steps=2",
+            f"run_dir={tmp_path}",
+            "--no-progress",
+        ]
+    )
     assert status == 0
     out = capsys.readouterr().out
     assert "val PSNR" in out and "codebook usage" in out and "perplexity" in out
@@ -133,7 +162,9 @@ def save_pngs(folder, n, size):
 def test_folder_source(tmp_path):
     save_pngs(tmp_path / "imgs", 12, 20)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image, and not an image extension: ignored")
-    r = train_vqgan(cfg(tmp_path / "run", "steps=2", "data.source=folder", f"data.path={tmp_path / 'imgs'}"), progress=False)
+    r = train_vqgan(
+        cfg(tmp_path / "run", "steps=2", "data.source=folder", f"data.path={tmp_path / 'imgs'}"), progress=False
+    )
     assert r["val_images"] == 1 and r["step"] == 2  # 12 images: 1 held out
 
 
@@ -196,8 +227,18 @@ def test_bad_images_are_refused_before_training(tmp_path, capsys, monkeypatch, w
     if with_note:
         (folder / "notes.jpg").write_text("a note saved with an image extension")
     monkeypatch.setattr(vqgan_train, "build_trainer", lambda cfg: pytest.fail("training started"))
-    status = main(["train-vqgan", "configs/vqgan/shapes-tiny.yaml", *TINY, f"run_dir={run}", "steps=1",
-                   "data.source=folder", f"data.path={folder}", "--no-progress"])
+    status = main(
+        [
+            "train-vqgan",
+            "configs/vqgan/shapes-tiny.yaml",
+            *TINY,
+            f"run_dir={run}",
+            "steps=1",
+            "data.source=folder",
+            f"data.path={folder}",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"interleaf train-vqgan: error: cannot read image {folder / 'cut.png'}: "), err
@@ -234,5 +275,7 @@ def test_many_unreadable_images_stay_one_line(tmp_path):
         (folder / f"{i}.png").write_bytes(b"")
     with pytest.raises(InterleafError) as e:
         folder_source(DataConfig(source="folder", path=str(folder)), 16, seed=0)
-    assert str(e.value) == (f"cannot read image {folder / '0.png'}: not an image file (5 more unreadable: "
-                            f"{folder / '1.png'}, {folder / '2.png'}, {folder / '3.png'}, ...)")
+    assert str(e.value) == (
+        f"cannot read image {folder / '0.png'}: not an image file (5 more unreadable: "
+        f"{folder / '1.png'}, {folder / '2.png'}, {folder / '3.png'}, ...)"
+    )

@@ -10,8 +10,13 @@ from interleaf.tokenizer.vocab import Vocabulary
 from interleaf.training.shards import ShardWriter
 from interleaf.training.tokenize import IMAGE, TEXT, TokenDoc
 
-CORPUS = ["a red circle on the left", "a blue square at the top", "the green triangle moves right",
-          "two shapes appear", "a small yellow circle"] * 8
+CORPUS = [
+    "a red circle on the left",
+    "a blue square at the top",
+    "the green triangle moves right",
+    "two shapes appear",
+    "a small yellow circle",
+] * 8
 
 
 def tiny_vqgan():
@@ -21,8 +26,19 @@ def tiny_vqgan():
     from interleaf.tokenizer.vqgan import VQConfig, VQModel
 
     torch.manual_seed(0)
-    return VQModel(VQConfig(resolution=16, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, norm_groups=4,
-                            n_embed=32, embed_dim=4, mid_attn=False)).eval()
+    return VQModel(
+        VQConfig(
+            resolution=16,
+            ch=8,
+            ch_mult=[1, 2, 2],
+            num_res_blocks=1,
+            z_channels=8,
+            norm_groups=4,
+            n_embed=32,
+            embed_dim=4,
+            mid_attn=False,
+        )
+    ).eval()
 
 
 def make_tokenizer_dir(path: Path) -> Vocabulary:
@@ -41,12 +57,16 @@ def make_tokenizer_dir(path: Path) -> Vocabulary:
 
 def random_doc(rng: np.random.Generator, vocab: Vocabulary, kind: str) -> TokenDoc:
     """A random token document: 'text', 'pair' (text + image) or 'interleaved'."""
+
     def text():
         return rng.integers(16, vocab.n_text, int(rng.integers(2, 20))).tolist()
 
     def image():
-        return [vocab.boi_id, *vocab.code_to_id(rng.integers(0, vocab.n_codes, vocab.tokens_per_image)).tolist(),
-                vocab.eoi_id]
+        return [
+            vocab.boi_id,
+            *vocab.code_to_id(rng.integers(0, vocab.n_codes, vocab.tokens_per_image)).tolist(),
+            vocab.eoi_id,
+        ]
 
     parts = {"text": [text], "pair": [text, image], "interleaved": [text, image, text, image, text]}[kind]
     ids, segs = [vocab.bos_id], []
@@ -58,8 +78,15 @@ def random_doc(rng: np.random.Generator, vocab: Vocabulary, kind: str) -> TokenD
     return TokenDoc(np.asarray(ids, dtype=np.int32), np.asarray(segs, dtype=np.int32))
 
 
-def write_token_shards(out: Path, vocab: Vocabulary, n_docs: int, per_shard: int, seed: int = 0,
-                       kinds=("text", "pair", "interleaved"), prefix: str = "t") -> dict[str, TokenDoc]:
+def write_token_shards(
+    out: Path,
+    vocab: Vocabulary,
+    n_docs: int,
+    per_shard: int,
+    seed: int = 0,
+    kinds=("text", "pair", "interleaved"),
+    prefix: str = "t",
+) -> dict[str, TokenDoc]:
     """Token shards of random documents; returns {key: doc}."""
     rng = np.random.default_rng(seed)
     docs = {}

@@ -17,8 +17,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", nargs="?", help="YAML config (configs/bpe/*.yaml); optional")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. vocab_size=8192 shapes.samples=1000")
-    p.add_argument("-i", "--input", action="append", default=[], metavar="PATH",
-                   help="text/JSONL file, directory, glob or shard pattern (repeatable; added to the config's)")
+    p.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="text/JSONL file, directory, glob or shard pattern (repeatable; added to the config's)",
+    )
     p.add_argument("--shapes", type=int, metavar="N", help="add N shapes-world samples to the corpus")
     p.add_argument("--vocab-size", type=int, metavar="N", help="target vocabulary size (specials included)")
     p.add_argument("-o", "--out", metavar="DIR", help="directory to write tokenizer.json and bpe.yaml into")

@@ -15,7 +15,7 @@ def parse_size(text: str) -> int:
     """'256MB', '1G', '4096' -> bytes."""
     t = text.strip().upper()
     num = t.rstrip("KMGB")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     try:
         value = float(num)
     except ValueError:
@@ -31,9 +31,12 @@ def register(subparsers) -> None:
         help="write webdataset document shards from images+captions, JSONL, text files or the shapes world",
         description="Write size-limited tar shards, one document per sample (KEY.json segments + image files).",
     )
-    p.add_argument("source", choices=["folder", "jsonl", "text", "shapes"],
-                   help="folder: x.png + x.txt pairs; jsonl: interleaved documents with image paths; "
-                        "text: plain text files; shapes: the built-in shapes world")
+    p.add_argument(
+        "source",
+        choices=["folder", "jsonl", "text", "shapes"],
+        help="folder: x.png + x.txt pairs; jsonl: interleaved documents with image paths; "
+        "text: plain text files; shapes: the built-in shapes world",
+    )
     p.add_argument("inputs", nargs="*", help="the folder, the JSONL file, or the text files")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--prefix", default="shard", help="shard file prefix (default shard)")
@@ -41,7 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-count", type=int, default=10_000, help="documents per shard (default 10000)")
     p.add_argument("--per-line", action="store_true", help="text: one document per non-empty line")
     p.add_argument("--count", type=int, default=1000, help="shapes: number of documents")
-    p.add_argument("--kind", default="mix", choices=["pairs", "documents", "text", "mix"], help="shapes: which documents")
+    p.add_argument(
+        "--kind", default="mix", choices=["pairs", "documents", "text", "mix"], help="shapes: which documents"
+    )
     p.add_argument("--resolution", type=int, default=64, help="shapes: image size in pixels")
     p.add_argument("--max-shapes", type=int, default=3, help="shapes: shapes per scene")
     p.add_argument("--seed", type=int, default=0, help="shapes: world seed")
@@ -52,7 +57,7 @@ def register(subparsers) -> None:
         "tokenize",
         help="turn document shards into token shards (BPE + VQ-GAN once, offline)",
         description="Tokenize document shards with a tokenizer directory (vocab.json, tokenizer/, vqgan/); "
-                    "one worker process per shard at a time.",
+        "one worker process per shard at a time.",
     )
     p.add_argument("inputs", nargs="+", help="document shards: files, globs, brace patterns or folders")
     p.add_argument("-o", "--out", required=True, help="output folder for token shards")
@@ -71,7 +76,9 @@ def _documents(args):
     if args.source == "shapes":
         if args.inputs:
             raise InterleafError("shapes takes no inputs (use --count, --kind, --resolution)")
-        return sh.shapes_documents(args.count, args.kind, args.resolution, args.seed, args.max_shapes, args.start), args.count
+        return sh.shapes_documents(
+            args.count, args.kind, args.resolution, args.seed, args.max_shapes, args.start
+        ), args.count
     if not args.inputs:
         raise InterleafError(f"{args.source}: give the input path(s)")
     seen: dict[Path, str] = {}
@@ -102,16 +109,22 @@ def check_shards_output(out: str, inputs=(), prefix: str | None = None) -> None:
     folder = check_replaceable(out, "output folder")
     if folder.is_dir() and any(folder.iterdir()):
         if not (folder / INDEX_FILE).is_file():
-            raise InterleafError(f"output folder {out} holds other files (no {INDEX_FILE}): choose an empty or new folder")
+            raise InterleafError(
+                f"output folder {out} holds other files (no {INDEX_FILE}): choose an empty or new folder"
+            )
         listed = {s.get("path") for s in _index_shards(folder / INDEX_FILE)}
         unlisted = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
         if unlisted:  # e.g. another --prefix's shards: replacing the folder would delete them
-            raise InterleafError(f"output folder {out} holds shards its {INDEX_FILE} does not list ({unlisted[0]}): "
-                                 "choose another folder")
+            raise InterleafError(
+                f"output folder {out} holds shards its {INDEX_FILE} does not list ({unlisted[0]}): "
+                "choose another folder"
+            )
         others = sorted(n for n in listed if prefix is not None and n and not n.startswith(f"{prefix}-"))
         if others:  # an earlier run with another --prefix: it meant to add, replacing would delete
-            raise InterleafError(f"output folder {out} holds shards of another --prefix ({others[0]}); replacing "
-                                 "the folder would delete them: choose another folder")
+            raise InterleafError(
+                f"output folder {out} holds shards of another --prefix ({others[0]}); replacing "
+                "the folder would delete them: choose another folder"
+            )
     for p in inputs:
         if folder == Path(p).resolve() or folder in Path(p).resolve().parents:
             raise InterleafError(f"output folder {out} holds the input {p}: write somewhere else")
@@ -138,10 +151,19 @@ def shards_command(args: argparse.Namespace) -> int:
         raise InterleafError("--max-count must be positive")
     check_shards_output(args.out, args.inputs, args.prefix)
     docs, total = _documents(args)  # every input is checked here, before a shard is written
-    with tqdm(total=total, unit="doc", desc="shards", dynamic_ncols=True) as bar, \
-            atomic_dir(args.out, "output folder") as tmp:
-        paths = write_documents(docs, tmp, prefix=args.prefix, max_size=max_size, max_count=args.max_count,
-                                meta={"source": args.source}, progress=bar.update)
+    with (
+        tqdm(total=total, unit="doc", desc="shards", dynamic_ncols=True) as bar,
+        atomic_dir(args.out, "output folder") as tmp,
+    ):
+        paths = write_documents(
+            docs,
+            tmp,
+            prefix=args.prefix,
+            max_size=max_size,
+            max_count=args.max_count,
+            meta={"source": args.source},
+            progress=bar.update,
+        )
     print(f"wrote {total} documents into {len(paths)} shard(s) in {args.out}")
     return 0
 
@@ -156,12 +178,22 @@ def tokenize_command(args: argparse.Namespace) -> int:
     check_device(args.device, "--device")
     check_shards_output(args.out, [p for p in expand_paths(args.inputs) if not is_url(p)])
     with atomic_dir(args.out, "output folder") as tmp:
-        s = tokenize_shards(args.inputs, tmp, args.tokenizer, workers=args.workers, device=args.device,
-                            max_size=max_size, max_count=args.max_count, progress=not args.quiet)
+        s = tokenize_shards(
+            args.inputs,
+            tmp,
+            args.tokenizer,
+            workers=args.workers,
+            device=args.device,
+            max_size=max_size,
+            max_count=args.max_count,
+            progress=not args.quiet,
+        )
         bad = ", ".join(f"{v} {k.replace('bad_', 'bad ')}" for k, v in s["skipped"].items() if v)
         if not s["documents"]:
             raise InterleafError(f"no document could be tokenized{f' ({bad})' if bad else ''}: nothing written")
     skipped = bad or "nothing"
-    print(f"tokenized {s['documents']} documents, {s['tokens']:,} tokens ({s['image_tokens']:,} image) "
-          f"in {s['seconds']}s into {args.out}; skipped {skipped}")
+    print(
+        f"tokenized {s['documents']} documents, {s['tokens']:,} tokens ({s['image_tokens']:,} image) "
+        f"in {s['seconds']}s into {args.out}; skipped {skipped}"
+    )
     return 0

@@ -10,7 +10,7 @@ def register(subparsers) -> None:
         "eval",
         help="score a model on held-out scenes of the shapes world",
         description="Draw held-out captions and caption held-out images, score both with the world's "
-                    "analyser, and report held-out loss per modality and VQ-GAN PSNR / codebook usage.",
+        "analyser, and report held-out loss per modality and VQ-GAN PSNR / codebook usage.",
     )
     p.add_argument("model_dir", help="model directory (interleaf export output)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of EvalConfig, e.g. n_draw=100 cfg_scales=[3,1]")
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         "demo",
         help="train a tiny model on the shapes world end to end, then generate and evaluate",
         description="Shards -> BPE -> VQ-GAN -> tokenize -> train -> export -> generate -> eval, with the "
-                    "shipped tiny configs. Finished stages are reused when run again.",
+        "shipped tiny configs. Finished stages are reused when run again.",
     )
     p.add_argument("--run-dir", default="runs/demo", help="where everything goes (default runs/demo)")
     p.add_argument("--config", default=None, help="demo config YAML (default configs/demo/shapes-tiny.yaml)")

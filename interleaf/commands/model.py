@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert between Hugging Face Chameleon checkpoints and interleaf model directories",
         description="Read or write transformers' Chameleon format (config.json, *.safetensors, tokenizer.json), "
-                    "as used by Meta's Chameleon-7B/30B and Anole-7B releases.",
+        "as used by Meta's Chameleon-7B/30B and Anole-7B releases.",
     )
     sub = conv.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     p = sub.add_parser("from-hf", help="HF Chameleon directory -> interleaf model directory")
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="parameters, FLOPs per token and memory of a model config or directory",
         description="CONFIG_OR_MODEL_DIR: a configs/model/*.yaml file, a model directory or a named size "
-                    f"({', '.join(MODEL_SIZES)}).",
+        f"({', '.join(MODEL_SIZES)}).",
     )
     info.add_argument("target", metavar="CONFIG_OR_MODEL_DIR")
     info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ModelArgs overrides, e.g. n_layers=8")
@@ -80,8 +80,10 @@ def directory_summary(directory: Path) -> str:
     lines = []
     if (directory / "vocab.json").is_file():
         v = Vocabulary.load(directory)
-        lines.append(f"vocabulary: {v.size} ids, {v.n_codes} image codes, image grid {v.image_grid[0]}x{v.image_grid[1]} "
-                     f"({v.tokens_per_image} tokens per image)")
+        lines.append(
+            f"vocabulary: {v.size} ids, {v.n_codes} image codes, image grid {v.image_grid[0]}x{v.image_grid[1]} "
+            f"({v.tokens_per_image} tokens per image)"
+        )
     vq = directory / "vqgan" / "vqgan.yaml"
     if vq.is_file():
         from interleaf.config import read_yaml
@@ -92,8 +94,10 @@ def directory_summary(directory: Path) -> str:
 
             raise InterleafError(f"{vq} lacks the VQ-GAN's resolution or n_embed: it is not a VQ-GAN config")
         side = c.get("resolution", 0) // 2 ** (len(c.get("ch_mult", [1])) - 1)
-        lines.append(f"vqgan: {c.get('resolution')}px -> {side}x{side} codes of {c.get('n_embed')}, "
-                     f"decoder {'yes' if c.get('has_decoder', True) else 'no (encoder only)'}")
+        lines.append(
+            f"vqgan: {c.get('resolution')}px -> {side}x{side} codes of {c.get('n_embed')}, "
+            f"decoder {'yes' if c.get('has_decoder', True) else 'no (encoder only)'}"
+        )
     else:
         lines.append("vqgan: none")
     from interleaf.pipeline import read_sampling_defaults

@@ -35,30 +35,47 @@ def _add_model_options(g, defaults: dict, help_tail) -> None:
     for flag, (_, kind, what, sampler) in MODEL_OPTIONS.items():
         default = defaults.get(flag)
         tail = f"(default {default:g})" if default is not None else help_tail(sampler)
-        g.add_argument("--" + flag.replace("_", "-"), type=kind, default=default, metavar="N" if kind is int else "X",
-                       help=f"{what} {tail}")
+        g.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=kind,
+            default=default,
+            metavar="N" if kind is int else "X",
+            help=f"{what} {tail}",
+        )
 
 
 def add_model_default_args(p: argparse.ArgumentParser) -> None:
     """`export`: the MODEL_OPTIONS, to write into the model directory's sampling.yaml."""
-    g = p.add_argument_group("sampling defaults", "written to the model's sampling.yaml; an earlier export's "
-                             "values are kept for the options not given (a given --cfg without --image-cfg "
-                             "sets image guidance too, as for generate)")
+    g = p.add_argument_group(
+        "sampling defaults",
+        "written to the model's sampling.yaml; an earlier export's "
+        "values are kept for the options not given (a given --cfg without --image-cfg "
+        "sets image guidance too, as for generate)",
+    )
     _add_model_options(g, {}, lambda sampler: f"(the sampler's default: {sampler})")
 
 
 def given_model_options(args: argparse.Namespace) -> dict:
     """The MODEL_OPTIONS given on the command line, by Request field."""
-    return {field: getattr(args, flag) for flag, (field, *_) in MODEL_OPTIONS.items() if getattr(args, flag) is not None}
+    return {
+        field: getattr(args, flag) for flag, (field, *_) in MODEL_OPTIONS.items() if getattr(args, flag) is not None
+    }
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = None) -> None:
     """The options shared by generate, caption and draw (`temperature`: this command's own default)."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="generated tokens at most (default: one image in image mode, else 256 text tokens plus room for the images)")
-    _add_model_options(g, {"temperature": temperature},
-                       lambda sampler: f"(default: the model's sampling.yaml, else {sampler})")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generated tokens at most (default: one image in image mode, "
+        "else 256 text tokens plus room for the images)",
+    )
+    _add_model_options(
+        g, {"temperature": temperature}, lambda sampler: f"(default: the model's sampling.yaml, else {sampler})"
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed; sample i uses seed + i (default 0)")
     g.add_argument("--num", type=int, default=1, help="number of samples, decoded as one batch (default 1)")
     g.add_argument("--preview-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
@@ -69,22 +86,33 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = No
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "generate", help="generate text, an image, or an interleaved document from a prompt",
+        "generate",
+        help="generate text, an image, or an interleaved document from a prompt",
         description="Stream text and images from a model directory. Example: interleaf generate "
-                    "runs/shapes-tiny/export --prompt 'a red circle' --mode image --out out/",
+        "runs/shapes-tiny/export --prompt 'a red circle' --mode image --out out/",
     )
     p.add_argument("model_dir", help="model directory (from `interleaf export` or `convert`)")
     p.add_argument("--prompt", default="", help="prompt text")
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="prompt image (repeatable); each <image> in --prompt takes the next one, else they come first")
-    p.add_argument("--mode", choices=("text", "image", "interleaved"), default="text", help="what to generate (default text)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="prompt image (repeatable); each <image> in --prompt takes the next one, else they come first",
+    )
+    p.add_argument(
+        "--mode", choices=("text", "image", "interleaved"), default="text", help="what to generate (default text)"
+    )
     p.add_argument("--max-images", type=int, default=1, help="images at most in interleaved mode (default 1)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     add_sampling_args(p)
     p.set_defaults(func=generate_command)
 
-    p = subparsers.add_parser("caption", help="describe an image",
-                              description="Caption an image. Example: interleaf caption MODEL_DIR photo.png")
+    p = subparsers.add_parser(
+        "caption",
+        help="describe an image",
+        description="Caption an image. Example: interleaf caption MODEL_DIR photo.png",
+    )
     p.add_argument("model_dir", help="model directory")
     p.add_argument("image_path", metavar="IMAGE", help="image file")
     p.add_argument("--prompt", default="", help="text after the image (e.g. a question)")
@@ -92,8 +120,11 @@ def register(subparsers) -> None:
     add_sampling_args(p, temperature=0.0)
     p.set_defaults(func=caption_command, mode="text", max_images=0)
 
-    p = subparsers.add_parser("draw", help="draw an image from a description",
-                              description="Draw an image. Example: interleaf draw MODEL_DIR \"a red circle\"")
+    p = subparsers.add_parser(
+        "draw",
+        help="draw an image from a description",
+        description='Draw an image. Example: interleaf draw MODEL_DIR "a red circle"',
+    )
     p.add_argument("model_dir", help="model directory")
     p.add_argument("text", metavar="PROMPT", help="what to draw")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
@@ -126,8 +157,14 @@ def requests_from_args(args: argparse.Namespace, prompt: list):
     given = given_model_options(args)
     model = read_sampling_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}
     requests = build_requests(
-        prompt, num=args.num, seed=args.seed, mode=args.mode, max_new_tokens=args.max_new_tokens,
-        max_images=args.max_images, preview_every=args.preview_every, **with_sampling_defaults(model, given),
+        prompt,
+        num=args.num,
+        seed=args.seed,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        max_images=args.max_images,
+        preview_every=args.preview_every,
+        **with_sampling_defaults(model, given),
     )
     for r in requests:
         r.validate()
@@ -206,8 +243,14 @@ class TerminalPrinter:
         elif isinstance(event, ImageStart):
             self.newline()
             desc = f"image {event.index + 1}" + (f" (sample {event.row + 1})" if self.n_rows > 1 else "")
-            self.bars[event.row] = tqdm(total=event.tokens_total, desc=desc, unit="tok", leave=True,
-                                        file=sys.stderr, position=event.row if self.n_rows > 1 else None)
+            self.bars[event.row] = tqdm(
+                total=event.tokens_total,
+                desc=desc,
+                unit="tok",
+                leave=True,
+                file=sys.stderr,
+                position=event.row if self.n_rows > 1 else None,
+            )
         elif isinstance(event, ImageProgress) and event.row in self.bars:
             bar = self.bars[event.row]
             bar.update(event.tokens_done - bar.n)

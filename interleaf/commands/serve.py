@@ -20,24 +20,44 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("model_dir", help="model directory (from `interleaf export` or `convert`)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; 0.0.0.0 opens the viewer to the network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; 0.0.0.0 opens the viewer to the network)",
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the loader's)")
-    p.add_argument("--preview-every", type=int, default=None, metavar="N",
-                   help="tokens between partial previews of an image (default: 1/8 of an image; 0: none)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="another Host name to answer to, e.g. behind a proxy (repeatable)")
+    p.add_argument(
+        "--preview-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens between partial previews of an image (default: 1/8 of an image; 0: none)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another Host name to answer to, e.g. behind a proxy (repeatable)",
+    )
     p.add_argument("--max-queue", type=int, default=8, metavar="N", help="requests running or waiting (default 8)")
     p.add_argument("--max-prompt-chars", type=int, default=4000, metavar="N", help="prompt length (default 4000)")
     p.add_argument("--max-uploads", type=int, default=4, metavar="N", help="images per request (default 4)")
-    p.add_argument("--max-upload-mb", type=float, default=8.0, metavar="MB",
-                   help="size of one uploaded image (default 8)")
-    p.add_argument("--max-image-side", type=int, default=4096, metavar="PX",
-                   help="pixels on either side of an uploaded image (default 4096)")
-    p.add_argument("--max-new-tokens", type=int, default=4096, metavar="N",
-                   help="tokens one request may ask for (default 4096)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=8.0, metavar="MB", help="size of one uploaded image (default 8)"
+    )
+    p.add_argument(
+        "--max-image-side",
+        type=int,
+        default=4096,
+        metavar="PX",
+        help="pixels on either side of an uploaded image (default 4096)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=4096, metavar="N", help="tokens one request may ask for (default 4096)"
+    )
     p.set_defaults(func=serve_command)
 
 

@@ -14,8 +14,8 @@ def register(subparsers) -> None:
         "train",
         help="train a model with DeepSpeed (one process, --nproc N, or under deepspeed/torchrun/srun)",
         description="Train from a YAML config with dotted overrides. Started alone it runs one process, "
-                    "with --nproc N it starts N local processes (gloo on CPU, nccl on GPU); under deepspeed, "
-                    "torchrun or srun each started process is one rank.",
+        "with --nproc N it starts N local processes (gloo on CPU, nccl on GPU); under deepspeed, "
+        "torchrun or srun each started process is one rank.",
     )
     p.add_argument("config", help="training config YAML (e.g. configs/train/shapes-tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=200 optim.lr=1e-3")
@@ -30,9 +30,9 @@ def register(subparsers) -> None:
         "export",
         help="turn a training run's checkpoint into a model directory (safetensors) for interleaf.load",
         description="Consolidate the latest (or --step) checkpoint of RUN_DIR - any ZeRO stage - into "
-                    "OUT_DIR: model.safetensors, model.yaml, vocab.json, tokenizer/, vqgan/, the run's "
-                    "train.yaml, training.json (step, tokens) and, when set, sampling.yaml. OUT_DIR is new, "
-                    "empty or an earlier export (replaced as a whole once the new one is complete).",
+        "OUT_DIR: model.safetensors, model.yaml, vocab.json, tokenizer/, vqgan/, the run's "
+        "train.yaml, training.json (step, tokens) and, when set, sampling.yaml. OUT_DIR is new, "
+        "empty or an earlier export (replaced as a whole once the new one is complete).",
     )
     p.add_argument("run_dir", help="a training run folder (its checkpoints/)")
     p.add_argument("out_dir", help="the model directory to write")
@@ -77,16 +77,29 @@ def launch_local(args: argparse.Namespace) -> int:
     from interleaf.training.engine import free_port
 
     n = args.nproc
-    cmd = [sys.executable, "-c", "import sys; from interleaf.cli import main; sys.exit(main(sys.argv[1:]))",
-           "train", args.config, *_overrides(args)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from interleaf.cli import main; sys.exit(main(sys.argv[1:]))",
+        "train",
+        args.config,
+        *_overrides(args),
+    ]
     cmd += ["--resume"] if args.resume else []
     cmd += ["--quiet"] if args.quiet else []
     port = str(free_port())
     threads = str(max(1, (os.cpu_count() or 1) // n))
     procs = []
     for rank in range(n):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(n),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(n),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
         env.setdefault("OMP_NUM_THREADS", threads)
         procs.append(subprocess.Popen(cmd, env=env))
     try:
@@ -122,7 +135,8 @@ def _stop(procs) -> None:
 def export_command(args: argparse.Namespace) -> int:
     from interleaf.training.export import export
 
-    out = export(args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer,
-                 sampling=given_model_options(args))
+    out = export(
+        args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer, sampling=given_model_options(args)
+    )
     print(f"exported {args.run_dir} -> {out}")
     return 0

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -47,6 +47,7 @@ MAX_KIND_DISTANCE = 0.6  # farther from every reference shape in feature space: 
 
 
 # ---- image analysis ----------------------------------------------------------------------------
+
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     """4-connected components of a bool mask, as index arrays into mask.ravel()."""
@@ -190,9 +191,18 @@ def analyse(image: Image.Image) -> Scene:
 # ---- captions ----------------------------------------------------------------------------------
 
 _SYNONYMS = {
-    "big": "large", "huge": "large", "tiny": "small", "little": "small",
-    "centre": "center", "middle": "center", "circles": "circle", "squares": "square",
-    "triangles": "triangle", "upper": "top", "lower": "bottom", "violet": "purple",
+    "big": "large",
+    "huge": "large",
+    "tiny": "small",
+    "little": "small",
+    "centre": "center",
+    "middle": "center",
+    "circles": "circle",
+    "squares": "square",
+    "triangles": "triangle",
+    "upper": "top",
+    "lower": "bottom",
+    "violet": "purple",
 }
 _PREPOSITIONS = {"at", "on", "in", "to", "the", "of", "near"}
 
@@ -239,6 +249,7 @@ def parse_caption(text: str) -> Scene | None:
 
 # ---- scoring -----------------------------------------------------------------------------------
 
+
 def _agree(p: Shape, t: Shape) -> tuple[bool, bool, bool, bool]:
     return p.colour == t.colour, p.kind == t.kind, p.size == t.size, p.position == t.position
 
@@ -283,7 +294,10 @@ def score_scene(pred: Scene | None, truth: Scene) -> dict[str, float]:
         totals += np.array(_agree(p_shapes[p], t_shapes[t]), dtype=np.float64)
     scores = {a: float(v) / denominator for a, v in zip(ATTRIBUTES, totals)}
     scores["count"] = float(len(p_shapes) == len(t_shapes))
-    key = lambda s: (s.position or "", s.kind or "", s.colour or "", s.size or "")
+
+    def key(s):
+        return (s.position or "", s.kind or "", s.colour or "", s.size or "")
+
     scores["exact"] = float(sorted(p_shapes, key=key) == sorted(t_shapes, key=key))
     return scores
 

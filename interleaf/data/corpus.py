@@ -16,10 +16,10 @@ import glob
 import gzip
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 from interleaf.config import save_config
 from interleaf.errors import ConfigError, InterleafError

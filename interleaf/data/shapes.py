@@ -19,8 +19,8 @@ independent random streams, so the world is an unlimited, reproducible dataset.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -40,9 +40,15 @@ SIZES = ("small", "large")
 SIZE_FRACTION = {"small": 0.5, "large": 0.84}  # shape extent as a fraction of a grid cell
 GRID = 3
 POSITIONS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )  # row-major: position index = row * 3 + column
 BACKGROUND = (255, 255, 255)
 
@@ -75,7 +81,7 @@ class Shape:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Shape":
+    def from_dict(cls, d: dict) -> Shape:
         try:
             shape = cls(kind=d["kind"], colour=d["colour"], size=d["size"], position=d["position"])
         except (KeyError, TypeError) as e:
@@ -108,7 +114,7 @@ class Scene:
         return {"shapes": [s.to_dict() for s in self.shapes]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scene":
+    def from_dict(cls, d: dict) -> Scene:
         if not isinstance(d, dict) or not isinstance(d.get("shapes"), list):
             raise InterleafError(f"malformed scene {d!r}: expected {{'shapes': [...]}}")
         return cls([Shape.from_dict(s) for s in d["shapes"]])
@@ -254,7 +260,7 @@ class ShapesWorld:
         old = shapes[i]
         name = f"the {old.colour} {old.kind}"
         if kind == "disappear":
-            return Scene(shapes[:i] + shapes[i + 1:]), f"then {name} disappears"
+            return Scene(shapes[:i] + shapes[i + 1 :]), f"then {name} disappears"
         if kind == "move":
             free = [p for p in POSITIONS if all(s.position != p for s in shapes)]
             new = dataclasses.replace(old, position=_pick(rng, free))

@@ -78,7 +78,7 @@ class ModelArgs:
 
     # ---- named sizes ----------------------------------------------------------------------
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+    def from_name(cls, name: str, **overrides) -> ModelArgs:
         """A named size from MODEL_SIZES, with field overrides."""
         if name not in MODEL_SIZES:
             raise ConfigError(f"unknown model size {name!r} (known: {', '.join(MODEL_SIZES)})")
@@ -96,18 +96,45 @@ class ModelArgs:
 # QK-norm and z-loss. vocab_size of the interleaf sizes is a default: training sets it from the
 # vocabulary it builds.
 SIZE_TABLE: dict[str, dict] = {
-    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                  max_seq_len=256, qk_norm="layernorm"),
-    "shapes-tiny": dict(dim=192, n_layers=4, n_heads=6, vocab_size=2048, multiple_of=64, max_seq_len=1024,
-                        qk_norm="layernorm"),
+    "debug": dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=512,
+        multiple_of=32,
+        max_seq_len=256,
+        qk_norm="layernorm",
+    ),
+    "shapes-tiny": dict(
+        dim=192, n_layers=4, n_heads=6, vocab_size=2048, multiple_of=64, max_seq_len=1024, qk_norm="layernorm"
+    ),
     "100M": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32768, max_seq_len=4096, qk_norm="layernorm"),
     "350M": dict(dim=1024, n_layers=24, n_heads=16, vocab_size=32768, max_seq_len=4096, qk_norm="layernorm"),
-    "1B": dict(dim=2048, n_layers=18, n_heads=16, n_kv_heads=8, vocab_size=65536, max_seq_len=4096,
-               qk_norm="layernorm"),
-    "chameleon-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=65536, max_seq_len=4096,
-                         qk_norm="layernorm", norm_order="pre", dropout=0.1),
-    "chameleon-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, vocab_size=65536, max_seq_len=4096,
-                          qk_norm="layernorm", norm_order="swin"),
+    "1B": dict(
+        dim=2048, n_layers=18, n_heads=16, n_kv_heads=8, vocab_size=65536, max_seq_len=4096, qk_norm="layernorm"
+    ),
+    "chameleon-7b": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        vocab_size=65536,
+        max_seq_len=4096,
+        qk_norm="layernorm",
+        norm_order="pre",
+        dropout=0.1,
+    ),
+    "chameleon-34b": dict(
+        dim=8192,
+        n_layers=48,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=65536,
+        max_seq_len=4096,
+        qk_norm="layernorm",
+        norm_order="swin",
+    ),
 }
 MODEL_SIZES: dict[str, ModelArgs] = {name: ModelArgs(**fields) for name, fields in SIZE_TABLE.items()}
 
@@ -126,8 +153,10 @@ def load_model_args(path_or_name: str | Path, overrides=()) -> ModelArgs:
     if str(path_or_name) in MODEL_SIZES:
         extra = parse_overrides(overrides)
         return ModelArgs.from_name(str(path_or_name), **extra)
-    raise ConfigError(f"{path_or_name}: not a model config file, model directory or named size "
-                      f"(known sizes: {', '.join(MODEL_SIZES)})")
+    raise ConfigError(
+        f"{path_or_name}: not a model config file, model directory or named size "
+        f"(known sizes: {', '.join(MODEL_SIZES)})"
+    )
 
 
 # ---- accounting ------------------------------------------------------------------------------
@@ -153,7 +182,9 @@ def flops_per_token(args: ModelArgs, seq_len: int, training: bool = True) -> flo
     skip masked blocks compute); training is 3x forward (backward = 2x forward).
     """
     d, hd = args.dim, args.head_dim
-    per_layer = 2 * (d * args.n_heads * hd + 2 * d * args.n_kv_heads * hd + args.n_heads * hd * d + 3 * d * args.ffn_hidden)
+    per_layer = 2 * (
+        d * args.n_heads * hd + 2 * d * args.n_kv_heads * hd + args.n_heads * hd * d + 3 * d * args.ffn_hidden
+    )
     per_layer += 2 * args.n_heads * hd * seq_len  # QK^T and AV over on average T/2 keys
     head = 2 * d * args.vocab_size
     fwd = args.n_layers * per_layer + head
@@ -171,7 +202,8 @@ def model_summary(args: ModelArgs, seq_len: int | None = None) -> str:
     n, n_body = count_params(args), count_params(args, embeddings=False)
     gib = 1024**3
     lines = [
-        f"layers {args.n_layers}, dim {args.dim}, heads {args.n_heads} (kv {args.n_kv_heads}, head_dim {args.head_dim}), "
+        f"layers {args.n_layers}, dim {args.dim}, heads {args.n_heads} "
+        f"(kv {args.n_kv_heads}, head_dim {args.head_dim}), "
         f"ffn {args.ffn_hidden}, vocab {args.vocab_size}, max_seq_len {args.max_seq_len}",
         f"qk_norm {args.qk_norm}, norm_order {args.norm_order}, tied output {'yes' if args.tie_embeddings else 'no'}, "
         f"dropout {args.dropout}, z_loss {args.z_loss:g}, rope_theta {args.rope_theta:g}",

@@ -37,8 +37,11 @@ def _reason(e: BaseException) -> str:
     """One line of why xformers refused. Its dispatcher's message lists each kernel it tried
     ("`fa3F@...` is not supported because:") with the reasons below it: keep each one's first."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    kernels = [f"{line.split('`')[1]}: {after}" for line, after in zip(lines, lines[1:])
-               if line.endswith("is not supported because:") and line.count("`") >= 2]
+    kernels = [
+        f"{line.split('`')[1]}: {after}"
+        for line, after in zip(lines, lines[1:])
+        if line.endswith("is not supported because:") and line.count("`") >= 2
+    ]
     return "; ".join(kernels) if kernels else first_line(e)
 
 
@@ -66,8 +69,9 @@ def xformers_problem(device: torch.device | str = "cuda") -> str | None:
                     torch.cuda.synchronize(device)
                 _XFORMERS_PROBES[str(device)] = None
             except Exception as e:  # no kernel for this device, or a build for another torch/CUDA
-                _XFORMERS_PROBES[str(device)] = (f"xformers is installed but its attention does not run on "
-                                                 f"{device}: {_reason(e)}")
+                _XFORMERS_PROBES[str(device)] = (
+                    f"xformers is installed but its attention does not run on {device}: {_reason(e)}"
+                )
     return _XFORMERS_PROBES[str(device)]
 
 
@@ -167,8 +171,15 @@ def build_mask(backend: str, doc_ids: torch.Tensor | None, T: int) -> AttentionM
     return AttentionMask(backend, packed_causal_mask(doc_ids), packed=True)
 
 
-def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int, n_keys: int | None = None,
-                     positions: torch.Tensor | None = None, shape: str = "dense") -> AttentionMask:
+def build_cache_mask(
+    backend: str,
+    lengths: torch.Tensor,
+    T: int,
+    max_len: int,
+    n_keys: int | None = None,
+    positions: torch.Tensor | None = None,
+    shape: str = "dense",
+) -> AttentionMask:
     """Mask for T new tokens per row appended after `lengths` (B,) cached ones.
 
     sdpa only: `n_keys` (>= every row's lengths + new tokens) limits attention to that prefix of
@@ -201,7 +212,9 @@ def build_cache_mask(backend: str, lengths: torch.Tensor, T: int, max_len: int, 
 
 
 # ---- kernels -------------------------------------------------------------------------------
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float = 0.0) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float = 0.0
+) -> torch.Tensor:
     """q (B, T, H, hd), k/v (B, S, Hkv, hd) -> (B, T, H, hd)."""
     if mask.backend == "xformers":
         return _attend_xformers(q, k, v, mask, dropout)
@@ -263,7 +276,9 @@ def _blocked_applies(q, k, v, mask: AttentionMask, dropout: float) -> bool:
     return B * H * T * (T + BLOCK_ROWS) // 2 * q.element_size() <= BLOCKED_MAX_BYTES
 
 
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+def blocked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal softmax attention, q (B, H, T, hd), k/v (B, Hkv, T, hd) -> (B, H, T, hd).
 
     `allowed` (B, 1, T, T) bool, when given, is the whole mask (packed documents); queries of a
@@ -289,7 +304,7 @@ class _BlockedCausal(torch.autograd.Function):
     def forward(ctx, q, k, v, allowed):
         B, H, T, hd = q.shape
         Hkv = k.shape[1]
-        scale = hd ** -0.5
+        scale = hd**-0.5
         qs = (q * scale).view(B, Hkv, H // Hkv, T, hd)
         out = torch.empty_like(qs)
         probs = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -19,8 +19,16 @@ class KVCache:
     of data-dependent shapes. `lengths[b]` counts the valid tokens of row b.
     """
 
-    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (n_layers, batch_size, max_len + 1, n_kv_heads, head_dim)
         self.k_store = torch.zeros(shape, dtype=dtype, device=device)
         self.v_store = torch.zeros(shape, dtype=dtype, device=device)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -118,18 +118,34 @@ def args_from_hf_config(cfg: Mapping) -> ModelArgs:
     return args
 
 
-def hf_config_from_args(args: ModelArgs, vocab: Vocabulary, vocabulary_map: dict, vq: dict | None,
-                        base: Mapping | None = None, dtype: torch.dtype = torch.float32) -> dict:
+def hf_config_from_args(
+    args: ModelArgs,
+    vocab: Vocabulary,
+    vocabulary_map: dict,
+    vq: dict | None,
+    base: Mapping | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """ModelArgs (+ vocabulary, VQ config) -> a config.json that transformers' Chameleon loads."""
     if args.qk_norm != "layernorm" or args.qk_norm_eps != 1e-5:
-        raise InterleafError("Chameleon always applies per-head LayerNorm QK-norm (eps 1e-5); "
-                             f"this model has qk_norm={args.qk_norm!r}, qk_norm_eps={args.qk_norm_eps}")
+        raise InterleafError(
+            "Chameleon always applies per-head LayerNorm QK-norm (eps 1e-5); "
+            f"this model has qk_norm={args.qk_norm!r}, qk_norm_eps={args.qk_norm_eps}"
+        )
     cfg = dict(base or {"architectures": ["ChameleonForConditionalGeneration"], "model_type": "chameleon"})
     cfg.update(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        hidden_act="silu", max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
-        attention_bias=False, mlp_bias=False, swin_norm=args.norm_order == "swin",
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps,
+        attention_bias=False,
+        mlp_bias=False,
+        swin_norm=args.norm_order == "swin",
         tie_word_embeddings=args.tie_embeddings,
     )
     if "rope_theta" in cfg and "rope_parameters" not in cfg:  # keep a legacy file's own style
@@ -141,8 +157,13 @@ def hf_config_from_args(args: ModelArgs, vocab: Vocabulary, vocabulary_map: dict
         if key in cfg:
             cfg[key] = dtype_name
     if base is None:
-        cfg.update(bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id,
-                   dtype=dtype_name, vocabulary_map=vocabulary_map)
+        cfg.update(
+            bos_token_id=vocab.bos_id,
+            eos_token_id=vocab.eos_id,
+            pad_token_id=vocab.pad_id,
+            dtype=dtype_name,
+            vocabulary_map=vocabulary_map,
+        )
         if vq is not None:
             cfg["vq_config"] = vq
     return cfg
@@ -179,8 +200,13 @@ def vocab_from_hf(vocabulary_map: Mapping[str, int], vocab_size: int, image_grid
             raise InterleafError(f"the tokenizer has no {theirs!r} token (needed as {ours})")
         specials[ours] = int(vocabulary_map[theirs])
     specials.update({n: int(vocabulary_map[n]) for n in HF_EXTRA_SPECIALS if n in vocabulary_map})
-    return Vocabulary(size=vocab_size, n_text=vocab_size, image_ids=[codes[c] for c in range(len(codes))],
-                      image_grid=image_grid, specials=specials)
+    return Vocabulary(
+        size=vocab_size,
+        n_text=vocab_size,
+        image_ids=[codes[c] for c in range(len(codes))],
+        image_grid=image_grid,
+        specials=specials,
+    )
 
 
 def vocabulary_map_of(vocab: Vocabulary, text) -> dict[str, int]:
@@ -205,7 +231,9 @@ def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, tupl
         raise InterleafError(f"{source}: missing tensor {missing[0]}{more}")
     for k, shape in expected.items():
         if tuple(state[k].shape) != tuple(shape):
-            raise InterleafError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config wants {tuple(shape)}")
+            raise InterleafError(
+                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config wants {tuple(shape)}"
+            )
 
 
 def _hf_shapes(args: ModelArgs) -> dict[str, tuple]:
@@ -340,8 +368,9 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
         model_part = _read_json(src / "tokenizer.json").get("model")
         vocab_map = model_part.get("vocab") if isinstance(model_part, Mapping) else None
     if not isinstance(vocab_map, Mapping):
-        raise InterleafError(f"{src}: neither config.json's vocabulary_map nor tokenizer.json's model.vocab "
-                             "is a token table")
+        raise InterleafError(
+            f"{src}: neither config.json's vocabulary_map nor tokenizer.json's model.vocab is a token table"
+        )
     vocab = vocab_from_hf(vocab_map, args.vocab_size, grid)
 
     with atomic_dir(dst, "destination") as tmp:
@@ -358,8 +387,10 @@ def _check_destination(dst: Path, earlier: tuple[str, ...] = ()) -> None:
     it wrote (holding all the `earlier` files): never mixed with other files."""
     check_replaceable(dst, "destination")
     if dst.is_dir() and any(dst.iterdir()) and not (earlier and all((dst / f).is_file() for f in earlier)):
-        raise InterleafError(f"destination {dst} is not empty{' nor an earlier from-hf output' if earlier else ''}: "
-                             "choose an empty or new folder")
+        raise InterleafError(
+            f"destination {dst} is not empty{' nor an earlier from-hf output' if earlier else ''}: "
+            "choose an empty or new folder"
+        )
 
 
 HF_CHANNEL_MULTIPLIER = [1, 1, 2, 2, 4]  # ChameleonVQVAEConfig's default: 16x downsampling
@@ -377,8 +408,11 @@ def _grid_vq_config(vocab: Vocabulary, src: Path) -> dict:
     h, w = vocab.image_grid
     if h != w:
         raise InterleafError(f"{src}: the image grid is {h}x{w}, but the HF Chameleon format holds only square grids")
-    return dict(resolution=h * 2 ** (len(HF_CHANNEL_MULTIPLIER) - 1), channel_multiplier=list(HF_CHANNEL_MULTIPLIER),
-                num_embeddings=len(vocab.image_ids))
+    return dict(
+        resolution=h * 2 ** (len(HF_CHANNEL_MULTIPLIER) - 1),
+        channel_multiplier=list(HF_CHANNEL_MULTIPLIER),
+        num_embeddings=len(vocab.image_ids),
+    )
 
 
 def _assign(model, state: dict) -> None:

@@ -136,8 +136,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
 
 
-def chunked_linear_cross_entropy(h, weight, targets, weights=None, is_image=None, z_coef: float = 1e-5,
-                                 chunk: int = 1024) -> LossOutput:
+def chunked_linear_cross_entropy(
+    h, weight, targets, weights=None, is_image=None, z_coef: float = 1e-5, chunk: int = 1024
+) -> LossOutput:
     """Loss of logits = h @ weight.T without materialising them: h (..., D), weight (V, D)."""
     targets, weights, is_image = _flat(targets, weights, is_image)
     h = h.reshape(-1, h.shape[-1])  # (N, D)

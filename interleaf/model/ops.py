@@ -3,7 +3,8 @@
 Eager PyTorch runs one kernel per elementwise op; on CPU (and for small GPU batches) the passes
 over activations, not the matmuls, decide how close a training step gets to the matmul peak.
 These functions compute the textbook formulas in fewer passes: RMSNorm in 3 passes forward and
-~6 backward (autograd of the composite: 6 and ~12), SwiGLU from one fused [w1; w3] projection writing its gradient in place, RoPE as one complex multiply each way. Each has a plain reference
+~6 backward (autograd of the composite: 6 and ~12), SwiGLU from one fused [w1; w3] projection
+writing its gradient in place, RoPE as one complex multiply each way. Each has a plain reference
 (`*_reference`) that the tests compare against, values and gradients.
 
 Without autograd (inference under `torch.no_grad`, or no input requiring grad) the same formulas

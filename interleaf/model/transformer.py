@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from interleaf.errors import InterleafError
 from interleaf.model.args import ModelArgs
 from interleaf.model.attention import (
-    AttentionMask, attend, build_cache_mask, build_mask, document_positions, resolve_backend,
+    AttentionMask,
+    attend,
+    build_cache_mask,
+    build_mask,
+    document_positions,
+    resolve_backend,
 )
 from interleaf.model.cache import KVCache
 from interleaf.model.loss import LossOutput, chunked_linear_cross_entropy
@@ -127,7 +132,11 @@ class FusedWeight:
         """linear(x), through the kept weight when that computes the same: a plain nn.Linear
         without bias or hooks (a wrapped, quantised or hooked module runs its own forward)."""
         plain = type(linear) is nn.Linear and linear.bias is None
-        y = self.linear(x, linear.weight) if plain and not (linear._forward_hooks or linear._forward_pre_hooks) else None
+        y = (
+            self.linear(x, linear.weight)
+            if plain and not (linear._forward_hooks or linear._forward_pre_hooks)
+            else None
+        )
         return linear(x) if y is None else y
 
 
@@ -334,8 +343,13 @@ class Transformer(nn.Module):
         if not self.args.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std)
         for layer in self.layers:
-            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
-                        layer.feed_forward.w1, layer.feed_forward.w3):
+            for lin in (
+                layer.attention.wq,
+                layer.attention.wk,
+                layer.attention.wv,
+                layer.feed_forward.w1,
+                layer.feed_forward.w3,
+            ):
                 nn.init.normal_(lin.weight, std=std)
             for lin in (layer.attention.wo, layer.feed_forward.w2):
                 nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.args.n_layers))
@@ -390,7 +404,9 @@ class Transformer(nn.Module):
             logits = self.output(h)
             return logits.to(torch.promote_types(logits.dtype, torch.float32))
         if targets.shape != tokens.shape:
-            raise InterleafError(f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}")
+            raise InterleafError(
+                f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}"
+            )
         return self.output(h, targets, weights, is_image, self.args.z_loss, self.args.loss_chunk)
 
     def loss(self, tokens, targets, weights=None, doc_ids=None, is_image=None) -> LossOutput:
@@ -406,8 +422,14 @@ class Transformer(nn.Module):
         a = self.args
         return KVCache(a.n_layers, batch_size, max_len, a.n_kv_heads, a.head_dim, dtype or p.dtype, p.device)
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None,
-               last_only: bool = False, max_len_hint: int | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        n_new: torch.Tensor | None = None,
+        last_only: bool = False,
+        max_len_hint: int | None = None,
+    ) -> torch.Tensor:
         """Append tokens (B, T) to the cache (row b: first n_new[b] count) -> logits (B, T, V).
 
         `last_only=True` returns (B, V): the logits of each row's last new token.
@@ -438,8 +460,15 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def _cache_mask(self, device, cache: KVCache, T: int, n_new: torch.Tensor | None, positions: torch.Tensor,
-                    max_len_hint: int | None) -> AttentionMask:
+    def _cache_mask(
+        self,
+        device,
+        cache: KVCache,
+        T: int,
+        n_new: torch.Tensor | None,
+        positions: torch.Tensor,
+        max_len_hint: int | None,
+    ) -> AttentionMask:
         """The decode step's mask; in eager mode also the room check and the prefix of slots in use."""
         backend = self.backend(device)
         if _compiling():

@@ -1,8 +1,8 @@
 """Sampling: the per-sequence state machine, logit processing, streaming generation and rendering.
 
-    events.py    what a stream yields (TextDelta, ImageStart, ImageProgress, ImageDone, Done, Document)
-    state.py     SequenceState: which ids the next token may take, what a token does
-    logits.py    modality mask table, guidance, repetition penalty, top-k / top-p, seeded draws
-    generate.py  Request, stream / generate / stream_requests (prefill + decode loop)
-    render.py    document.md / document.html / PNGs, written atomically
+events.py    what a stream yields (TextDelta, ImageStart, ImageProgress, ImageDone, Done, Document)
+state.py     SequenceState: which ids the next token may take, what a token does
+logits.py    modality mask table, guidance, repetition penalty, top-k / top-p, seeded draws
+generate.py  Request, stream / generate / stream_requests (prefill + decode loop)
+render.py    document.md / document.html / PNGs, written atomically
 """

@@ -8,7 +8,6 @@ exactly the text segments of the `Document` carried by its `Done` event.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 from PIL import Image
@@ -18,10 +17,10 @@ from PIL import Image
 class Document:
     """A generated document: text and images in order, plus the ids behind them."""
 
-    segments: list[Union[str, Image.Image]] = field(default_factory=list)
+    segments: list[str | Image.Image] = field(default_factory=list)
     codes: list[np.ndarray] = field(default_factory=list)  # one (h, w) code grid per image
     token_ids: list[int] = field(default_factory=list)  # the generated ids (prompt excluded)
-    prompt: list[Union[str, Image.Image]] = field(default_factory=list)
+    prompt: list[str | Image.Image] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -93,4 +92,4 @@ class Done:
     document: Document
 
 
-Event = Union[TextDelta, ImageStart, ImageProgress, ImageDone, Done]
+Event = TextDelta | ImageStart | ImageProgress | ImageDone | Done

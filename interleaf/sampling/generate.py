@@ -17,9 +17,9 @@ from __future__ import annotations
 import codecs
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ from interleaf.sampling.events import Document, Done, Event, ImageDone, ImagePro
 from interleaf.sampling.state import MODES, SequenceState
 from interleaf.tokenizer.vocab import ImageCodes
 
-PromptItem = Union[str, Path, Image.Image, ImageCodes]
-Prompt = Union[str, Sequence[PromptItem]]
+PromptItem = str | Path | Image.Image | ImageCodes
+Prompt = str | Sequence[PromptItem]
 DEFAULT_TEXT_TOKENS = 256
 # Beyond these the float32 logit arithmetic overflows or divides by zero (inf temperature, a
 # 1e-300 penalty); no useful setting comes near them.
@@ -65,14 +65,20 @@ class Request:
         if self.mode not in MODES:
             raise InterleafError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         lo, hi = SCALE_RANGE
-        scales = {"temperature": self.temperature, "image temperature": self.image_temperature,
-                  "repetition penalty": self.repetition_penalty}
+        scales = {
+            "temperature": self.temperature,
+            "image temperature": self.image_temperature,
+            "repetition penalty": self.repetition_penalty,
+        }
         guidance = {"cfg scale": self.cfg_scale, "image cfg scale": self.image_cfg_scale}
         for name, value in {**scales, **guidance, "top-p": self.top_p, "image top-p": self.image_top_p}.items():
             if value is not None and not math.isfinite(value):
                 raise InterleafError(f"{name} must be a finite number, got {value}")
         checks = [
-            (self.max_new_tokens is None or self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (
+                self.max_new_tokens is None or self.max_new_tokens >= 1,
+                f"max_new_tokens must be >= 1, got {self.max_new_tokens}",
+            ),
             (self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.image_temperature >= 0, f"image temperature must be >= 0, got {self.image_temperature}"),
@@ -81,8 +87,10 @@ class Request:
             (0 < self.image_top_p <= 1, f"image top-p must be in (0, 1], got {self.image_top_p}"),
             (self.repetition_penalty > 0, f"repetition penalty must be > 0, got {self.repetition_penalty}"),
             (self.cfg_scale >= 0, f"cfg scale must be >= 0, got {self.cfg_scale}"),
-            (self.image_cfg_scale is None or self.image_cfg_scale >= 0,
-             f"image cfg scale must be >= 0, got {self.image_cfg_scale}"),
+            (
+                self.image_cfg_scale is None or self.image_cfg_scale >= 0,
+                f"image cfg scale must be >= 0, got {self.image_cfg_scale}",
+            ),
             (self.preview_every >= 0, f"preview_every must be >= 0, got {self.preview_every}"),
             (-(2**63) <= self.seed < 2**64, f"seed must be in [-2^63, 2^64), got {self.seed}"),
         ]
@@ -104,7 +112,9 @@ def prompt_segments(prompt: Prompt) -> list[PromptItem]:
     items = list(prompt)
     for item in items:
         if not isinstance(item, (str, Path, Image.Image, ImageCodes)):
-            raise InterleafError(f"prompt items must be text, a Path, a PIL image or ImageCodes, got {type(item).__name__}")
+            raise InterleafError(
+                f"prompt items must be text, a Path, a PIL image or ImageCodes, got {type(item).__name__}"
+            )
     return items
 
 
@@ -221,7 +231,8 @@ def make_rows(pipe, requests: Sequence[Request]) -> tuple[list[Row], int]:
             raise InterleafError(f"max_new_tokens={state.max_new_tokens} cannot hold an image ({n + 2} tokens)")
         if req.mode == "image" and not state.can_start_image():
             raise InterleafError(
-                f"prompt is {len(ids)} tokens; an image needs {n + 2} more and the context is {max_len}")
+                f"prompt is {len(ids)} tokens; an image needs {n + 2} more and the context is {max_len}"
+            )
         contexts = guidance_contexts(req, ids, vocab)
         guide = list(range(next_free, next_free + len(contexts)))
         next_free += len(contexts)
@@ -265,7 +276,9 @@ def next_tokens(live: Sequence[Row], logits: torch.Tensor, masks: torch.Tensor, 
     temperature, top_k, top_p = zip(*(r.sampling() for r in live))
     filtering = L.needs_filter(top_k, top_p)
     return L.sample(
-        x, torch.tensor(temperature, device=device), [r.generator for r in live],
+        x,
+        torch.tensor(temperature, device=device),
+        [r.generator for r in live],
         torch.tensor(top_k, device=device) if filtering else None,
         torch.tensor(top_p, device=device) if filtering else None,
     ).tolist()
@@ -323,7 +336,9 @@ def take_token(pipe, row: Row, token: int, start: float) -> list[Event]:
     elif kind == "code":
         row.codes.append(int(pipe.vocab.id_to_code(np.asarray([token]))[0]))
         every = row.request.preview_every
-        preview = preview_image(pipe, row.codes) if every and len(row.codes) % every == 0 and len(row.codes) < n else None
+        preview = (
+            preview_image(pipe, row.codes) if every and len(row.codes) % every == 0 and len(row.codes) < n else None
+        )
         events.append(ImageProgress(row.index, row.state.n_images, len(row.codes), n, preview))
     elif kind == "eoi":
         image, grid = decode_image(pipe, row.codes)
@@ -451,7 +466,7 @@ def stream(
     return stream_requests(pipe, build_requests(prompt, num, seed, **options))
 
 
-def generate(pipe, prompt: Prompt, **kwargs) -> Union[Document, list[Document]]:
+def generate(pipe, prompt: Prompt, **kwargs) -> Document | list[Document]:
     """Like `stream`, collected: the Document (a list of them when num > 1)."""
     docs = collect(stream(pipe, prompt, **kwargs))
     return docs if kwargs.get("num", 1) > 1 else docs[0]

@@ -12,7 +12,7 @@ own seed and logits, never on what else is in the batch.
 from __future__ import annotations
 
 import enum
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

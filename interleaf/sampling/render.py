@@ -10,9 +10,9 @@ import base64
 import html
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -127,12 +127,18 @@ def to_html(blocks: list[tuple[str, object]]) -> str:
             body.append(f'<p class="text">{html.escape(str(payload))}</p>')
         else:
             image, name = payload
-            body.append(f'<figure><img src="{_data_uri(image)}" alt="{html.escape(name)}" '
-                        f'width="{max(image.width, 256)}"><figcaption>{html.escape(name)}</figcaption></figure>')
-    style = ("body{font-family:sans-serif;max-width:48em;margin:2em auto}"
-             ".text{white-space:pre-wrap}img{image-rendering:pixelated}")
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>interleaf</title>"
-            f"<style>{style}</style></head>\n<body>\n<h1>interleaf</h1>\n" + "\n".join(body) + "\n</body></html>\n")
+            body.append(
+                f'<figure><img src="{_data_uri(image)}" alt="{html.escape(name)}" '
+                f'width="{max(image.width, 256)}"><figcaption>{html.escape(name)}</figcaption></figure>'
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:48em;margin:2em auto}"
+        ".text{white-space:pre-wrap}img{image-rendering:pixelated}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>interleaf</title>'
+        f"<style>{style}</style></head>\n<body>\n<h1>interleaf</h1>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_documents(out_dir: str | Path, documents: Sequence[Document]) -> Rendered:

@@ -32,9 +32,10 @@ import threading
 import time
 import urllib.parse
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -372,7 +373,9 @@ def build_prompt(text: str, images: list[Image.Image], limits: ServeLimits) -> l
     try:
         segments = place_images(text, images)
     except MarkerCountError as e:
-        raise RequestError(400, f"the prompt has {e.markers} {e.marker} markers but {e.images} images were uploaded") from None
+        raise RequestError(
+            400, f"the prompt has {e.markers} {e.marker} markers but {e.images} images were uploaded"
+        ) from None
     if not segments:
         raise RequestError(400, "the prompt is empty: write some text or upload an image")
     return segments

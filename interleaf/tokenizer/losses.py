@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class LossConfig:
     recon_weight: float = 1.0
     codebook_weight: float = 1.0  # on codebook + beta * commitment
     perceptual_weight: float = 0.0  # LPIPS; needs lpips_weights
-    lpips_weights: Optional[str] = None  # local file or folder (VGG16 features + LPIPS lin layers)
+    lpips_weights: str | None = None  # local file or folder (VGG16 features + LPIPS lin layers)
     disc_weight: float = 0.5  # adversarial weight (0 disables the discriminator)
     disc_start: int = 10_000  # step at which the adversarial terms switch on
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
@@ -66,9 +66,17 @@ class NLayerDiscriminator(nn.Module):
         mult = 1
         for n in range(1, n_layers):
             prev, mult = mult, min(2**n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         prev, mult = mult, min(2**n_layers, 8)
-        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 1, 1, bias=False), nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers += [
+            nn.Conv2d(ndf * prev, ndf * mult, 4, 1, 1, bias=False),
+            nn.BatchNorm2d(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+        ]
         layers += [nn.Conv2d(ndf * mult, 1, 4, 1, 1)]
         self.main = nn.Sequential(*layers)
         self.apply(_init_weights)
@@ -152,7 +160,7 @@ class LPIPS(nn.Module):
             total = total + getattr(self, f"lin{k}").model((a - b) ** 2).mean(dim=(1, 2, 3))
         return total
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)  # frozen: dropout stays off
 
 
@@ -199,7 +207,7 @@ def load_lpips(path: str | Path) -> LPIPS:
         if k.startswith("features."):
             i = int(k.split(".")[1])
             slot = next((n for n, (a, b) in enumerate(_SLICES, start=1) if a <= i < b), None)
-            k = f"net.slice{slot}.{k[len('features.'):]}" if slot else k
+            k = f"net.slice{slot}.{k[len('features.') :]}" if slot else k
         if k in own:
             mapped[k] = v
     missing = [k for k in own if k not in mapped]
@@ -243,8 +251,10 @@ class VQGANLoss(nn.Module):
         nll = self.reconstruction(x, out.recon)
         loss = nll + c.codebook_weight * out.quant.loss
         logs = {
-            "rec": float(nll.detach()), "codebook": float(out.quant.codebook_loss.detach()),
-            "commit": float(out.quant.commitment_loss.detach()), "perplexity": float(out.quant.perplexity),
+            "rec": float(nll.detach()),
+            "codebook": float(out.quant.codebook_loss.detach()),
+            "commit": float(out.quant.commitment_loss.detach()),
+            "perplexity": float(out.quant.perplexity),
             "batch_usage": float(out.quant.usage),
         }
         if self.disc_active(step):
@@ -257,10 +267,16 @@ class VQGANLoss(nn.Module):
             logs.update(g_loss=float(g_loss.detach()), d_weight=float(w))
         return loss, logs
 
-    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def discriminator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Hinge (or vanilla) loss on real images vs detached reconstructions."""
         logits_real = self.discriminator(x.detach())
         logits_fake = self.discriminator(recon.detach())
         d = hinge_d_loss if self.config.disc_loss == "hinge" else vanilla_d_loss
         loss = d(logits_real, logits_fake)
-        return loss, {"d_loss": float(loss.detach()), "logits_real": float(logits_real.detach().mean()), "logits_fake": float(logits_fake.detach().mean())}
+        return loss, {
+            "d_loss": float(loss.detach()),
+            "logits_real": float(logits_real.detach().mean()),
+            "logits_fake": float(logits_fake.detach().mean()),
+        }

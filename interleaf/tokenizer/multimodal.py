@@ -9,8 +9,8 @@ VQ-GAN, so a tokenizer without one still handles pre-tokenized data.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from interleaf.errors import InterleafError
 from interleaf.tokenizer.text import TextTokenizer
 from interleaf.tokenizer.vocab import DecodedDocument, ImageCodes, Segment, Vocabulary
 
-DocumentSegment = Union[str, Image.Image, Path, ImageCodes]
+DocumentSegment = str | Image.Image | Path | ImageCodes
 IMAGE_BATCH = 16  # images per VQ-GAN call
 IMAGE_MARKER = "<image>"  # where an image goes in a prompt's text
 
@@ -52,9 +52,7 @@ class MultimodalTokenizer:
 
     def __init__(self, vocab: Vocabulary, text: TextTokenizer, vqgan=None):
         if text.vocab_size > vocab.size:
-            raise InterleafError(
-                f"text tokenizer has {text.vocab_size} ids but the vocabulary only {vocab.size}"
-            )
+            raise InterleafError(f"text tokenizer has {text.vocab_size} ids but the vocabulary only {vocab.size}")
         if vqgan is not None:
             if tuple(vqgan.grid) != tuple(vocab.image_grid):
                 raise InterleafError(
@@ -62,9 +60,7 @@ class MultimodalTokenizer:
                     f"{vocab.image_grid[0]}x{vocab.image_grid[1]}"
                 )
             if vqgan.config.n_embed != vocab.n_codes:
-                raise InterleafError(
-                    f"VQ-GAN has {vqgan.config.n_embed} codes, the vocabulary {vocab.n_codes}"
-                )
+                raise InterleafError(f"VQ-GAN has {vqgan.config.n_embed} codes, the vocabulary {vocab.n_codes}")
         self.vocab = vocab
         self.text = text
         self.vqgan = vqgan

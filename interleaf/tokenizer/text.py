@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from interleaf.errors import InterleafError
 from interleaf.tokenizer.vocab import N_SPECIAL_SLOTS, special_token_names
@@ -147,7 +147,7 @@ class TextTokenizer:
         return path
 
     @classmethod
-    def load(cls, directory_or_file: str | Path) -> "TextTokenizer":
+    def load(cls, directory_or_file: str | Path) -> TextTokenizer:
         """Load `tokenizer.json` or a SentencePiece `.model` (a file, or a directory holding one)."""
         path = _find_tokenizer_file(Path(directory_or_file))
         if path.suffix == ".json":
@@ -212,7 +212,9 @@ def _hf_byte_table(tok) -> tuple[list[bytes], bool, bool]:
         elif i in added:
             table.append(token.encode("utf-8"))
         elif byte_level:
-            table.append(bytes(inverse[c] for c in token) if all(c in inverse for c in token) else token.encode("utf-8"))
+            table.append(
+                bytes(inverse[c] for c in token) if all(c in inverse for c in token) else token.encode("utf-8")
+            )
         else:
             table.append(_piece_bytes(token))
     return table, byte_level, metaspace and not byte_level
@@ -239,17 +241,15 @@ def _spm_byte_table(sp) -> tuple[list[bytes], bool, bool]:
 
 
 def train_bpe(
-    texts: Iterable[str],
-    vocab_size: int,
-    min_frequency: int = 2,
-    show_progress: bool = False,
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
 ) -> TextTokenizer:
     """Train a byte-level BPE on `texts`; ids 0..15 are the special tokens, then 256 bytes, then merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
-        raise InterleafError(f"BPE vocab_size must be {MIN_VOCAB} (16 specials + 256 bytes) to {MAX_VOCAB:,}, "
-                             f"got {vocab_size}")
+        raise InterleafError(
+            f"BPE vocab_size must be {MIN_VOCAB} (16 specials + 256 bytes) to {MAX_VOCAB:,}, got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

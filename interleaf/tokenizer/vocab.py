@@ -20,9 +20,9 @@ document; a malformed stream is decoded as far as it makes sense and its problem
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class ImageCodes:
         return isinstance(other, ImageCodes) and np.array_equal(self.codes, other.codes)
 
 
-Segment = Union[str, ImageCodes]
+Segment = str | ImageCodes
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Vocabulary:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def build(cls, n_text: int, n_codes: int, image_grid: tuple[int, int], multiple: int = 64) -> "Vocabulary":
+    def build(cls, n_text: int, n_codes: int, image_grid: tuple[int, int], multiple: int = 64) -> Vocabulary:
         """Default layout: specials, then `n_text - 16` BPE tokens, then `n_codes` image codes."""
         if n_text <= N_SPECIAL_SLOTS:
             raise InterleafError(f"text vocabulary of {n_text} ids leaves no room after {N_SPECIAL_SLOTS} specials")
@@ -183,11 +183,7 @@ class Vocabulary:
 
     # ---- documents -----------------------------------------------------------------------
     def encode_document(
-        self,
-        segments: Sequence[Segment],
-        encode_text: Callable[[str], list[int]],
-        bos: bool = True,
-        eos: bool = True,
+        self, segments: Sequence[Segment], encode_text: Callable[[str], list[int]], bos: bool = True, eos: bool = True
     ) -> list[int]:
         """Segments -> ids: text through `encode_text`, images as <boi> codes <eoi>."""
         ids = [self.bos_id] if bos else []
@@ -281,7 +277,7 @@ class Vocabulary:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Vocabulary":
+    def from_dict(cls, d: dict) -> Vocabulary:
         try:
             image_ids = d["image_ids"]
             if isinstance(image_ids, dict):
@@ -303,7 +299,7 @@ class Vocabulary:
         return path
 
     @classmethod
-    def load(cls, directory_or_file: str | Path) -> "Vocabulary":
+    def load(cls, directory_or_file: str | Path) -> Vocabulary:
         """Read `vocab.json` from a directory (or the file itself)."""
         path = Path(directory_or_file)
         if path.is_dir():

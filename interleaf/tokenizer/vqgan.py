@@ -16,15 +16,16 @@ argmin over squared distances), so the same weights give the same codes.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interleaf.config import from_dict, read_yaml, save_config, to_dict
+from interleaf.config import from_dict, read_yaml, save_config
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.tokenizer.quantize import QuantizeOutput, VectorQuantizer
 from interleaf.utils import atomic_path
@@ -275,8 +276,12 @@ class VQModel(nn.Module):
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.quantize = VectorQuantizer(
-            config.n_embed, config.embed_dim, beta=config.beta, l2_norm=config.l2_norm,
-            ema=config.ema, ema_decay=config.ema_decay,
+            config.n_embed,
+            config.embed_dim,
+            beta=config.beta,
+            l2_norm=config.l2_norm,
+            ema=config.ema,
+            ema_decay=config.ema_decay,
             restart_dead=config.restart_dead,
         )
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
@@ -301,7 +306,9 @@ class VQModel(nn.Module):
         if codes.ndim != 3 or tuple(codes.shape[1:]) != (h, w):
             raise InterleafError(f"VQ-GAN expects codes of shape (B, {h}, {w}), got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.n_embed):
-            raise InterleafError(f"image codes must lie in [0, {self.config.n_embed}), got {int(codes.min())}..{int(codes.max())}")
+            raise InterleafError(
+                f"image codes must lie in [0, {self.config.n_embed}), got {int(codes.min())}..{int(codes.max())}"
+            )
 
     def _decoder(self) -> Decoder:
         if self.decoder is None:
@@ -359,7 +366,9 @@ class VQModel(nn.Module):
         save_config(self.config, directory / CONFIG_FILE)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VQModel":
+    def load(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> VQModel:
         """Load a directory written by `save` (decoder optional, per `has_decoder` in vqgan.yaml)."""
         from safetensors.torch import load_file
 
@@ -394,7 +403,9 @@ class VQModel(nn.Module):
                 parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
             if shapes:
                 k = shapes[0]
-                parts.append(f"{len(shapes)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+                parts.append(
+                    f"{len(shapes)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+                )
             raise InterleafError(f"VQ-GAN weights in {source} do not match its config: " + "; ".join(parts))
         self.load_state_dict(state, strict=True)
 
@@ -448,11 +459,18 @@ def vq_config_to_hf(config: VQConfig) -> dict:
     if config.l2_norm:
         raise InterleafError("Chameleon's VQ-GAN has no l2-normalised codes; this VQ-GAN cannot be exported to it")
     return dict(
-        embed_dim=config.embed_dim, num_embeddings=config.n_embed, double_latent=False,
-        latent_channels=config.z_channels, resolution=config.resolution, in_channels=config.in_channels,
-        base_channels=config.ch, channel_multiplier=list(config.ch_mult),
-        num_res_blocks=config.num_res_blocks, attn_resolutions=list(config.attn_resolutions) or None,
-        dropout=config.dropout, attn_type="vanilla" if config.mid_attn else "none",
+        embed_dim=config.embed_dim,
+        num_embeddings=config.n_embed,
+        double_latent=False,
+        latent_channels=config.z_channels,
+        resolution=config.resolution,
+        in_channels=config.in_channels,
+        base_channels=config.ch,
+        channel_multiplier=list(config.ch_mult),
+        num_res_blocks=config.num_res_blocks,
+        attn_resolutions=list(config.attn_resolutions) or None,
+        dropout=config.dropout,
+        attn_type="vanilla" if config.mid_attn else "none",
     )
 
 
@@ -474,4 +492,3 @@ def code_stats(codes: torch.Tensor, n_embed: int) -> dict:
     p = counts / counts.sum().clamp_min(1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"usage": float((counts > 0).double().mean() * 100), "perplexity": float(math.exp(entropy))}
-

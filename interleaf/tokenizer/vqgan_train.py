@@ -19,9 +19,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class DataConfig:
     """Where training images come from."""
 
     source: Literal["shapes", "folder"] = "shapes"
-    path: Optional[str] = None  # folder of images (source: folder)
+    path: str | None = None  # folder of images (source: folder)
     max_shapes: int = 3  # shapes world
     seed: int = 0  # shapes world seed (validation uses a different world seed)
     val_images: int = 256  # held-out images for PSNR / usage / perplexity
@@ -57,7 +58,7 @@ class OptimConfig:
     """Adam for the autoencoder and the discriminator, warmup + cosine schedule."""
 
     lr: float = 2e-4
-    disc_lr: Optional[float] = None  # defaults to lr
+    disc_lr: float | None = None  # defaults to lr
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -170,8 +171,16 @@ def check_folder(files: Sequence[Path], progress: bool = False) -> list[tuple[in
     Image.init()
     pool = ThreadPoolExecutor(max_workers=min(8, usable_cpus()))
     try:
-        found = list(tqdm(pool.map(check, files), total=len(files), desc="checking images", unit="img",
-                          disable=not progress, dynamic_ncols=True))
+        found = list(
+            tqdm(
+                pool.map(check, files),
+                total=len(files),
+                desc="checking images",
+                unit="img",
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+        )
     finally:
         pool.shutdown(cancel_futures=True)  # an interrupt does not wait for the queued checks
     bad = [(f, r) for f, r in zip(files, found) if isinstance(r, str)]
@@ -229,7 +238,10 @@ def make_source(
             seq = list(images)
             if not seq:
                 raise InterleafError("no training images given")
-            images = lambda i, s=seq: s[i % len(s)]
+
+            def images(i, s=seq):
+                return s[i % len(s)]
+
         val = val_images if val_images is not None else (lambda i: images(10**9 + i))
         n_val = len(val) if not callable(val) else cfg.data.val_images
         return ImageSource(images, val, n_val, R)
@@ -271,7 +283,7 @@ class Trainer:
     model: VQModel
     loss: VQGANLoss
     opt: torch.optim.Optimizer
-    opt_d: Optional[torch.optim.Optimizer]
+    opt_d: torch.optim.Optimizer | None
     step: int = 0
     elapsed: float = 0.0  # training seconds before this process (resumed runs)
     restarted: int = 0  # dead codes restarted so far
@@ -291,9 +303,16 @@ class Trainer:
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
         if self.loss.discriminator is not None:
-            save_file({k: v.contiguous() for k, v in self.loss.discriminator.state_dict().items()}, str(tmp / "disc.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in self.loss.discriminator.state_dict().items()},
+                str(tmp / "disc.safetensors"),
+            )
         torch.save(
-            {"opt": self.opt.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None, "rng": torch.get_rng_state()},
+            {
+                "opt": self.opt.state_dict(),
+                "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+                "rng": torch.get_rng_state(),
+            },
             tmp / "optim.pt",
         )
         save_config(self.cfg, tmp / "config.yaml")
@@ -310,7 +329,9 @@ class Trainer:
 
         saved = from_dict(VQConfig, read_yaml(ckpt / "config.yaml").get("model", {}), prefix="model")
         if to_dict(saved) != to_dict(self.cfg.model):
-            raise InterleafError(f"model config differs from the checkpoint in {ckpt}; resume with the same model settings")
+            raise InterleafError(
+                f"model config differs from the checkpoint in {ckpt}; resume with the same model settings"
+            )
         try:
             self.model.load_weights(load_file(str(ckpt / "model.safetensors")), source=str(ckpt))
             if self.loss.discriminator is not None:
@@ -375,7 +396,9 @@ def build_trainer(cfg: TrainVQConfig) -> Trainer:
     opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     opt_d = None
     if loss.discriminator is not None:
-        opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=o.disc_lr or o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        opt_d = torch.optim.Adam(
+            loss.discriminator.parameters(), lr=o.disc_lr or o.lr, betas=o.betas, weight_decay=o.weight_decay
+        )
     return Trainer(cfg, model, loss, opt, opt_d)
 
 
@@ -416,9 +439,9 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Drop log lines written after `step` (a resumed run rewrites them)."""
     if not path.is_file():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
     with atomic_write(path) as f:
-        f.write("".join(l + "\n" for l in keep))
+        f.write("".join(line + "\n" for line in keep))
 
 
 def train_vqgan(
@@ -447,7 +470,9 @@ def _train(cfg: TrainVQConfig, resume: bool, images, val_images, progress: bool)
     run_dir = Path(cfg.run_dir)
     existing = checkpoint_dirs(run_dir)
     if existing and not resume:
-        raise InterleafError(f"run directory {run_dir} already has checkpoints; pass --resume to continue or choose another run_dir")
+        raise InterleafError(
+            f"run directory {run_dir} already has checkpoints; pass --resume to continue or choose another run_dir"
+        )
     source = make_source(cfg, images, val_images, progress)  # a folder is checked here, before anything is written
     trainer = build_trainer(cfg)
     metrics_path = run_dir / "metrics.jsonl"

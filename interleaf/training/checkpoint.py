@@ -104,8 +104,16 @@ def _tuples(x):
 
 
 # ---- saving --------------------------------------------------------------------------------
-def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict, loader_state_fn, files: dict,
-                    keep_last: int, kill_in_save: bool = False) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    engine,
+    trainer_state: dict,
+    loader_state_fn,
+    files: dict,
+    keep_last: int,
+    kill_in_save: bool = False,
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
     `loader_state_fn()` returns this rank's stream states; they are gathered to rank 0. `files`
@@ -207,9 +215,20 @@ def ensure_universal(ckpt: Path) -> None:
         return
     tmp = ckpt / "ds" / f"{TMP_PREFIX}{UNIVERSAL_TAG}"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / "ds" / DS_TAG),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
-           "--inject_missing_state"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(ckpt / "ds" / DS_TAG),
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]
     log.info("converting %s to a universal checkpoint to resume on another number of processes", ckpt.name)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -221,8 +240,9 @@ def ensure_universal(ckpt: Path) -> None:
 def load_engine_state(engine, ckpt: Path, universal: bool) -> None:
     """Engine weights + optimizer state from a checkpoint folder."""
     tag = UNIVERSAL_TAG if universal else DS_TAG
-    path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+    path, _ = engine.load_checkpoint(
+        str(ckpt / "ds"), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if path is None:
         raise InterleafError(f"DeepSpeed could not load the engine state of {ckpt}")
 

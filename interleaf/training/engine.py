@@ -69,8 +69,10 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if world > 1:
-            raise InterleafError("MASTER_PORT is not set: start several processes with --nproc, torchrun, "
-                                 "deepspeed or srun (with MASTER_ADDR/MASTER_PORT exported)")
+            raise InterleafError(
+                "MASTER_PORT is not set: start several processes with --nproc, torchrun, "
+                "deepspeed or srun (with MASTER_ADDR/MASTER_PORT exported)"
+            )
         os.environ["MASTER_PORT"] = str(free_port())
     if device.type == "cpu":
         # DeepSpeed would JIT-compile a shared-memory all-reduce kernel for CPU (minutes, needs a C++
@@ -110,8 +112,15 @@ def read_ds_json(path: Path) -> dict:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
 
 
-def ds_config(path: Path, global_batch: int, micro_batch: int, world: int, grad_clip: float,
-              device: torch.device, load_universal: bool = False) -> dict:
+def ds_config(
+    path: Path,
+    global_batch: int,
+    micro_batch: int,
+    world: int,
+    grad_clip: float,
+    device: torch.device,
+    load_universal: bool = False,
+) -> dict:
     """The DeepSpeed JSON with batch sizes, clipping and precision filled in from the train config."""
     cfg = read_ds_json(path)
     cfg.update(
@@ -218,8 +227,9 @@ class OutputCarrier:
         return cls(*out) if cls is not None else out
 
 
-def build_engine(model: torch.nn.Module, ds_cfg: dict, lr: float, weight_decay: float,
-                 betas: tuple[float, float], eps: float):
+def build_engine(
+    model: torch.nn.Module, ds_cfg: dict, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+):
     """deepspeed.initialize with a torch AdamW (fused on CUDA); returns the engine."""
     import deepspeed
 

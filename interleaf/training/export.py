@@ -75,8 +75,13 @@ def build_model(args, state: dict):
     return model.eval()
 
 
-def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
-           tokenizer: str | Path | None = None, sampling: dict | None = None) -> Path:
+def export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    step: int | None = None,
+    tokenizer: str | Path | None = None,
+    sampling: dict | None = None,
+) -> Path:
     """Write the model directory of a run's checkpoint; returns `out_dir`.
 
     `sampling`: options for the directory's sampling.yaml (`pipeline.SamplingDefaults` fields),
@@ -86,12 +91,15 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     from interleaf.config import from_dict, load_config
     from interleaf.model.args import ModelArgs
     from interleaf.pipeline import (
-        SamplingDefaults, read_sampling_defaults, save_model_dir, with_sampling_defaults, write_sampling_defaults,
+        SamplingDefaults,
+        read_sampling_defaults,
+        save_model_dir,
+        with_sampling_defaults,
+        write_sampling_defaults,
     )
     from interleaf.tokenizer.text import TextTokenizer
     from interleaf.tokenizer.vocab import Vocabulary
     from interleaf.tokenizer.vqgan import VQModel
-
     from interleaf.training.checkpoint import read_trainer_state
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -113,8 +121,9 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     tok_dir = Path(tokenizer) if tokenizer is not None else run_dir
     text_src = tok_dir / "tokenizer" if (tok_dir / "tokenizer").exists() else tok_dir
     if tokenizer is None and not (run_dir / "tokenizer").exists():
-        raise InterleafError(f"{run_dir} has no text tokenizer (trained from token shards without `tokenizer:`); "
-                             f"pass --tokenizer DIR")
+        raise InterleafError(
+            f"{run_dir} has no text tokenizer (trained from token shards without `tokenizer:`); pass --tokenizer DIR"
+        )
     text = TextTokenizer.load(text_src)
     vocab = Vocabulary.load(run_dir if (run_dir / "vocab.json").is_file() else tok_dir)  # what it trained with
     if (tok_dir / "vocab.json").is_file() and Vocabulary.load(tok_dir).to_dict() != vocab.to_dict():
@@ -125,8 +134,15 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     with atomic_dir(out_dir, "output folder") as tmp:
         save_model_dir(tmp, model, vocab, text, vqgan)
         shutil.copyfile(ckpt / "config.yaml", tmp / "train.yaml")
-        write_json(tmp / "training.json", {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name,
-                                           "step": trainer["step"], "tokens": trainer["tokens"]})
+        write_json(
+            tmp / "training.json",
+            {
+                "run_dir": str(run_dir.resolve()),
+                "checkpoint": ckpt.name,
+                "step": trainer["step"],
+                "tokens": trainer["tokens"],
+            },
+        )
         if sampling:
             write_sampling_defaults(tmp, **sampling)
     return out_dir

@@ -48,17 +48,16 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch.utils.data as tud
 
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.training.mixtures import Schedule, SourceConfig, StageConfig, pick, validate_mixture
-from interleaf.training.shards import (INDEX_FILE, ReadStats, expand_paths, iter_tar_samples, key_of,
-                                       parse_document)
+from interleaf.training.shards import INDEX_FILE, ReadStats, expand_paths, iter_tar_samples, key_of, parse_document
 from interleaf.training.tokenize import IMAGE, TEXT, TokenDoc, encode_document, parse_token_doc
 from interleaf.utils import get_logger
 
@@ -158,15 +157,27 @@ def check_vocab(shards: list[str], vocab, name: str) -> None:
         if "vocab" in index and index["vocab"] != vocab.to_dict():
             raise InterleafError(
                 f"data source {name!r}: token shards were made with another vocabulary "
-                f"(size {index['vocab'].get('size')} vs {vocab.size}); re-run `interleaf tokenize`")
+                f"(size {index['vocab'].get('size')} vs {vocab.size}); re-run `interleaf tokenize`"
+            )
 
 
 # ---- one source, one stream ----------------------------------------------------------------
 class SourceReader:
     """Resumable stream of TokenDocs from one source for one loader stream (see module docstring)."""
 
-    def __init__(self, source: Source, source_index: int, stream: int, n_streams: int, seed: int,
-                 resample: bool, buffer_size: int, decode, stats: ReadStats, epochs: int | None = None):
+    def __init__(
+        self,
+        source: Source,
+        source_index: int,
+        stream: int,
+        n_streams: int,
+        seed: int,
+        resample: bool,
+        buffer_size: int,
+        decode,
+        stats: ReadStats,
+        epochs: int | None = None,
+    ):
         self.source, self.stream, self.n_streams = source, stream, n_streams
         self.k, self.seed, self.resample, self.epochs = source_index, seed, resample, epochs
         self.buffer_size, self.decode, self.stats = buffer_size, decode, stats
@@ -219,8 +230,10 @@ class SourceReader:
                 self._it, self.cursor, self.sample = None, self.cursor + 1, 0
                 self._empty_units += 1
                 if self._empty_units > 2 * self.n_units + 8:
-                    raise InterleafError(f"data source {self.source.name!r}: no readable document for loader "
-                                         f"stream {self.stream} (corrupt shards, or fewer documents than streams?)")
+                    raise InterleafError(
+                        f"data source {self.source.name!r}: no readable document for loader "
+                        f"stream {self.stream} (corrupt shards, or fewer documents than streams?)"
+                    )
                 continue
             i, key, members = item
             self.sample = i + 1
@@ -265,8 +278,14 @@ class SourceReader:
     # -- state --
     def state_dict(self) -> dict:
         """Position as plain values; `buffer` is an int64 (n, 2) array of (shard, sample) (cheap to send)."""
-        return {"epoch": self.epoch, "cursor": self.cursor, "sample": self.sample, "exhausted": self.exhausted,
-                "rng": self.rng.bit_generator.state, "buffer": self.positions[: len(self.buffer)].copy()}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "sample": self.sample,
+            "exhausted": self.exhausted,
+            "rng": self.rng.bit_generator.state,
+            "buffer": self.positions[: len(self.buffer)].copy(),
+        }
 
     def load_state_dict(self, st: dict) -> None:
         self.epoch, self.cursor, self.sample = int(st["epoch"]), int(st["cursor"]), int(st["sample"])
@@ -294,8 +313,10 @@ class SourceReader:
                     break
         lost = [p for p in positions if p not in found]
         if lost:
-            stats.warn("bad_samples", f"data source {self.source.name!r}: {len(lost)} buffered documents "
-                                      f"could not be re-read on resume")
+            stats.warn(
+                "bad_samples",
+                f"data source {self.source.name!r}: {len(lost)} buffered documents could not be re-read on resume",
+            )
         return [(s, i, found[(s, i)]) for s, i in positions if (s, i) in found]
 
 
@@ -356,12 +377,23 @@ class PackedStream:
         self.spec, self.index = spec, index
         self.stats = ReadStats()
         self.readers = [
-            SourceReader(src, k, index, spec.n_streams, spec.seed, spec.resample, spec.shuffle_buffer,
-                         spec.decoder, self.stats, spec.epochs)
+            SourceReader(
+                src,
+                k,
+                index,
+                spec.n_streams,
+                spec.seed,
+                spec.resample,
+                spec.shuffle_buffer,
+                spec.decoder,
+                self.stats,
+                spec.epochs,
+            )
             for k, src in enumerate(spec.sources)
         ]
-        self.schedule = Schedule([s.name for s in spec.sources], [s.weight for s in spec.sources],
-                                 spec.stages, spec.total_steps)
+        self.schedule = Schedule(
+            [s.name for s in spec.sources], [s.weight for s in spec.sources], spec.stages, spec.total_steps
+        )
         self.rng = np.random.default_rng([spec.seed, index, 4])
         self.step = 0  # micro-batches produced = training steps seen by this stream
         self.carry: tuple[np.ndarray, int] | None = None  # document being packed, next input offset
@@ -449,8 +481,14 @@ class PackedStream:
     def state_dict(self) -> dict:
         """Exact position (numpy arrays inside: `jsonable` before writing it as JSON)."""
         carry = None if self.carry is None else [self.carry[0].copy(), self.carry[1]]
-        return {"step": self.step, "rng": self.rng.bit_generator.state, "carry": carry, "done": self.done,
-                "stats": self.stats.to_dict(), "readers": {r.source.name: r.state_dict() for r in self.readers}}
+        return {
+            "step": self.step,
+            "rng": self.rng.bit_generator.state,
+            "carry": carry,
+            "done": self.done,
+            "stats": self.stats.to_dict(),
+            "readers": {r.source.name: r.state_dict() for r in self.readers},
+        }
 
     def load_state_dict(self, st: dict) -> None:
         self.step, self.done = int(st["step"]), bool(st.get("done", False))
@@ -459,8 +497,10 @@ class PackedStream:
         self.stats.load(st.get("stats", {}))
         for r in self.readers:
             if r.source.name not in st["readers"]:
-                raise InterleafError(f"loader state has no position for data source {r.source.name!r} "
-                                     f"(sources cannot be added to a run being resumed)")
+                raise InterleafError(
+                    f"loader state has no position for data source {r.source.name!r} "
+                    f"(sources cannot be added to a run being resumed)"
+                )
             r.load_state_dict(st["readers"][r.source.name])
 
 
@@ -483,8 +523,12 @@ def collate(spec: StreamSpec, rows: list[dict]) -> dict:
 def pad_batch(spec: StreamSpec) -> dict:
     """A micro-batch without targets (fills the slot of a finished finite stream)."""
     T = spec.seq_len
-    row = {"tokens": np.full(T, spec.pad_id, dtype=np.int64), "targets": np.full(T, IGNORE, dtype=np.int64),
-           "doc_ids": np.zeros(T, dtype=np.int64), "doc_lens": [T]}
+    row = {
+        "tokens": np.full(T, spec.pad_id, dtype=np.int64),
+        "targets": np.full(T, IGNORE, dtype=np.int64),
+        "doc_ids": np.zeros(T, dtype=np.int64),
+        "doc_lens": [T],
+    }
     return collate(spec, [row] * spec.micro_batch)
 
 
@@ -525,8 +569,10 @@ class StreamingLoader:
 
     def __init__(self, spec: StreamSpec, rank: int = 0, world: int = 1, num_workers: int = 0):
         if spec.n_streams % world:
-            raise ConfigError(f"the loader's {spec.n_streams} streams (global_batch / micro_batch) cannot be "
-                              f"split over {world} processes")
+            raise ConfigError(
+                f"the loader's {spec.n_streams} streams (global_batch / micro_batch) cannot be "
+                f"split over {world} processes"
+            )
         self.spec, self.rank, self.world = spec, rank, world
         self.streams = rank_streams(spec.n_streams, rank, world)
         n = len(self.streams)
@@ -541,7 +587,8 @@ class StreamingLoader:
         if int(state["n_streams"]) != self.spec.n_streams:
             raise InterleafError(
                 f"cannot resume: the checkpoint's data order has {state['n_streams']} streams, this run "
-                f"{self.spec.n_streams} (keep global_batch / micro_batch unchanged when resuming)")
+                f"{self.spec.n_streams} (keep global_batch / micro_batch unchanged when resuming)"
+            )
         self.states = {str(j): state["streams"][str(j)] for j in self.streams if str(j) in state["streams"]}
 
     def __iter__(self) -> Iterator[dict]:
@@ -563,8 +610,14 @@ class StreamingLoader:
 
     def _iter_workers(self) -> Iterator[dict]:
         body = _WorkerStreams(self.spec, self.streams, dict(self.states))
-        dl = tud.DataLoader(body, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            multiprocessing_context="spawn", persistent_workers=False)
+        dl = tud.DataLoader(
+            body,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_as_is,
+            multiprocessing_context="spawn",
+            persistent_workers=False,
+        )
         order = 0
         for j, batch, st in dl:
             expected = self.streams[order % len(self.streams)]
@@ -643,14 +696,34 @@ def batch_crc(batch: dict) -> int:
     return zlib.crc32(targets.tobytes(), zlib.crc32(tokens.tobytes()))
 
 
-def make_spec(data: DataConfig, sources: list[Source], vocab, tokenizer_dir: str | None, total_steps: int,
-              n_streams: int, micro_batch: int, seq_len: int | None = None, eval_mode: bool = False) -> StreamSpec:
+def make_spec(
+    data: DataConfig,
+    sources: list[Source],
+    vocab,
+    tokenizer_dir: str | None,
+    total_steps: int,
+    n_streams: int,
+    micro_batch: int,
+    seq_len: int | None = None,
+    eval_mode: bool = False,
+) -> StreamSpec:
     """StreamSpec for training (infinite, shuffled, mixed by stage) or evaluation (one ordered pass)."""
     return StreamSpec(
-        sources=sources, stages=[] if eval_mode else list(data.stages), total_steps=total_steps,
-        n_streams=n_streams, micro_batch=micro_batch, seq_len=seq_len or data.seq_len, seed=data.seed,
-        resample=False if eval_mode else data.resample, shuffle_buffer=1 if eval_mode else data.shuffle_buffer,
-        image_first_prob=data.image_first_prob, split_documents=data.split_documents,
-        text_loss_weight=data.text_loss_weight, image_loss_weight=data.image_loss_weight, image_table=vocab.image_mask().numpy(),
-        pad_id=vocab.pad_id, decoder=Decoder(vocab.size, tokenizer_dir), epochs=1 if eval_mode else None,
+        sources=sources,
+        stages=[] if eval_mode else list(data.stages),
+        total_steps=total_steps,
+        n_streams=n_streams,
+        micro_batch=micro_batch,
+        seq_len=seq_len or data.seq_len,
+        seed=data.seed,
+        resample=False if eval_mode else data.resample,
+        shuffle_buffer=1 if eval_mode else data.shuffle_buffer,
+        image_first_prob=data.image_first_prob,
+        split_documents=data.split_documents,
+        text_loss_weight=data.text_loss_weight,
+        image_loss_weight=data.image_loss_weight,
+        image_table=vocab.image_mask().numpy(),
+        pad_id=vocab.pad_id,
+        decoder=Decoder(vocab.size, tokenizer_dir),
+        epochs=1 if eval_mode else None,
     )

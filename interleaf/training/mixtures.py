@@ -72,7 +72,9 @@ def validate_mixture(sources: list[SourceConfig], stages: list[StageConfig], wha
     for i, st in enumerate(stages):
         unknown = [k for k in st.weights if k not in names]
         if unknown:
-            raise ConfigError(f"{what}.stages[{i}].weights names unknown source {unknown[0]!r} (sources: {', '.join(names)})")
+            raise ConfigError(
+                f"{what}.stages[{i}].weights names unknown source {unknown[0]!r} (sources: {', '.join(names)})"
+            )
         if sum(st.weights.get(n, 0.0) for n in names) <= 0:
             raise ConfigError(f"{what}.stages[{i}]: all weights are 0")
 

@@ -23,7 +23,8 @@ and a shard is closed once it reaches `max_size` bytes or `max_count` samples.
 Reading is a small sequential tar reader (checksummed headers; several times faster than
 `tarfile` on many small members) over `webdataset.gopen` for URLs (`pipe:` commands, http/https)
 or plain files: a deterministic sequence of samples whose index inside a shard is stable, which
-is what the resumable loader (loader.py) needs to own its position. A truncated or corrupt shard ends with a warning after its last complete sample and is counted in `ReadStats`;
+is what the resumable loader (loader.py) needs to own its position. A truncated or corrupt shard
+ends with a warning after its last complete sample and is counted in `ReadStats`;
 a sample that cannot be decoded is skipped the same way.
 """
 
@@ -36,9 +37,10 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from interleaf.errors import InterleafError
 from interleaf.utils import get_logger, write_json
@@ -69,8 +71,12 @@ class ReadStats:
         log.warning("%s (skipped)", message)
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "bad_shards": self.bad_shards,
-                "bad_samples": self.bad_samples, "bad_images": self.bad_images}
+        return {
+            "samples": self.samples,
+            "bad_shards": self.bad_shards,
+            "bad_samples": self.bad_samples,
+            "bad_images": self.bad_images,
+        }
 
     def load(self, d: dict) -> None:
         for k in ("samples", "bad_shards", "bad_samples", "bad_images"):
@@ -350,8 +356,14 @@ def document_members(segments: Sequence, meta: Any = None) -> dict[str, bytes]:
 class ShardWriter:
     """Write samples into size-limited tar shards `{prefix}-{i:06d}.tar`, each renamed into place when complete."""
 
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", max_size: int = 256 << 20,
-                 max_count: int = 10_000, start_index: int = 0):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prefix: str = "shard",
+        max_size: int = 256 << 20,
+        max_count: int = 10_000,
+        start_index: int = 0,
+    ):
         if max_size <= 0 or max_count <= 0:
             raise InterleafError("shard max_size and max_count must be positive")
         self.out_dir = Path(out_dir)
@@ -429,9 +441,15 @@ class ShardWriter:
             self.abort()
 
 
-def write_documents(docs: Iterable[tuple[str, Sequence, Any]], out_dir: str | Path, prefix: str = "shard",
-                    max_size: int = 256 << 20, max_count: int = 10_000, meta: dict | None = None,
-                    progress: Callable | None = None) -> list[Path]:
+def write_documents(
+    docs: Iterable[tuple[str, Sequence, Any]],
+    out_dir: str | Path,
+    prefix: str = "shard",
+    max_size: int = 256 << 20,
+    max_count: int = 10_000,
+    meta: dict | None = None,
+    progress: Callable | None = None,
+) -> list[Path]:
     """(key, segments, meta) documents -> document shards in `out_dir`; returns the shard paths."""
     with ShardWriter(out_dir, prefix, max_size, max_count) as writer:
         for key, segments, doc_meta in docs:
@@ -452,8 +470,10 @@ def folder_pairs(folder: str | Path) -> list[tuple[str, list, None]]:
         raise InterleafError(f"no images ({', '.join(IMAGE_EXTS)}) in {folder}")
     missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
     if missing:
-        raise InterleafError(f"{len(missing)} image(s) in {folder} have no caption file, e.g. {missing[0]} "
-                             f"(expected {Path(missing[0]).stem}.txt)")
+        raise InterleafError(
+            f"{len(missing)} image(s) in {folder} have no caption file, e.g. {missing[0]} "
+            f"(expected {Path(missing[0]).stem}.txt)"
+        )
     return [(p.stem, [_utf8_text(p.with_suffix(".txt")).strip(), p], None) for p in images]
 
 
@@ -531,7 +551,9 @@ def text_documents(paths: Sequence[str | Path], per_line: bool = False) -> list[
             raise InterleafError(f"text file not found: {f}")
         text = _utf8_text(f)
         if per_line:
-            docs.extend((f"{names[f]}-{i:08d}", [line], None) for i, line in enumerate(text.splitlines()) if line.strip())
+            docs.extend(
+                (f"{names[f]}-{i:08d}", [line], None) for i, line in enumerate(text.splitlines()) if line.strip()
+            )
         elif text.strip():
             docs.append((names[f], [text], None))
     if not docs:
@@ -561,8 +583,9 @@ def check_unique_keys(docs: Sequence[tuple[str, Any, Any]]) -> None:
         seen[k] = key
 
 
-def shapes_documents(count: int, kind: str = "mix", resolution: int = 64, seed: int = 0,
-                     max_shapes: int = 3, start: int = 0) -> Iterator[tuple[str, list, Any]]:
+def shapes_documents(
+    count: int, kind: str = "mix", resolution: int = 64, seed: int = 0, max_shapes: int = 3, start: int = 0
+) -> Iterator[tuple[str, list, Any]]:
     """Documents from the built-in shapes world: 'pairs', 'documents', 'text' or 'mix' (round robin)."""
     from interleaf.data.shapes import ShapesWorld
 

@@ -18,15 +18,22 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from interleaf.errors import InterleafError
-from interleaf.training.shards import (INDEX_FILE, ReadStats, ShardWriter, expand_paths, iter_tar_samples,
-                                       key_of, parse_document)
+from interleaf.training.shards import (
+    INDEX_FILE,
+    ReadStats,
+    ShardWriter,
+    expand_paths,
+    iter_tar_samples,
+    key_of,
+    parse_document,
+)
 from interleaf.utils import get_logger, write_json
 
 log = get_logger(__name__)
@@ -212,13 +219,26 @@ def _tokenize_one(task: tuple[str, str, str, int, int, int]) -> dict:
     except BaseException:
         writer.abort()
         raise
-    return {"shards": writer.shards, "documents": n_docs, "tokens": n_tokens, "image_tokens": n_image,
-            "stats": stats.to_dict()}
+    return {
+        "shards": writer.shards,
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "image_tokens": n_image,
+        "stats": stats.to_dict(),
+    }
 
 
-def tokenize_shards(inputs, out_dir: str | Path, tokenizer_dir: str | Path, workers: int = 0,
-                    device: str = "cpu", max_size: int = 256 << 20, max_count: int = 10_000,
-                    chunk: int = 64, progress: bool = True) -> dict:
+def tokenize_shards(
+    inputs,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    workers: int = 0,
+    device: str = "cpu",
+    max_size: int = 256 << 20,
+    max_count: int = 10_000,
+    chunk: int = 64,
+    progress: bool = True,
+) -> dict:
     """Document shards -> token shards in `out_dir` (one worker process per input shard at a time)."""
     paths = expand_paths(inputs)
     files = load_tokenizer_dir(tokenizer_dir, device=device)  # fail early, before any worker starts
@@ -228,12 +248,16 @@ def tokenize_shards(inputs, out_dir: str | Path, tokenizer_dir: str | Path, work
     total = _count_hint(paths)
     t0 = time.time()
     results = _run_tasks(tasks, str(tokenizer_dir), files, workers, device, total, progress)
-    shards = [s for r in sorted(results, key=lambda r: r["shards"][0]["path"] if r["shards"] else "")
-              for s in r["shards"]]
+    shards = [
+        s for r in sorted(results, key=lambda r: r["shards"][0]["path"] if r["shards"] else "") for s in r["shards"]
+    ]
     summary = {
-        "format": TOKENS_FORMAT, "version": 1, "vocab": files.vocab.to_dict(),
+        "format": TOKENS_FORMAT,
+        "version": 1,
+        "vocab": files.vocab.to_dict(),
         "tokenizer": str(Path(tokenizer_dir).resolve()),
-        "documents": sum(r["documents"] for r in results), "tokens": sum(r["tokens"] for r in results),
+        "documents": sum(r["documents"] for r in results),
+        "tokens": sum(r["tokens"] for r in results),
         "image_tokens": sum(r["image_tokens"] for r in results),
         "skipped": {k: sum(r["stats"][k] for r in results) for k in ("bad_shards", "bad_samples", "bad_images")},
         "seconds": round(time.time() - t0, 2),
@@ -276,8 +300,9 @@ def _run_tasks(tasks, tokenizer_dir, files, workers, device, total, progress) ->
 
         ctx = mp.get_context("spawn")
         counter = ctx.Value("q", 0)
-        with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init,
-                      initargs=(tokenizer_dir, device, counter)) as pool:
+        with ctx.Pool(
+            min(workers, len(tasks)), initializer=_worker_init, initargs=(tokenizer_dir, device, counter)
+        ) as pool:
             pending = pool.map_async(_tokenize_one, tasks, chunksize=1)
             while not pending.ready():
                 pending.wait(0.5)

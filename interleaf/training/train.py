@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.training.loader import DataConfig
@@ -126,7 +125,8 @@ def check_world(cfg: TrainConfig, world: int) -> int:
     if cfg.global_batch % (cfg.micro_batch * world):
         raise ConfigError(
             f"global_batch={cfg.global_batch} is not divisible by micro_batch x processes = "
-            f"{cfg.micro_batch} x {world} = {cfg.micro_batch * world}")
+            f"{cfg.micro_batch} x {world} = {cfg.micro_batch * world}"
+        )
     return cfg.global_batch // (cfg.micro_batch * world)
 
 
@@ -165,8 +165,10 @@ def resolve_vocab(cfg: TrainConfig, sources: list):
         return load_tokenizer_dir(d).vocab
     found = [i["vocab"] for s in sources if s.kind == "tokens" for i in shard_index(s.shards) if "vocab" in i]
     if not found:
-        raise ConfigError("cannot tell the vocabulary: set `tokenizer:` to a tokenizer directory "
-                          "(token shards without index.json do not record one)")
+        raise ConfigError(
+            "cannot tell the vocabulary: set `tokenizer:` to a tokenizer directory "
+            "(token shards without index.json do not record one)"
+        )
     if any(v != found[0] for v in found):
         raise ConfigError("the token shards of the data sources were made with different vocabularies")
     return Vocabulary.from_dict(found[0])
@@ -184,8 +186,9 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
 
         read_ds_json(Path(cfg.deepspeed))
     if not resume and complete_checkpoints(Path(cfg.run_dir) / CKPT_DIR):
-        raise InterleafError(f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, "
-                             f"or choose another run_dir")
+        raise InterleafError(
+            f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run_dir"
+        )
     if resume:
         from interleaf.training.checkpoint import find_checkpoint, read_trainer_state
 
@@ -198,8 +201,9 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
         if s.kind == "tokens":
             check_vocab(s.shards, vocab, s.name)
     if any(s.kind == "documents" for s in sources + eval_sources) and cfg.tokenizer is None:
-        raise ConfigError("document shards are tokenized on the fly, which needs `tokenizer:`; "
-                          "or run `interleaf tokenize` first")
+        raise ConfigError(
+            "document shards are tokenized on the fly, which needs `tokenizer:`; or run `interleaf tokenize` first"
+        )
     args = resolve_model_args(cfg, vocab)
     if resume and ckpt is not None:
         check_same_model(args, ckpt)
@@ -220,11 +224,13 @@ def check_resume(cfg: TrainConfig, n_streams: int, ckpt: Path | None, state: dic
     if int(state["n_streams"]) != n_streams:
         raise InterleafError(
             f"cannot resume {ckpt}: its data order has global_batch / micro_batch = {state['n_streams']} "
-            f"streams, this config {n_streams} (keep global_batch and micro_batch when resuming)")
+            f"streams, this config {n_streams} (keep global_batch and micro_batch when resuming)"
+        )
     if int(state["zero_stage"]) != cfg.zero_stage:
         raise InterleafError(
             f"cannot resume {ckpt} (ZeRO stage {state['zero_stage']}) with zero_stage={cfg.zero_stage}: DeepSpeed "
-            f"does not move optimizer state across stages; keep the stage, or export and start a new run")
+            f"does not move optimizer state across stages; keep the stage, or export and start a new run"
+        )
 
 
 def check_same_model(args, ckpt: Path) -> None:
@@ -244,11 +250,24 @@ def check_same_model(args, ckpt: Path) -> None:
     for name in sorted(set(old) | set(new), key=lambda n: (n not in old, n)):
         a, b = old.get(name), new.get(name)
         if a is None or b is None or a.shape != b.shape:
-            fields = [f for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden", "qk_norm",
-                                  "tie_embeddings") if getattr(saved, f) != getattr(args, f)]
+            fields = [
+                f
+                for f in (
+                    "dim",
+                    "n_layers",
+                    "n_heads",
+                    "n_kv_heads",
+                    "vocab_size",
+                    "ffn_hidden",
+                    "qk_norm",
+                    "tie_embeddings",
+                )
+                if getattr(saved, f) != getattr(args, f)
+            ]
             what = ", ".join(f"{f} {getattr(saved, f)!r} -> {getattr(args, f)!r}" for f in fields) or f"tensor {name}"
-            raise InterleafError(f"cannot resume {ckpt}: this config builds another model ({what}); "
-                                 "keep the model when resuming")
+            raise InterleafError(
+                f"cannot resume {ckpt}: this config builds another model ({what}); keep the model when resuming"
+            )
 
 
 # ---- one step's numbers -------------------------------------------------------------------
@@ -259,12 +278,19 @@ def step_stats(out, loss, crc: int):
     """One micro-batch's contribution to the step's global sums (float64 (len(STATS),), no sync)."""
     import torch
 
-    parts = torch.stack([
-        loss.detach().double(), out.ce.double(), out.z_loss.double(),
-        (out.text_loss * out.n_text_tokens).double(), out.n_text_tokens.double(),
-        (out.image_loss * out.n_image_tokens).double(), out.n_image_tokens.double(),
-        out.n_tokens.double(), torch.tensor(float(crc), dtype=torch.float64, device=loss.device),
-    ]).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite micro-batch is counted below instead
+    parts = torch.stack(
+        [
+            loss.detach().double(),
+            out.ce.double(),
+            out.z_loss.double(),
+            (out.text_loss * out.n_text_tokens).double(),
+            out.n_text_tokens.double(),
+            (out.image_loss * out.n_image_tokens).double(),
+            out.n_image_tokens.double(),
+            out.n_tokens.double(),
+            torch.tensor(float(crc), dtype=torch.float64, device=loss.device),
+        ]
+    ).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite micro-batch is counted below instead
     return torch.cat([parts, (~torch.isfinite(loss.detach())).double().reshape(1)])
 
 
@@ -285,7 +311,6 @@ class Trainer:
 
     # -- setup --
     def setup(self) -> None:
-        import torch
         import torch.distributed as dist
 
         from interleaf.model.transformer import Transformer
@@ -309,8 +334,15 @@ class Trainer:
         model = Transformer(plan.model_args).to(self.device)
         if cfg.activation_checkpointing:
             eng.apply_activation_checkpointing(model)
-        self.ds_cfg = eng.ds_config(eng.ds_config_path(cfg.deepspeed, cfg.zero_stage, self.device), cfg.global_batch,
-                                    cfg.micro_batch, plan.world, cfg.optim.grad_clip, self.device, universal)
+        self.ds_cfg = eng.ds_config(
+            eng.ds_config_path(cfg.deepspeed, cfg.zero_stage, self.device),
+            cfg.global_batch,
+            cfg.micro_batch,
+            plan.world,
+            cfg.optim.grad_clip,
+            self.device,
+            universal,
+        )
         o = cfg.optim
         self.engine = eng.build_engine(model, self.ds_cfg, o.lr, o.weight_decay, o.betas, o.eps)
         spec = make_spec(cfg.data, plan.sources, plan.vocab, cfg.tokenizer, cfg.steps, plan.n_streams, cfg.micro_batch)
@@ -356,8 +388,13 @@ class Trainer:
             seed_everything(self.cfg.seed + 1000 * self.rank + 1 + 7919 * self.step)
         if self.rank == 0:
             self._truncate_metrics()
-            log.info("resumed from %s (step %d, trained on %d processes, now %d)", ckpt.name, self.step,
-                     state["world_size"], self.plan.world)
+            log.info(
+                "resumed from %s (step %d, trained on %d processes, now %d)",
+                ckpt.name,
+                self.step,
+                state["world_size"],
+                self.plan.world,
+            )
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines of steps after the resumed checkpoint (they are about to be redone)."""
@@ -442,11 +479,16 @@ class Trainer:
             return None if nonfinite else a[key] / n_micro
 
         return {
-            "loss": mean("loss"), "ce": mean("ce"), "z_loss": mean("z_loss"),
+            "loss": mean("loss"),
+            "ce": mean("ce"),
+            "z_loss": mean("z_loss"),
             "text_loss": a["text_sum"] / a["n_text"] if a["n_text"] else None,
             "image_loss": a["image_sum"] / a["n_image"] if a["n_image"] else None,
-            "tokens": int(a["n_tokens"]), "data_crc": int(a["crc"]) % 2**32, "nonfinite": nonfinite,
-            "grad_norm": None if nonfinite or not math.isfinite(gn) else gn, "lr": lr,
+            "tokens": int(a["n_tokens"]),
+            "data_crc": int(a["crc"]) % 2**32,
+            "nonfinite": nonfinite,
+            "grad_norm": None if nonfinite or not math.isfinite(gn) else gn,
+            "lr": lr,
         }
 
     # -- evaluation --
@@ -460,8 +502,16 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         if not plan.eval_sources or cfg.data.eval_batches == 0:
             return None
-        spec = make_spec(cfg.data, plan.eval_sources, plan.vocab, cfg.tokenizer, cfg.steps, plan.n_streams,
-                         cfg.micro_batch, eval_mode=True)
+        spec = make_spec(
+            cfg.data,
+            plan.eval_sources,
+            plan.vocab,
+            cfg.tokenizer,
+            cfg.steps,
+            plan.n_streams,
+            cfg.micro_batch,
+            eval_mode=True,
+        )
         loader = StreamingLoader(spec, self.rank, plan.world, 0)
         it = iter(loader)
         pad = None
@@ -475,14 +525,25 @@ class Trainer:
                 b = to_torch(mb, self.device)
                 out = self.engine(b["tokens"], b["doc_ids"], targets=b["targets"], is_image=b["is_image"])
                 n_text, n_image = out.n_text_tokens.double(), out.n_image_tokens.double()
-                acc += torch.stack([out.text_loss.double() * n_text + out.image_loss.double() * n_image,
-                                    n_text + n_image, out.text_loss.double() * n_text, n_text,
-                                    out.image_loss.double() * n_image, n_image])
+                acc += torch.stack(
+                    [
+                        out.text_loss.double() * n_text + out.image_loss.double() * n_image,
+                        n_text + n_image,
+                        out.text_loss.double() * n_text,
+                        n_text,
+                        out.image_loss.double() * n_image,
+                        n_image,
+                    ]
+                )
         self.engine.train()
         dist.all_reduce(acc)
         a = acc.tolist()
-        return {"loss": a[0] / a[1] if a[1] else None, "text_loss": a[2] / a[3] if a[3] else None,
-                "image_loss": a[4] / a[5] if a[5] else None, "tokens": int(a[1])}
+        return {
+            "loss": a[0] / a[1] if a[1] else None,
+            "text_loss": a[2] / a[3] if a[3] else None,
+            "image_loss": a[4] / a[5] if a[5] else None,
+            "tokens": int(a[1]),
+        }
 
     # -- logging --
     def log(self, record: dict) -> None:
@@ -501,12 +562,27 @@ class Trainer:
     def save(self) -> None:
         from interleaf.training import checkpoint as ck
 
-        state = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
-                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "world_size": self.plan.world,
-                 "n_streams": self.plan.n_streams, "zero_stage": self.cfg.zero_stage, "time": time.time()}
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "skipped": self.skipped,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "world_size": self.plan.world,
+            "n_streams": self.plan.n_streams,
+            "zero_stage": self.cfg.zero_stage,
+            "time": time.time(),
+        }
         files = {"config.yaml": self.run_dir / "config.yaml", "model.yaml": self.run_dir / "model.yaml"}
-        ck.save_checkpoint(self.run_dir, self.step, self.engine, state, self.loader.state_dict, files,
-                           self.cfg.keep_last, kill_in_save=self.cfg.debug.kill_in_save == self.step)
+        ck.save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.engine,
+            state,
+            self.loader.state_dict,
+            files,
+            self.cfg.keep_last,
+            kill_in_save=self.cfg.debug.kill_in_save == self.step,
+        )
 
     # -- main loop --
     def run(self, progress: bool = True) -> dict:
@@ -515,8 +591,14 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, plan = self.cfg, self.plan
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not progress or self.rank != 0, desc="train")
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not progress or self.rank != 0,
+            desc="train",
+        )
         it = iter(self.loader)
         last: dict = {}
         t_last, tok_last = time.time(), self.tokens
@@ -532,8 +614,15 @@ class Trainer:
                 tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, self.tokens
                 mfu = tps * self.flops_per_token / (self.peak * plan.world) if self.peak else None
-                last = {"step": self.step, **stats, "tokens_seen": self.tokens, "tokens_per_s": tps, "mfu": mfu,
-                        "skipped": self.skipped, "read": self._read_stats()}
+                last = {
+                    "step": self.step,
+                    **stats,
+                    "tokens_seen": self.tokens,
+                    "tokens_per_s": tps,
+                    "mfu": mfu,
+                    "skipped": self.skipped,
+                    "read": self._read_stats(),
+                }
                 self.log(last)
                 loss = "nan" if stats["nonfinite"] else f"{stats['loss']:.4f}"
                 bar.set_postfix(loss=loss, tok_s=f"{tps:,.0f}", refresh=False)
@@ -560,7 +649,8 @@ class Trainer:
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
             raise InterleafError(
                 f"the loss was not finite for {self.nonfinite_in_a_row} steps in a row (last at step {self.step}); "
-                f"stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint")
+                f"stopping. Lower optim.lr, check the data, or resume from an earlier checkpoint"
+            )
 
     def _read_stats(self) -> dict:
         import torch
@@ -628,9 +718,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         last = trainer.run(progress)
         if rank == 0:
             loss = last.get("loss")
-            print(f"trained {trainer.step} steps, {trainer.tokens:,} tokens in {time.time() - t0:.1f}s "
-                  f"({world} process{'es' if world > 1 else ''}); last loss "
-                  f"{loss if loss is None else round(loss, 4)}; skipped {trainer.skipped}; run: {cfg.run_dir}")
+            print(
+                f"trained {trainer.step} steps, {trainer.tokens:,} tokens in {time.time() - t0:.1f}s "
+                f"({world} process{'es' if world > 1 else ''}); last loss "
+                f"{loss if loss is None else round(loss, 4)}; skipped {trainer.skipped}; run: {cfg.run_dir}"
+            )
         return last
     finally:
         if trainer.tb is not None:
