@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve import GatedPipe, LiveServer, tiny_model_dir
+from test_serve import Gate, LiveServer, tiny_model_dir
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -185,13 +185,16 @@ def screenshot(
     from selenium.webdriver.common.by import By
 
     from interleaf.pipeline import load
-    from interleaf.serve.app import ServeLimits, create_app
+    from interleaf.sampling import generate as G
+    from interleaf.serve import ServeLimits, create_app
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         model_dir = model_dir or tiny_model_dir(Path(tmp) / "tiny-random", interleave=True)
-        pipe = GatedPipe(load(model_dir, device="cpu"))
-        pipe.hold_before = hold_at
+        pipe = load(model_dir, device="cpu")
+        gate = Gate(G.stream_requests)
+        gate.hold_before = hold_at
+        mp.setattr(G, "stream_requests", gate)
         n = pipe.vocab.tokens_per_image
         app = create_app(pipe, ServeLimits(), model_name=Path(model_dir).name, preview_every=max(1, n // 8))
         with LiveServer(app) as live:
@@ -203,7 +206,7 @@ def screenshot(
                 time.sleep(0.3)  # let the last preview paint
                 driver.save_screenshot(str(out))
             finally:
-                pipe.gate.set()
+                gate.gate.set()
                 driver.quit()
 
 

@@ -65,7 +65,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from interleaf.errors import InterleafError
-    from interleaf.serve.app import LOOPBACK_HOSTS, ServeLimits
+    from interleaf.serve import ServeLimits
+    from interleaf.serve.app import LOOPBACK_HOSTS
 
     if not 0 < args.max_upload_mb < 1 << 20:  # also nan and inf
         raise InterleafError(f"--max-upload-mb must be a number of megabytes above 0, got {args.max_upload_mb}")
