@@ -183,6 +183,21 @@ def test_two_scale_guidance_reduces_to_plain(pipe, picture):
     assert other.token_ids != one.token_ids
 
 
+def test_min_p_one_keeps_only_the_best_token_and_zero_is_off(pipe, picture):
+    """min_p = 1 leaves only the most likely id: sampling at any temperature is then greedy decoding,
+    for text (min_p) and image codes (image_min_p) alike; min_p = 0 is no filter at all."""
+    base = dict(mode="interleaved", max_new_tokens=60, max_images=2, seed=9, cfg_scale=2.0)
+    greedy = G.generate(pipe, "a red", temperature=0, image_temperature=0, **base)
+    cut = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=1.0, image_min_p=1.0, **base)
+    assert cut.token_ids == greedy.token_ids and len(cut.images) >= 1
+    hot = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, **base)
+    assert hot.token_ids != greedy.token_ids  # the control: without the cut, this temperature samples
+    off = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=0.0, image_min_p=0.0, **base)
+    assert off.token_ids == hot.token_ids
+    text_only = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=1.0, **base)
+    assert text_only.token_ids != cut.token_ids  # image_min_p is the images' own option
+
+
 def test_batch_mixing_caption_and_drawing_equals_alone(pipe, picture):
     reqs = [
         G.Request([picture], SamplingParams(mode="text", max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1)),

@@ -104,3 +104,19 @@ def test_the_viewer_description_matches_the_declaration():
             assert "image" not in o["modes"]
         if o["group"] == "image":
             assert "text" not in o["modes"]
+
+
+def test_min_p_reaches_the_cli_sampling_yaml_and_the_viewer_from_its_declaration(tmp_path):
+    """min_p / image_min_p were added as two fields in params.py and their use in the sampler
+    (logits.filter_logits, generate.Row.sampling); no other file names them, yet:"""
+    args, extra = parse(["generate", "MODEL", "--min-p", "0.1", "--image-min-p", "0.2"])
+    assert not extra and given_options(args) == {"min_p": 0.1, "image_min_p": 0.2}
+    args, extra = parse(["export", "RUN", "OUT", "--min-p", "0.05"])
+    assert not extra and given_options(args) == {"min_p": 0.05}
+    write_sampling_defaults(tmp_path, min_p=0.05, image_min_p=0.1)
+    assert read_sampling_defaults(tmp_path) == {"min_p": 0.05, "image_min_p": 0.1}
+    with pytest.raises(OptionError, match=r"^min_p must be a number in \[0, 1\], got 1.5"):
+        SamplingParams(min_p=1.5)
+    described = {o["name"]: o for o in describe_options()}
+    assert described["min_p"]["group"] == "text" and described["image_min_p"]["group"] == "image"
+    assert (described["min_p"]["min"], described["min_p"]["max"], described["image_min_p"]["label"]) == (0, 1, "min p")

@@ -67,7 +67,7 @@ def test_cfg_scale_one_is_exactly_cond_and_formula_otherwise():
     assert torch.allclose(L.cfg_combine_two_scale(c, ci, u, st, si), ref)
 
 
-def _ref_filter(row: torch.Tensor, k: int, p: float) -> set[int]:
+def _ref_filter(row: torch.Tensor, k: int, p: float, m: float = 0.0) -> set[int]:
     order = torch.argsort(row, descending=True, stable=True).tolist()
     if k > 0:
         order = order[:k]
@@ -78,21 +78,26 @@ def _ref_filter(row: torch.Tensor, k: int, p: float) -> set[int]:
         mass += q
         if p < 1 and mass >= p - 1e-6:
             break
-    return set(kept)
+    full = torch.softmax(row, 0)  # min-p: a ratio to the best id, on the whole distribution
+    return {i for i in kept if full[i] >= m * full.max() - 1e-7}
 
 
-def test_top_k_top_p_per_row_matches_reference():
+def test_top_k_top_p_min_p_per_row_match_reference():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 64, generator=g) * 3
-    k = torch.tensor([0, 1, 5, 0, 10, 64, 3, 0])
-    p = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.9, 0.3, 0.99, 1e-6])
-    out = L.filter_logits(x, L.Filters(k, p))
-    for b in range(8):
+    x = torch.randn(10, 64, generator=g) * 3
+    k = torch.tensor([0, 1, 5, 0, 10, 64, 3, 0, 0, 8])
+    p = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.9, 0.3, 0.99, 1e-6, 1.0, 0.8])
+    m = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.05, 0.3])
+    out = L.filter_logits(x, L.Filters(k, p, m))
+    for b in range(10):
         kept = set(torch.isfinite(out[b]).nonzero().flatten().tolist())
-        assert kept == _ref_filter(x[b], int(k[b]), float(p[b])), b
+        assert kept == _ref_filter(x[b], int(k[b]), float(p[b]), float(m[b])), b
         assert torch.equal(out[b][list(kept)], x[b][list(kept)])
-        alone = L.filter_logits(x[b : b + 1], L.Filters(k[b : b + 1], p[b : b + 1]))
+        alone = L.filter_logits(x[b : b + 1], L.Filters(k[b : b + 1], p[b : b + 1], m[b : b + 1]))
         assert torch.equal(alone[0], out[b])  # a row's filter does not depend on its neighbours
+    assert 1 < len(_ref_filter(x[8], 0, 1.0, 0.05)) < 64  # min-p alone did cut, and kept more than one
+    only_best = L.filter_logits(x, L.Filters(torch.zeros_like(k), torch.ones(10), torch.ones(10)))
+    assert torch.equal(torch.isfinite(only_best).sum(-1), torch.ones(10, dtype=torch.long))
 
 
 def test_repetition_penalty_reference():
@@ -118,12 +123,13 @@ def test_sample_greedy_distribution_and_batch_independence():
     assert chi2 < 25, (counts, expected)  # 5 degrees of freedom: p ~ 1e-4
     # a row's draws depend on its own generator and logits only
     temps, tk, tp = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0, 3, 0]), torch.tensor([0.9, 1.0, 0.5])
+    tm = torch.tensor([0.0, 0.0, 0.2])
     together = [
-        L.sample(logits, temps, [torch.Generator().manual_seed(s) for s in (7, 8, 9)], L.Filters(tk, tp))
+        L.sample(logits, temps, [torch.Generator().manual_seed(s) for s in (7, 8, 9)], L.Filters(tk, tp, tm))
         for _ in range(1)
     ]
     for b, s in enumerate((7, 8, 9)):
-        one = L.Filters(tk[b : b + 1], tp[b : b + 1])
+        one = L.Filters(tk[b : b + 1], tp[b : b + 1], tm[b : b + 1])
         alone = L.sample(logits[b : b + 1], temps[b : b + 1], [torch.Generator().manual_seed(s)], one)
         assert alone.item() == together[0][b].item()
 
@@ -186,7 +192,9 @@ def test_state_machine_never_leaves_its_modality(vocab):
         temps = torch.tensor([[0.0, 0.5, 1.0, 3.0][rng.integers(4)] for _ in live])
         tk = torch.tensor([int(rng.integers(0, 4)) for _ in live])
         tp = torch.tensor([float(rng.choice([1.0, 0.5, 0.05])) for _ in live])
-        tokens = L.sample(L.apply_mask(x, allowed), temps, [gens[i] for i in live], L.Filters(tk, tp)).tolist()
+        tm = torch.tensor([float(rng.choice([0.0, 0.1])) for _ in live])
+        filters = L.Filters(tk, tp, tm)
+        tokens = L.sample(L.apply_mask(x, allowed), temps, [gens[i] for i in live], filters).tolist()
         for i, t in zip(live, tokens):
             s = rows[i]
             room = min(s.max_len - s.length, s.max_new_tokens - s.n_generated)

@@ -261,6 +261,16 @@ def test_text_request_streams_what_the_library_generates(client, pipe):
     assert done["seconds"] > 0 and done["tokens_per_s"] > 0
 
 
+def test_min_p_over_http_is_what_the_library_draws(client, pipe):
+    options = dict(mode="text", max_new_tokens=16, temperature=1.0, min_p=0.9, seed=3)
+    events = run_request(client, data={"prompt": "a red circle", **{k: str(v) for k, v in options.items()}})
+    ref = pipe.generate("a red circle", **options)
+    assert "".join(d["text"] for n, d in events if n == "text") == ref.text
+    assert ref.token_ids != pipe.generate("a red circle", **{**options, "min_p": 0.0}).token_ids  # it did cut
+    r = client.post("/api/generate", json={"prompt": "x", "min_p": 1.5})
+    assert r.status_code == 400 and r.json()["error"] == "min_p must be a number in [0, 1], got 1.5"
+
+
 def test_image_request_with_upload_streams_previews_and_the_image(client, pipe):
     from interleaf.data.shapes import ShapesWorld
 

@@ -77,12 +77,12 @@ class Row:
         """Whether this row's next token is an image code drawn with guidance."""
         return bool(self.guide_rows) and self.state.in_image
 
-    def sampling(self) -> tuple[float, int, float]:
-        """(temperature, top_k, top_p) for the next token's modality."""
+    def sampling(self) -> tuple[float, int, float, float]:
+        """(temperature, top_k, top_p, min_p) for the next token's modality."""
         p = self.params
         if self.state.in_image:
-            return p.image_temperature, p.image_top_k, p.image_top_p
-        return p.temperature, p.top_k, p.top_p
+            return p.image_temperature, p.image_top_k, p.image_top_p, p.image_min_p
+        return p.temperature, p.top_k, p.top_p, p.min_p
 
     def penalty(self) -> float:
         """Repetition penalty for the next token (text only)."""

@@ -84,19 +84,23 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 class Filters(NamedTuple):
-    """Per-row truncation of the distribution, each (B,): top-k (0 = off), top-p (1 = off)."""
+    """Per-row truncation of the distribution, each (B,): top-k (0 = off), top-p (1 = off),
+    min-p (0 = off)."""
 
     top_k: torch.Tensor
     top_p: torch.Tensor
+    min_p: torch.Tensor
 
 
-def needs_filter(top_k: Sequence[int], top_p: Sequence[float]) -> bool:
+def needs_filter(top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]) -> bool:
     """Whether any row filters (so the sort can be skipped when none does)."""
-    return any(k > 0 for k in top_k) or any(p < 1 for p in top_p)
+    return any(k > 0 for k in top_k) or any(p < 1 for p in top_p) or any(m > 0 for m in min_p)
 
 
 def filter_logits(logits: torch.Tensor, f: Filters) -> torch.Tensor:
-    """Keep each row's `top_k` best ids (0 = all) and its smallest nucleus of mass >= `top_p`."""
+    """Keep each row's `top_k` best ids (0 = all), its smallest nucleus of mass >= `top_p`, and
+    the ids at least `min_p` times as likely as its best (a ratio of probabilities: a difference
+    of logits, unchanged by the other two cuts' renormalisation)."""
     V = logits.shape[-1]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     k = torch.where(f.top_k > 0, f.top_k.clamp(max=V), torch.full_like(f.top_k, V))  # (B,)
@@ -106,6 +110,8 @@ def filter_logits(logits: torch.Tensor, f: Filters) -> torch.Tensor:
     mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V) mass of strictly better ids
     p = f.top_p.to(probs.dtype).unsqueeze(-1)
     drop |= (mass_before >= p) & (p < 1)  # the best id always survives: its mass_before is 0
+    floor = sorted_logits[:, :1] + torch.log(f.min_p.to(sorted_logits.dtype)).unsqueeze(-1)  # (B, 1); -inf if 0
+    drop |= sorted_logits < floor  # the best id survives any min_p <= 1
     drop_unsorted = torch.zeros_like(drop).scatter_(-1, order, drop)
     return logits.masked_fill(drop_unsorted, float("-inf"))
 

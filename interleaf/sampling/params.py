@@ -105,6 +105,9 @@ class SamplingParams:
     temperature: float = option(0.7, "text temperature", group="text", low=1e-4, high=1e4, also=(0, "greedy"))
     top_k: int = option(0, "text top-k, 0 = off", group="text", low=0, high=INT_MAX)
     top_p: float = option(0.9, "text nucleus mass, 1 = off", group="text", low=0, high=1, low_open=True)
+    min_p: float = option(
+        0.0, "text min-p: keep tokens at least this times as likely as the best, 0 = off", group="text", low=0, high=1
+    )
     repetition_penalty: float = option(1.0, "text repetition penalty, 1 = off", group="text", low=1e-4, high=1e4)
     # images must be sampled: greedy image tokens degenerate (0 is allowed, for tests and studies)
     image_temperature: float = option(
@@ -112,6 +115,7 @@ class SamplingParams:
     )
     image_top_k: int = option(0, "image-token top-k, 0 = off", group="image", low=0, high=INT_MAX)
     image_top_p: float = option(1.0, "image-token nucleus mass, 1 = off", group="image", low=0, high=1, low_open=True)
+    image_min_p: float = option(0.0, "image-token min-p, 0 = off", group="image", low=0, high=1)
     cfg_scale: float = option(
         3.0, "classifier-free guidance scale for images, 1 = off", group="image", low=0, high=1e3, flag="--cfg",
         label="guidance",
