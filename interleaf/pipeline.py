@@ -24,6 +24,7 @@ from interleaf.config import read_yaml
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.sampling import generate as G
 from interleaf.sampling.params import PER_MODEL, SamplingParams, merge_options, options_from
+from interleaf.tokenizer.multimodal import MultimodalTokenizer
 from interleaf.utils import atomic_path, atomic_write
 
 MODEL_FILE = "model.safetensors"
@@ -107,8 +108,6 @@ class Interleaf:
     def tokenizer(self):
         """MultimodalTokenizer over this vocabulary, text tokenizer and VQ-GAN."""
         if self._tokenizer is None:
-            from interleaf.tokenizer.multimodal import MultimodalTokenizer
-
             self._tokenizer = MultimodalTokenizer(self.vocab, self.text, self.vqgan)
         return self._tokenizer
 

@@ -1,10 +1,15 @@
-"""`interleaf serve`: the web viewer (a page and a streaming API) for one model directory."""
+"""`interleaf serve`: the web viewer (a page and a streaming API) for one model directory.
+
+The library (torch, the model, Starlette, uvicorn) is imported inside the command, not here:
+building the `interleaf` parser imports every command module, and should not wait for them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import socket
+from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -62,8 +67,6 @@ def register(subparsers) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from interleaf.errors import InterleafError
     from interleaf.serve import ServeLimits
     from interleaf.serve.app import LOOPBACK_HOSTS

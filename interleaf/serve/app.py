@@ -70,7 +70,10 @@ def describe_model(pipe, name: str) -> dict:
         "dtype": str(first.dtype).replace("torch.", ""),
         "can_draw": vqgan is not None and vqgan.config.has_decoder,
         "image_resolution": vqgan.config.resolution if vqgan is not None else None,
-        **{key: getattr(args, key) for key in ("dim", "n_layers", "n_heads", "max_seq_len")},
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "max_seq_len": args.max_seq_len,
     }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 from python_multipart.multipart import parse_options_header
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
 
@@ -117,10 +117,12 @@ async def read_fields(request: Request, limits: ServeLimits) -> tuple[dict[str, 
     content_type, _ = parse_options_header(request.headers.get("content-type", ""))
     body = limited(request, limits.max_body_bytes)
     if content_type == b"application/json":
-        fields = parse_json(b"".join([chunk async for chunk in body]))
-        uploads = []
-    elif content_type in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
-        fields, uploads = await _read_form(request.headers, body, content_type, limits)
+        fields, uploads = parse_json(b"".join([chunk async for chunk in body])), []
+    elif content_type == b"multipart/form-data":
+        parser = _Multipart(request.headers, body, max_files=limits.max_uploads, **_form_limits(limits))
+        fields, uploads = await _read_form(parser)
+    elif content_type == b"application/x-www-form-urlencoded":
+        fields, uploads = await _read_form(FormParser(request.headers, body, **_form_limits(limits)))
     else:
         raise RequestError(415, "send the request as multipart/form-data, urlencoded or JSON")
     unknown = [name for name in fields if name not in FORM_FIELDS]
@@ -129,12 +131,12 @@ async def read_fields(request: Request, limits: ServeLimits) -> tuple[dict[str, 
     return fields, uploads
 
 
-async def _read_form(headers: Headers, body, content_type: bytes, limits: ServeLimits):
-    limit = {"max_fields": len(FORM_FIELDS), "max_part_size": limits.max_field_bytes}
-    if content_type == b"multipart/form-data":
-        parser = _Multipart(headers, body, max_files=limits.max_uploads, **limit)
-    else:
-        parser = FormParser(headers, body, **limit)
+def _form_limits(limits: ServeLimits) -> dict:
+    return {"max_fields": len(FORM_FIELDS), "max_part_size": limits.max_field_bytes}
+
+
+async def _read_form(parser: FormParser | _Multipart) -> tuple[dict[str, Any], list[Upload]]:
+    """Text fields by name and the `image` uploads (read into memory) of a parsed form."""
     try:
         form = await parser.parse()
     except MultiPartException as e:  # a limit of Starlette's, or a body python-multipart cannot read
@@ -145,11 +147,11 @@ async def _read_form(headers: Headers, body, content_type: bytes, limits: ServeL
         fields: dict[str, Any] = {}
         uploads: list[Upload] = []
         for name, value in form.multi_items():
-            if name == "image" and isinstance(value, UploadFile):
+            if isinstance(value, UploadFile) != (name == "image"):
+                raise RequestError(400, f"form field {name[:40]!r} must be {'a file' if name == 'image' else 'text'}")
+            if isinstance(value, UploadFile):
                 if value.size:  # an empty file input sends an empty part: no image
                     uploads.append(Upload(_display_name(value.filename), await value.read()))
-            elif isinstance(value, UploadFile) or name == "image":
-                raise RequestError(400, f"form field {name[:40]!r} must be {'a file' if name == 'image' else 'text'}")
             else:
                 fields[name] = value
         return fields, uploads
