@@ -167,9 +167,8 @@ def requests_from_args(args: argparse.Namespace, prompt: list):
     if not any(isinstance(item, Image) or item.strip() for item in prompt):
         raise InterleafError("the prompt is empty: give --prompt TEXT and/or --image PATH")
     model = read_sampling_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}
-    with named_as_flags():
-        params = SamplingParams(**merge_options(model, given_options(args)))
-    return build_requests(prompt, params, args.num)
+    with named_as_flags():  # also for the seeds of a batch: seed + i is checked as a seed
+        return build_requests(prompt, SamplingParams(**merge_options(model, given_options(args))), args.num)
 
 
 def check_inputs(args: argparse.Namespace, prompt: list) -> None:

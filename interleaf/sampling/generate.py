@@ -9,7 +9,7 @@ call that feeds `<boi>` to the conditional row, whose cache is kept: the prompt 
 
 Every step is one `model.decode` call over all cache rows with per-row token counts `n_new`
 (0 for idle rows), one batched logit pipeline (guidance, repetition penalty, modality mask,
-temperature / top-k / top-p) and one per-row seeded draw.
+temperature / top-k / top-p / min-p) and one per-row seeded draw.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Request:
     params: SamplingParams = SamplingParams()
 
 
-# ---- prompts ---------------------------------------------------------------------------------
+# ---- guidance contexts -----------------------------------------------------------------------
 def image_context(ids: Sequence[int], vocab) -> list[int]:
     """The image-only context of a prompt: `<bos>`, its `<boi> codes <eoi>` spans, then `<boi>`."""
     out, inside = [vocab.bos_id], False
