@@ -145,6 +145,7 @@ class Interleaf:
     ):
         self.model, self.vocab, self.text, self.vqgan = model, vocab, text, vqgan
         self.directory = Path(directory) if directory is not None else None
+        vocab.check_fits(model.args.vocab_size, str(self.directory or "model"))
         self.sampling_defaults = dict(sampling_defaults or {})
         self._tokenizer = None
 
@@ -197,8 +198,6 @@ def save_model_dir(directory: str | Path, model, vocab, text, vqgan=None) -> Pat
     from interleaf.config import save_config
 
     directory = Path(directory)
-    if vocab.size > model.args.vocab_size:
-        raise InterleafError(f"vocabulary of {vocab.size} ids does not fit the model's {model.args.vocab_size} outputs")
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / MODEL_FILE) as tmp:
         save_file(model_state(model), str(tmp), metadata={"format": "pt"})
@@ -223,27 +222,6 @@ def read_model_args(directory: str | Path):
     return load_config(ModelArgs, path)
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], args, source: str) -> None:
-    """Raise naming the first missing, unexpected or mis-shaped tensor for a Transformer(args)."""
-    from interleaf.model.transformer import Transformer
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-    if args.tie_embeddings:
-        expected.pop("output.weight")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing:
-        raise InterleafError(
-            f"{source}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    if unexpected:
-        raise InterleafError(f"{source}: unexpected tensor {unexpected[0]} (not in a model with this model.yaml)")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise InterleafError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, model.yaml implies {shape}")
-
-
 def read_weights(path: str | Path) -> dict:
     """The tensors of a safetensors file; a missing or unreadable one is an InterleafError."""
     from safetensors.torch import load_file
@@ -264,17 +242,9 @@ def load_model(directory: str | Path, device="cpu", dtype=None):
     directory = Path(directory)
     args = read_model_args(directory)
     path = directory / MODEL_FILE
-    state = read_weights(path)
-    check_state_dict(state, args, str(path))
     dtype = parse_dtype(dtype)
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-    return model.eval()
+    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in read_weights(path).items()}
+    return Transformer.from_state_dict(args, state, str(path)).eval()
 
 
 def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
@@ -289,10 +259,6 @@ def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
     sampling = read_sampling_defaults(directory)
     model = load_model(directory, device, dtype)
     vocab = Vocabulary.load(directory)
-    if vocab.size > model.args.vocab_size:
-        raise InterleafError(
-            f"{directory}: vocabulary of {vocab.size} ids does not fit the model's {model.args.vocab_size} outputs"
-        )
     text = TextTokenizer.load(directory / TOKENIZER_DIR)
     vqgan = VQModel.load(directory / VQGAN_DIR, device=device) if (directory / VQGAN_DIR).is_dir() else None
     return Interleaf(model, vocab, text, vqgan, directory, sampling)

@@ -24,6 +24,7 @@ import torch
 
 from interleaf.errors import InterleafError
 from interleaf.model.args import ModelArgs
+from interleaf.model.transformer import Transformer, check_state_dict, check_tensors, expected_shapes
 from interleaf.tokenizer.vocab import Vocabulary
 from interleaf.utils import atomic_dir, atomic_path, check_replaceable, read_text, write_json
 
@@ -224,31 +225,6 @@ def vocabulary_map_of(vocab: Vocabulary, text) -> dict[str, int]:
 
 
 # ---- weights --------------------------------------------------------------------------------
-def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
-    missing = [k for k in expected if k not in state]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise InterleafError(f"{source}: missing tensor {missing[0]}{more}")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise InterleafError(
-                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config wants {tuple(shape)}"
-            )
-
-
-def _hf_shapes(args: ModelArgs) -> dict[str, tuple]:
-    from interleaf.model.transformer import Transformer
-
-    with torch.device("meta"):
-        ours = Transformer(args).state_dict()
-    out = {}
-    for k, v in ours.items():
-        if k == "output.weight" and args.tie_embeddings:
-            continue
-        out[_hf_name(k)] = tuple(v.shape)
-    return out
-
-
 def _hf_name(key: str) -> str:
     if key in TOP_KEYS:
         return TOP_KEYS[key]
@@ -264,16 +240,13 @@ def _rope_heads(key: str, args: ModelArgs) -> int | None:
 
 
 def state_dict_from_hf(hf: Mapping[str, torch.Tensor], args: ModelArgs, source: str = "checkpoint") -> dict:
-    """HF Chameleon tensors (text model part) -> Transformer state dict; clear errors on mismatch."""
-    _check_shapes(hf, _hf_shapes(args), source)
-    from interleaf.model.transformer import Transformer
-
-    with torch.device("meta"):
-        keys = list(Transformer(args).state_dict())
+    """HF Chameleon tensors -> Transformer state dict (the VQ model's tensors are left aside); the
+    first missing, unexpected or mis-shaped tensor of the text model is an InterleafError."""
+    expected = expected_shapes(args)
+    text_part = {k: v for k, v in hf.items() if not k.startswith(VQ_PREFIX)}
+    check_tensors(text_part, {_hf_name(k): shape for k, shape in expected.items()}, source, "config.json")
     out = {}
-    for k in keys:
-        if k == "output.weight" and args.tie_embeddings:
-            continue
+    for k in expected:
         w, heads = hf[_hf_name(k)], _rope_heads(k, args)
         out[k] = rope_from_hf(w, heads, args.head_dim) if heads else w
     return out
@@ -327,7 +300,6 @@ def _read_json(path: Path) -> dict:
 # ---- whole directories -----------------------------------------------------------------------
 def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Convert an HF Chameleon directory into an interleaf model directory; returns dst."""
-    from interleaf.model.transformer import Transformer
     from interleaf.pipeline import save_model_dir
     from interleaf.tokenizer.text import TextTokenizer
     from interleaf.tokenizer.vqgan import VQModel, convert_hf_vq_state_dict, vq_config_from_hf
@@ -341,16 +313,8 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
     hf = read_safetensors_dir(src)
     if dtype is not None:
         hf = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf.items()}
-    state = state_dict_from_hf(hf, args, source=str(src))
-    used = {_hf_name(k) for k in state}
+    model = Transformer.from_state_dict(args, state_dict_from_hf(hf, args, source=str(src)), str(src))
     vq_keys = {k for k in hf if k.startswith(VQ_PREFIX)}
-    stray = sorted(set(hf) - used - vq_keys)
-    if stray:
-        raise InterleafError(f"{src}: unexpected tensor {stray[0]} (not part of a Chameleon model with this config)")
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    _assign(model, state)
     vqgan = None
     if vq_keys:
         if "vq_config" not in cfg:
@@ -415,13 +379,6 @@ def _grid_vq_config(vocab: Vocabulary, src: Path) -> dict:
     )
 
 
-def _assign(model, state: dict) -> None:
-    if model.args.tie_embeddings:
-        state = dict(state, **{"output.weight": state["tok_embeddings.weight"]})
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-
-
 def _copy(a: Path, b: Path) -> None:
     with atomic_path(b) as tmp:
         shutil.copyfile(a, tmp)
@@ -441,8 +398,6 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
     _check_destination(dst)  # an HF folder looks the same whoever wrote it: never replaced
     args = read_model_args(src)
     state = read_weights(src / MODEL_FILE)
-    from interleaf.pipeline import check_state_dict
-
     check_state_dict(state, args, str(src / MODEL_FILE))
     vocab = Vocabulary.load(src)
     text = TextTokenizer.load(src / TOKENIZER_DIR)
