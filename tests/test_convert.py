@@ -7,6 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from chameleon_layouts import chameleon_tokenizer  # noqa: E402
+
 import interleaf  # noqa: E402
 from interleaf import cli  # noqa: E402
 from interleaf.errors import InterleafError  # noqa: E402
@@ -23,25 +25,6 @@ VQ = dict(
     channel_multiplier=[1, 2],
     num_res_blocks=1,
 )  # 16px -> 8x8 codes
-
-
-def chameleon_tokenizer():
-    """A byte-level BPE laid out like Chameleon's: <s> <pad> </s> <unk>, IMGIMG codes, <eoss> <racm3:break> <image>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    specials = ["<s>", "<pad>", "</s>", "<unk>"] + [image_token_name(c) for c in range(N_CODES)]
-    specials += ["<eoss>", "<racm3:break>", "<image>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["a red circle above a blue square", "the quick brown fox"] * 10, trainer)
-    return tok
 
 
 def build_hf(path, swin: bool, tie: bool = False):
