@@ -158,8 +158,9 @@ def hf_from_meta(input_base_path, params, vq_state, num_shards):
     vocabulary_map["<image>"] = vocabulary_map.pop("<reserved08707>")
     vq_config = yaml_params(input_base_path)
     vq_config.update(**vq_config.pop("ddconfig"))
-    for old, new in [("ch", "base_channels"), ("out_ch", "out_channels"), ("n_embed", "num_embeddings"),
-                     ("ch_mult", "channel_multiplier"), ("double_z", "double_latent"), ("z_channels", "latent_channels")]:  # fmt: skip
+    renames = [("ch", "base_channels"), ("out_ch", "out_channels"), ("n_embed", "num_embeddings")]
+    renames += [("ch_mult", "channel_multiplier"), ("double_z", "double_latent"), ("z_channels", "latent_channels")]
+    for old, new in renames:
         vq_config[new] = vq_config[old]
     del vq_config["lossconfig"]
     m = params["multiple_of"]
@@ -319,10 +320,9 @@ def fails(capsys, tmp_path, src, message, *extra):
 def test_bad_releases_fail_clearly(tmp_path, capsys):
     import shutil
 
-
     src = tmp_path / "src"
     write_meta_release(src, mp=4)
-    mdir, tdir = src / "models" / "7b", src / "tokenizer"
+    mdir = src / "models" / "7b"
     os.rename(mdir / "consolidated.02.pth", tmp_path / "kept.pth")
     fails(capsys, tmp_path, src, "has no consolidated.02.pth (model-parallel shard 3 of 4)")
 
