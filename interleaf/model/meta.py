@@ -198,10 +198,10 @@ def source_of(name: str) -> tuple[str, int | str | None, str]:
     return f"layers.{i}.{meta}", split, f"layer {i}"
 
 
-def shard_shapes(args: ModelArgs, mp: int) -> dict[str, tuple[int, ...]]:
-    """Meta's name -> the shape of that tensor in each of `mp` model-parallel shards."""
+def shard_shapes(args: ModelArgs, shapes: Mapping[str, tuple[int, ...]], mp: int) -> dict[str, tuple[int, ...]]:
+    """Meta's name -> the shape of that tensor (whole: `shapes`) in each of `mp` model-parallel shards."""
     out = {}
-    for name, shape in expected_shapes(args).items():
+    for name, shape in shapes.items():
         meta, split, _ = source_of(name)
         if split in ("q", "k"):
             out[meta] = (args.head_dim,)
@@ -214,6 +214,7 @@ def shard_shapes(args: ModelArgs, mp: int) -> dict[str, tuple[int, ...]]:
 
 def check_shards(shards: list[dict[str, torch.Tensor]], paths: list[Path], args: ModelArgs, params: str) -> None:
     """The shards are slices of one model, and the one `params` describes; else an InterleafError."""
+    shapes = expected_shapes(args)
     mp = len(shards)
     for what, n in [("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("dim", args.dim),
                     ("vocab_size", args.vocab_size), ("the feed-forward width", args.ffn_hidden)]:  # fmt: skip
@@ -232,8 +233,8 @@ def check_shards(shards: list[dict[str, torch.Tensor]], paths: list[Path], args:
                 f"{paths[0].name} and {path.name} are not shards of one model: {differs} is "
                 f"{tuple(first[differs].shape)} in one, {tuple(shard[differs].shape)} in the other"
             )
-    check_tensors(first, shard_shapes(args, mp), str(paths[0]), params)
-    for name in expected_shapes(args):
+    check_tensors(first, shard_shapes(args, shapes, mp), str(paths[0]), params)
+    for name in shapes:
         meta, split, _ = source_of(name)
         if not first[meta].is_floating_point():
             raise InterleafError(f"{paths[0]}: tensor {meta} holds {first[meta].dtype}, not floating-point weights")
@@ -331,9 +332,10 @@ def from_meta(
 
     try:
         with atomic_dir(dst, "destination") as tmp:
+            save_model_files(tmp, args, vocab, text, vqgan)
+            vqgan = None  # written: let its memory go before the weights stream through
             write_weights(tmp, layout, produce)
             reader.close()
-            save_model_files(tmp, args, vocab, text, vqgan)
             shutil.copyfile(tok_dir / TOKENIZER_FILE, tmp / "tokenizer" / "tokenizer.json")  # the exact bytes
             (tmp / META_DIR).mkdir()
             for f in [model_dir / n for n in PARAMS_FILES] + [tok_dir / VQ_CONFIG_FILE]:
