@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from interleaf.model.convert import image_token_name
+
 # how Meta's model-parallel layers slice each tensor: the dimension, or None (replicated)
 SPLIT = {
     "attention.wq.weight": 0,
@@ -32,11 +34,6 @@ SPLIT = {
     "norm.weight": None,
 }
 TINY_VQ = dict(embed_dim=8, n_embed=64, z_channels=8, resolution=16, ch=32, ch_mult=[1, 2], num_res_blocks=1)
-
-
-def image_token_name(code: int) -> str:
-    """Chameleon's name of image code `code`: IMGIMG + its digits as letters A-J + Z."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
 def chameleon_tokenizer(n_codes: int = 64, extra=("<image>",), vocab_size: int = 400):

@@ -276,7 +276,7 @@ def state_dict_to_hf(state: Mapping[str, torch.Tensor], args: ModelArgs) -> dict
 
 def token_table(tokenizer_json: Path) -> dict[str, int]:
     """Token name -> id of a tokenizers JSON file: its model's vocab and its added tokens."""
-    data = _read_json(tokenizer_json)
+    data = read_json(tokenizer_json)
     model_part = data.get("model")
     vocab = model_part.get("vocab") if isinstance(model_part, Mapping) else None
     if not isinstance(vocab, Mapping):
@@ -285,7 +285,8 @@ def token_table(tokenizer_json: Path) -> dict[str, int]:
     return {**vocab, **added}
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; a missing, malformed or non-object file is an InterleafError."""
     if not path.is_file():
         raise InterleafError(f"{path.parent} has no {path.name}")
     try:
@@ -311,7 +312,7 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
     if not src.is_dir():
         raise InterleafError(f"source directory not found: {src}")
     check_destination(dst, ("model.yaml", "vocab.json", f"{HF_DIR}/config.json"))  # an earlier from-hf
-    cfg = _read_json(src / "config.json")
+    cfg = read_json(src / "config.json")
     args = args_from_hf_config(cfg)
     hf = read_weights(src)
     text_part = {k: v for k, v in hf.items() if not k.startswith(VQ_PREFIX)}
@@ -408,7 +409,7 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
         vq_state = read_weights(src / VQGAN_DIR / WEIGHTS_FILE)  # raw: keeps the stored dtype
     else:
         vq_cfg = _grid_vq_config(vocab, src)
-    base = _read_json(src / HF_DIR / "config.json") if (src / HF_DIR / "config.json").is_file() else None
+    base = read_json(src / HF_DIR / "config.json") if (src / HF_DIR / "config.json").is_file() else None
     dtype = state["tok_embeddings.weight"].dtype
     cfg = hf_config_from_args(args, vocab, vocabulary_map_of(vocab, text), vq_cfg, base, dtype)
     hf = state_dict_to_hf(state, args)

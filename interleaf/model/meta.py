@@ -31,12 +31,12 @@ from tqdm import tqdm
 from interleaf.config import read_yaml
 from interleaf.errors import InterleafError
 from interleaf.model.args import ModelArgs
-from interleaf.model.convert import CHAMELEON_SAMPLING, check_destination, token_table, vocab_from_hf
+from interleaf.model.convert import CHAMELEON_SAMPLING, check_destination, read_json, token_table, vocab_from_hf
 from interleaf.model.transformer import check_tensors, expected_shapes
 from interleaf.pipeline import save_model_files, write_sampling_defaults, write_weights
 from interleaf.tokenizer.text import TextTokenizer
 from interleaf.tokenizer.vqgan import VQModel, convert_hf_vq_state_dict, vq_config_from_taming
-from interleaf.utils import atomic_dir, first_line, read_text
+from interleaf.utils import atomic_dir, first_line
 
 META_DIR = "meta"  # inside the output: the source's params and VQ-GAN config, as they were
 PARAMS_FILES = ("params.json", "consolidate_params.json")
@@ -92,24 +92,12 @@ def find_release(src: Path, tokenizer: Path | None) -> tuple[Path, Path]:
 
 
 def read_params(model_dir: Path) -> dict:
-    """params.json merged with consolidate_params.json as Meta's loader merges them."""
-    import json
-
-    merged: dict = {}
-    for name in PARAMS_FILES:
-        path = model_dir / name
-        if not path.is_file():
-            if name == "params.json":
-                raise InterleafError(f"{model_dir} has no params.json")
-            continue
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as e:
-            raise InterleafError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict) or (name == "params.json" and not isinstance(data.get("model", {}), dict)):
-            raise InterleafError(f"{path} must hold a JSON object (with the model's fields under 'model')")
-        merged = {**data, **data.get("model", {})} if name == "params.json" else {**merged, **data}
-    return merged
+    """params.json merged with consolidate_params.json (if there) as Meta's loader merges them."""
+    params = read_json(model_dir / "params.json")
+    if not isinstance(params.get("model", {}), dict):
+        raise InterleafError(f"{model_dir}/params.json: 'model' must hold the model's fields")
+    consolidate = model_dir / "consolidate_params.json"
+    return {**params, **params.get("model", {}), **(read_json(consolidate) if consolidate.is_file() else {})}
 
 
 def args_from_params(params: Mapping, source: str = "params.json") -> tuple[ModelArgs, int | None]:
