@@ -225,10 +225,13 @@ def write_weights(
     directory = Path(directory)
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     groups: list[list[str]] = [[]]
+    filled = 0  # bytes in the last group
     for name, size in sizes.items():
-        if groups[-1] and sum(sizes[n] for n in groups[-1]) + size > shard_bytes:
+        if groups[-1] and filled + size > shard_bytes:
             groups.append([])
+            filled = 0
         groups[-1].append(name)
+        filled += size
     names = (
         [MODEL_FILE]
         if len(groups) == 1

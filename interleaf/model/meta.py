@@ -242,6 +242,7 @@ class ShardReader:
         self.paths, self.group, self.shards = paths, None, []
 
     def pieces(self, meta: str, group: str) -> list[torch.Tensor]:
+        """Tensor `meta` of every shard (views into the mapped files); a new `group` maps them afresh."""
         if group != self.group:
             self.shards = []  # unmap first
             self.shards = [_tensors(load_pth(p), p) for p in self.paths]
@@ -249,6 +250,7 @@ class ShardReader:
         return [s[meta] for s in self.shards]
 
     def close(self) -> None:
+        """Let the mapped files go."""
         self.shards, self.group = [], None
 
 
