@@ -9,6 +9,10 @@ TORCH  ?= torch==2.13.0
 # xformers has no CPU kernels; the tests run its glue around xformers' own reference attention.
 # Installed without its dependencies, so its torch requirement can never replace the pinned build.
 XFORMERS ?= xformers==0.0.35
+# taming-transformers: the original VQ-GAN code (Chameleon's image tokenizer comes from it), the tests'
+# reference for our encoder and decoder. Without its dependencies (Lightning, torchvision): the tests
+# import only its torch-only modules.
+TAMING ?= taming-transformers==0.0.1
 
 .PHONY: setup browser demo test lint format bench clean
 
@@ -20,6 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(XFORMERS)
+	$(PIP) install -q --no-deps $(TAMING)
 	touch $@
 
 demo: setup

@@ -1,12 +1,15 @@
 """Model directories: what an export holds, how it is written, and `load` -> `Interleaf`.
 
 DIR/
-  model.safetensors   Transformer weights (Llama names; tied output weight stored once)
+  model.safetensors   Transformer weights (Llama names; tied output weight stored once); above
+                      SHARD_BYTES, model-00001-of-0000N.safetensors ... and model.safetensors.index.json
+                      instead (Hugging Face's layout for sharded weights)
   model.yaml          ModelArgs
   vocab.json          Vocabulary (specials, text ids, image-code table)
   tokenizer/          text tokenizer (tokenizer.json or spm.model)
   vqgan/              VQModel.save output (optional; encoder-only for converted Chameleon)
   hf/                 source config/tokenizer JSON of a converted HF checkpoint (optional)
+  meta/               source params and VQ-GAN config of a converted Meta release (optional)
   sampling.yaml       sampling options that suit this model, e.g. its guidance scale (optional;
                       the per-model SamplingParams fields; options a caller gives win over these,
                       these over the sampler's own)
@@ -14,7 +17,9 @@ DIR/
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -25,9 +30,23 @@ from interleaf.errors import ConfigError, InterleafError
 from interleaf.sampling import generate as G
 from interleaf.sampling.params import PER_MODEL, SamplingParams, merge_options, options_from
 from interleaf.tokenizer.multimodal import MultimodalTokenizer
-from interleaf.utils import atomic_path, atomic_write
+from interleaf.utils import atomic_write, write_json
 
 MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 4 * 2**30  # weights up to this size stay one file; larger ones become shards + an index
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 ARGS_FILE = "model.yaml"
 TOKENIZER_DIR = "tokenizer"
 VQGAN_DIR = "vqgan"
@@ -101,6 +120,7 @@ class Interleaf:
     ):
         self.model, self.vocab, self.text, self.vqgan = model, vocab, text, vqgan
         self.directory = Path(directory) if directory is not None else None
+        vocab.check_fits(model.args.vocab_size, str(self.directory or "model"))
         self.sampling_defaults = dict(sampling_defaults or {})
         self._tokenizer = None
 
@@ -144,19 +164,81 @@ def model_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_weights(
+    directory: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    produce: Callable[[str], torch.Tensor] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> list[Path]:
+    """Write `tensors` as DIR/model.safetensors, or, above `shard_bytes`, as shards named by
+    DIR/model.safetensors.index.json; returns the files. Weight files of the other layout are removed.
+
+    `tensors` may hold meta tensors (a shape and a dtype): `produce(name)` then makes each value
+    when its turn comes, so a conversion holds one tensor in memory, never the whole model.
+    """
+    directory = Path(directory)
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    groups: list[list[str]] = [[]]
+    filled = 0  # bytes in the last group
+    for name, size in sizes.items():
+        if groups[-1] and filled + size > shard_bytes:
+            groups.append([])
+            filled = 0
+        groups[-1].append(name)
+        filled += size
+    names = (
+        [MODEL_FILE]
+        if len(groups) == 1
+        else [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    )
+    for old in [directory / INDEX_FILE, *directory.glob("model*.safetensors")]:
+        if old.name not in names:
+            old.unlink(missing_ok=True)
+    for name, group in zip(names, groups):
+        _write_safetensors(directory / name, {n: tensors[n] for n in group}, produce)
+    if len(groups) > 1:
+        weight_map = {n: name for name, group in zip(names, groups) for n in group}
+        write_json(directory / INDEX_FILE, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+    return [directory / name for name in names]
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], produce) -> None:
+    """One safetensors file (8-byte header length, JSON header, raw little-endian data), written as
+    each tensor comes, atomically."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # data starts 8-byte aligned, as safetensors' own writer does
+    with atomic_write(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for name, t in tensors.items():
+            value = produce(name) if t.is_meta else t
+            assert value.shape == t.shape and value.dtype == t.dtype, f"{name}: {value.shape} {value.dtype}"
+            f.write(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def save_model_dir(directory: str | Path, model, vocab, text, vqgan=None) -> Path:
     """Write a model directory (weights, args, vocabulary, tokenizer, optional VQ-GAN)."""
-    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_weights(directory, model_state(model))
+    return save_model_files(directory, model.args, vocab, text, vqgan)
 
+
+def save_model_files(directory: str | Path, args, vocab, text, vqgan=None) -> Path:
+    """Everything of a model directory but its weights: args, vocabulary, tokenizer, optional VQ-GAN."""
     from interleaf.config import save_config
 
     directory = Path(directory)
-    if vocab.size > model.args.vocab_size:
-        raise InterleafError(f"vocabulary of {vocab.size} ids does not fit the model's {model.args.vocab_size} outputs")
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / MODEL_FILE) as tmp:
-        save_file(model_state(model), str(tmp), metadata={"format": "pt"})
-    save_config(model.args, directory / ARGS_FILE)
+    save_config(args, directory / ARGS_FILE)
     vocab.save(directory)
     (directory / TOKENIZER_DIR).mkdir(exist_ok=True)
     text.save(directory / TOKENIZER_DIR)
@@ -177,38 +259,66 @@ def read_model_args(directory: str | Path):
     return load_config(ModelArgs, path)
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], args, source: str) -> None:
-    """Raise naming the first missing, unexpected or mis-shaped tensor for a Transformer(args)."""
-    from interleaf.model.transformer import Transformer
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of `path`: the file itself, or a directory's shards as its
+    `*.safetensors.index.json` names them, else every `*.safetensors` file in it."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.is_file():
+            raise InterleafError(f"{path.parent} has no {path.name}")
+        return [path]
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise InterleafError(f"{path} holds {len(indexes)} weight indexes ({indexes[0].name}, ...): keep one")
+    if not indexes:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise InterleafError(f"{path} has no {MODEL_FILE}")
+        return files
+    weight_map = _read_index(indexes[0])
+    files = [path / name for name in sorted(set(weight_map.values()))]
+    for f in files:
+        if not f.is_file():
+            raise InterleafError(f"{f.name}, a shard that {indexes[0]} names, is missing")
+    return files
 
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-    if args.tie_embeddings:
-        expected.pop("output.weight")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing:
-        raise InterleafError(
-            f"{source}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    if unexpected:
-        raise InterleafError(f"{source}: unexpected tensor {unexpected[0]} (not in a model with this model.yaml)")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise InterleafError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, model.yaml implies {shape}")
+
+def _read_index(index: Path) -> dict[str, str]:
+    from interleaf.utils import read_text
+
+    try:
+        weight_map = json.loads(read_text(index))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise InterleafError(f"{index} is not a weight index (JSON with a weight_map)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+        raise InterleafError(f"{index}: weight_map must map tensor names to file names in its folder")
+    return weight_map
 
 
-def read_weights(path: str | Path) -> dict:
-    """The tensors of a safetensors file; a missing or unreadable one is an InterleafError."""
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of a directory's weights (`weight_files`); a missing,
+    unreadable or inconsistent file is an InterleafError."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise InterleafError(f"{path.parent} has no {path.name}")
-    try:
-        return load_file(str(path))
-    except Exception as e:
-        raise InterleafError(f"cannot read {path}: {e}") from None
+    out: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        try:
+            tensors = load_file(str(f))
+        except Exception as e:  # safetensors raises its own error types for cut or corrupt files
+            raise InterleafError(f"cannot read {f}: {e}") from None
+        for name in tensors:
+            if name in out:
+                raise InterleafError(f"tensor {name} appears in two files of {path}")
+        out.update(tensors)
+    indexes = sorted(path.glob("*.safetensors.index.json")) if path.is_dir() else []
+    if indexes:
+        weight_map = _read_index(indexes[0])
+        missing = [n for n in weight_map if n not in out]
+        if missing or len(out) != len(weight_map):
+            name = missing[0] if missing else next(n for n in out if n not in weight_map)
+            raise InterleafError(f"{indexes[0]} does not match its shards (tensor {name})")
+    return out
 
 
 def load_model(directory: str | Path, device="cpu", dtype=None):
@@ -217,18 +327,9 @@ def load_model(directory: str | Path, device="cpu", dtype=None):
 
     directory = Path(directory)
     args = read_model_args(directory)
-    path = directory / MODEL_FILE
-    state = read_weights(path)
-    check_state_dict(state, args, str(path))
     dtype = parse_dtype(dtype)
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-    return model.eval()
+    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in read_weights(directory).items()}
+    return Transformer.from_state_dict(args, state, str(directory)).eval()
 
 
 def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
@@ -243,10 +344,6 @@ def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
     sampling = read_sampling_defaults(directory)
     model = load_model(directory, device, dtype)
     vocab = Vocabulary.load(directory)
-    if vocab.size > model.args.vocab_size:
-        raise InterleafError(
-            f"{directory}: vocabulary of {vocab.size} ids does not fit the model's {model.args.vocab_size} outputs"
-        )
     text = TextTokenizer.load(directory / TOKENIZER_DIR)
     vqgan = VQModel.load(directory / VQGAN_DIR, device=device) if (directory / VQGAN_DIR).is_dir() else None
     return Interleaf(model, vocab, text, vqgan, directory, sampling)

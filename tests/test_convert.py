@@ -7,10 +7,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from chameleon_layouts import chameleon_tokenizer  # noqa: E402
+
 import interleaf  # noqa: E402
 from interleaf import cli  # noqa: E402
 from interleaf.errors import InterleafError  # noqa: E402
-from interleaf.model.convert import image_code_of, image_token_name, read_safetensors_dir, rope_from_hf, rope_to_hf  # noqa: E402
+from interleaf.model.convert import image_code_of, image_token_name, rope_from_hf, rope_to_hf  # noqa: E402
+from interleaf.pipeline import read_weights  # noqa: E402
 
 N_CODES = 64
 VQ = dict(
@@ -22,25 +25,6 @@ VQ = dict(
     channel_multiplier=[1, 2],
     num_res_blocks=1,
 )  # 16px -> 8x8 codes
-
-
-def chameleon_tokenizer():
-    """A byte-level BPE laid out like Chameleon's: <s> <pad> </s> <unk>, IMGIMG codes, <eoss> <racm3:break> <image>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    specials = ["<s>", "<pad>", "</s>", "<unk>"] + [image_token_name(c) for c in range(N_CODES)]
-    specials += ["<eoss>", "<racm3:break>", "<image>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["a red circle above a blue square", "the quick brown fox"] * 10, trainer)
-    return tok
 
 
 def build_hf(path, swin: bool, tie: bool = False):
@@ -153,7 +137,7 @@ def test_vocabulary_mapping(prenorm):
 def test_to_hf_round_trip_is_bit_exact(converted, tmp_path):
     hf, root, _ = converted
     assert cli.main(["convert", "to-hf", str(root / "il"), str(tmp_path / "back")]) == 0
-    a, b = read_safetensors_dir(root / "hf"), read_safetensors_dir(tmp_path / "back")
+    a, b = read_weights(root / "hf"), read_weights(tmp_path / "back")
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -170,19 +154,34 @@ def test_to_hf_round_trip_is_bit_exact(converted, tmp_path):
 
 
 def test_bfloat16_conversion_keeps_dtype_through_round_trip(prenorm, tmp_path):
-    _, root, _ = prenorm
+    """--dtype casts the transformer only: the VQ-GAN keeps its float32 weights and runs in float32
+    (a bfloat16 argmin picks other codes), also when the model is loaded in bfloat16."""
+    hf, root, _ = prenorm
     from interleaf.model.convert import from_hf, to_hf
 
     assert cli.main(["convert", "from-hf", str(root / "hf"), str(tmp_path / "bf"), "--dtype", "bfloat16"]) == 0
-    pipe = interleaf.load(tmp_path / "bf")
+    pipe = interleaf.load(tmp_path / "bf", dtype="bfloat16")
     assert pipe.model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in pipe.vqgan.parameters()} == {torch.float32}
+    assert read_weights(tmp_path / "bf" / "vqgan" / "vqgan.safetensors")["quant_conv.weight"].dtype == torch.float32
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        want = hf.model.vqmodel.encode(x).image_tokens.view(4, 8, 8)
+        assert torch.equal(pipe.vqgan.encode(x), want)
+        hf_bf16 = hf.model.vqmodel.to(torch.bfloat16)
+        try:  # negative control: the same encoder run in bfloat16 gives other codes
+            assert not torch.equal(hf_bf16.encode(x.bfloat16()).image_tokens.view(4, 8, 8), want)
+        finally:
+            hf.model.vqmodel.float()
     to_hf(tmp_path / "bf", tmp_path / "bf-hf")
     assert json.loads((tmp_path / "bf-hf" / "config.json").read_text())["dtype"] == "bfloat16"
     assert cli.main(["convert", "from-hf", str(root / "hf"), str(tmp_path / "x"), "--dtype", "int8"]) == 2
     from_hf(tmp_path / "bf-hf", tmp_path / "bf2")
     to_hf(tmp_path / "bf2", tmp_path / "bf2-hf")
-    a, b = read_safetensors_dir(tmp_path / "bf-hf"), read_safetensors_dir(tmp_path / "bf2-hf")
-    assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    a, b = read_weights(tmp_path / "bf-hf"), read_weights(tmp_path / "bf2-hf")
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert {str(a[k].dtype) for k in a if not k.startswith("model.vqmodel.")} == {"torch.bfloat16"}
+    assert {str(a[k].dtype) for k in a if k.startswith("model.vqmodel.")} == {"torch.float32"}
 
 
 def test_native_model_exports_to_transformers(tmp_path):
@@ -297,7 +296,7 @@ def test_mismatched_checkpoints_fail_clearly(prenorm, tmp_path, capsys):
     _, root, _ = prenorm
     src = tmp_path / "bad"
     shutil.copytree(root / "hf", src)
-    state = read_safetensors_dir(src)
+    state = read_weights(src)
 
     def convert():
         return cli.main(["convert", "from-hf", str(src), str(tmp_path / "out")])
@@ -310,7 +309,9 @@ def test_mismatched_checkpoints_fail_clearly(prenorm, tmp_path, capsys):
     broken = dict(state, **{"model.layers.0.mlp.up_proj.weight": torch.zeros(95, 64)})
     save_file(broken, str(src / "model.safetensors"))
     assert convert() == 2
-    assert "model.layers.0.mlp.up_proj.weight has shape (95, 64), the config wants (96, 64)" in capsys.readouterr().err
+    assert (
+        "model.layers.0.mlp.up_proj.weight has shape (95, 64), config.json implies (96, 64)" in capsys.readouterr().err
+    )
     save_file(dict(state, **{"model.layers.7.extra": torch.zeros(1)}), str(src / "model.safetensors"))
     assert convert() == 2
     assert "unexpected tensor model.layers.7.extra" in capsys.readouterr().err
@@ -344,7 +345,7 @@ def test_malformed_sources_and_used_destinations_fail_clearly(prenorm, tmp_path,
         ("[1, 2]", "must hold a JSON object"),
         (json.dumps(dict(cfg, hidden_size="abc")), "config.json:"),
         (json.dumps(dict(cfg, hidden_size=None)), "config.json:"),
-        (json.dumps(dict(cfg, vocabulary_map=5)), "is a token table"),
+        (json.dumps(dict(cfg, vocabulary_map=5)), "vocabulary_map is not a token table"),
     ]:
         (src / "config.json").write_text(text)
         fails(["from-hf", src, tmp_path / "out"], message)
@@ -378,3 +379,70 @@ def test_malformed_sources_and_used_destinations_fail_clearly(prenorm, tmp_path,
     (used / "model.safetensors").unlink()
     fails(["to-hf", used, tmp_path / "back"], "has no model.safetensors")
     assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+# ---- a transformers folder that carries the VQ decoder (community conversions of Anole) --------
+def taming_decoder(vq: dict):
+    """taming-transformers' own Decoder for an HF vq_config (the reference for decoded pixels)."""
+    decoder = pytest.importorskip("taming.modules.diffusionmodules.model", reason="installed by make setup").Decoder
+    return decoder(
+        ch=vq["base_channels"],
+        out_ch=3,
+        ch_mult=vq["channel_multiplier"],
+        num_res_blocks=vq["num_res_blocks"],
+        attn_resolutions=[],
+        in_channels=3,
+        resolution=vq["resolution"],
+        z_channels=vq["latent_channels"],
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def with_decoder(tmp_path_factory):
+    """An HF Chameleon folder whose safetensors add model.vqmodel.decoder.*, converted with from-hf."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("decoder")
+    hf = build_hf(root / "hf", swin=False)
+    torch.manual_seed(7)
+    decoder = taming_decoder(VQ)
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tensors = read_weights(root / "hf")
+    tensors.update({f"model.vqmodel.decoder.{k}": v for k, v in decoder.state_dict().items()})
+    save_file(tensors, str(root / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(["convert", "from-hf", str(root / "hf"), str(root / "il")]) == 0
+    return hf, decoder, root
+
+
+def test_from_hf_keeps_the_vq_decoder_and_decodes_as_taming(with_decoder):
+    hf, decoder, root = with_decoder
+    pipe = interleaf.load(root / "il")
+    assert pipe.vqgan.config.has_decoder
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with torch.no_grad():
+        codes = hf.model.vqmodel.encode(x).image_tokens.view(3, 8, 8)
+        assert torch.equal(pipe.vqgan.encode(x), codes)
+        vq = hf.model.vqmodel
+        z_q = vq.quantize.embedding(codes).permute(0, 3, 1, 2)  # (B, embed_dim, h, w)
+        want = decoder(vq.post_quant_conv(z_q)).clamp(-1, 1)
+        got = pipe.vqgan.decode_code(codes)
+    assert got.shape == (3, 3, 16, 16) and want.std() > 0.05  # a real image, not a constant
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # float32 summation order
+
+
+def test_to_hf_round_trip_with_a_decoder_is_bit_exact(with_decoder, tmp_path):
+    from transformers import ChameleonForConditionalGeneration
+
+    hf, _, root = with_decoder
+    assert cli.main(["convert", "to-hf", str(root / "il"), str(tmp_path / "back")]) == 0
+    a, b = read_weights(root / "hf"), read_weights(tmp_path / "back")
+    assert any(k.startswith("model.vqmodel.decoder.") for k in b)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    again = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "back").eval()  # decoder keys ignored
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, hf(input_ids=ids).logits)

@@ -1,4 +1,4 @@
-"""`interleaf convert from-hf|to-hf SRC DST` and `interleaf info CONFIG_OR_MODEL_DIR`."""
+"""`interleaf convert from-meta|from-hf|to-hf SRC DST` and `interleaf info CONFIG_OR_MODEL_DIR`."""
 
 from __future__ import annotations
 
@@ -11,15 +11,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the model commands."""
     conv = subparsers.add_parser(
         "convert",
-        help="convert between Hugging Face Chameleon checkpoints and interleaf model directories",
-        description="Read or write transformers' Chameleon format (config.json, *.safetensors, tokenizer.json), "
-        "as used by Meta's Chameleon-7B/30B and Anole-7B releases.",
+        help="convert Chameleon-family checkpoints (Meta release, Hugging Face) to and from model directories",
+        description="Read Meta's release layout of Chameleon-7B/30B and Anole-7B (models/, tokenizer/), and read "
+        "or write transformers' Chameleon format (config.json, *.safetensors, tokenizer.json).",
     )
     sub = conv.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    p = sub.add_parser(
+        "from-meta",
+        help="Meta's / Anole's release folder -> interleaf model directory",
+        description="SRC: a release folder holding models/ and tokenizer/ (Meta's Chameleon, GAIR's "
+        "Anole-7b-v0.1), or its model folder (models/7b: params.json, consolidated*.pth) with --tokenizer.",
+    )
+    p.add_argument("src", help="release folder, or its model folder")
+    p.add_argument("dst", help="interleaf model directory to write")
+    p.add_argument("--dtype", default=None, help="cast the transformer (bf16, fp32, fp16); default: as stored")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="text_tokenizer.json, vqgan.yaml, vqgan.ckpt")
+    p.set_defaults(func=from_meta_command)
     p = sub.add_parser("from-hf", help="HF Chameleon directory -> interleaf model directory")
     p.add_argument("src", help="directory with config.json, *.safetensors and tokenizer.json")
     p.add_argument("dst", help="interleaf model directory to write")
-    p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: keep")
+    p.add_argument("--dtype", default=None, help="cast the transformer (float32, bfloat16, float16); default: keep")
     p.set_defaults(func=from_hf_command)
     p = sub.add_parser("to-hf", help="interleaf model directory -> HF Chameleon directory")
     p.add_argument("src", help="interleaf model directory")
@@ -38,6 +49,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ModelArgs overrides, e.g. n_layers=8")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
     info.set_defaults(func=info_command)
+
+
+def from_meta_command(args: argparse.Namespace) -> int:
+    from interleaf.model.meta import from_meta
+    from interleaf.pipeline import parse_dtype, weight_files
+
+    start = time.perf_counter()
+    dtype = parse_dtype(args.dtype)
+    dst = from_meta(args.src, args.dst, dtype=dtype, tokenizer=args.tokenizer)
+    size = sum(f.stat().st_size for f in weight_files(dst))
+    print(
+        f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f}s "
+        f"({size / 2**30:.2f} GiB of weights in {len(weight_files(dst))} file(s), VQ-GAN in float32)"
+    )
+    return 0
 
 
 def from_hf_command(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 The HF format (Meta's Chameleon-7B/30B, Anole-7B): `config.json` (with `vq_config` and the
 whole `vocabulary_map`), `*.safetensors` (`model.*`, `lm_head.weight`, `model.vqmodel.*` for the
-VQ encoder), `tokenizer.json` whose image tokens are named `IMGIMG<code in letters A-J>Z`.
+VQ encoder, and its decoder in community conversions of Anole), `tokenizer.json` whose image
+tokens are named `IMGIMG<code in letters A-J>Z`. Meta's own release layout is `interleaf.model.meta`.
 
 Two layout differences matter:
   * RoPE: interleaf rotates interleaved pairs (Meta's layout); HF permuted the rows of q_proj /
@@ -24,15 +25,26 @@ import torch
 
 from interleaf.errors import InterleafError
 from interleaf.model.args import ModelArgs
+from interleaf.model.transformer import Transformer, check_state_dict, check_tensors, expected_shapes
 from interleaf.tokenizer.vocab import Vocabulary
 from interleaf.utils import atomic_dir, atomic_path, check_replaceable, read_text, write_json
 
 HF_DIR = "hf"  # inside an interleaf model directory: the source's config and tokenizer files
 VQ_PREFIX = "model.vqmodel."
-VQ_KEEP = ("encoder.", "quant_conv.", "post_quant_conv.", "quantize.embedding.")
 # Chameleon's names for the specials of the shared vocabulary (tokenizer strings)
 HF_SPECIALS = {"<bos>": "<s>", "<eos>": "</s>", "<pad>": "<pad>", "<boi>": "<racm3:break>", "<eoi>": "<eoss>"}
 HF_EXTRA_SPECIALS = ("<unk>", "<image>")  # kept out of the sampler's text ids
+# Meta's sampler settings for Chameleon (and Anole's scripts): text, image tokens, and guidance toward
+# the text (cfg_scale) and toward the prompt's images (image_cfg_scale)
+CHAMELEON_SAMPLING = dict(
+    temperature=0.7,
+    top_p=0.9,
+    repetition_penalty=1.2,
+    image_temperature=0.7,
+    image_top_p=0.9,
+    cfg_scale=3.0,
+    image_cfg_scale=1.2,
+)
 
 # interleaf name (inside layers.{i}.) -> (HF name inside model.layers.{i}., rope group or None)
 LAYER_KEYS = {
@@ -224,31 +236,6 @@ def vocabulary_map_of(vocab: Vocabulary, text) -> dict[str, int]:
 
 
 # ---- weights --------------------------------------------------------------------------------
-def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
-    missing = [k for k in expected if k not in state]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise InterleafError(f"{source}: missing tensor {missing[0]}{more}")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise InterleafError(
-                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config wants {tuple(shape)}"
-            )
-
-
-def _hf_shapes(args: ModelArgs) -> dict[str, tuple]:
-    from interleaf.model.transformer import Transformer
-
-    with torch.device("meta"):
-        ours = Transformer(args).state_dict()
-    out = {}
-    for k, v in ours.items():
-        if k == "output.weight" and args.tie_embeddings:
-            continue
-        out[_hf_name(k)] = tuple(v.shape)
-    return out
-
-
 def _hf_name(key: str) -> str:
     if key in TOP_KEYS:
         return TOP_KEYS[key]
@@ -264,16 +251,13 @@ def _rope_heads(key: str, args: ModelArgs) -> int | None:
 
 
 def state_dict_from_hf(hf: Mapping[str, torch.Tensor], args: ModelArgs, source: str = "checkpoint") -> dict:
-    """HF Chameleon tensors (text model part) -> Transformer state dict; clear errors on mismatch."""
-    _check_shapes(hf, _hf_shapes(args), source)
-    from interleaf.model.transformer import Transformer
-
-    with torch.device("meta"):
-        keys = list(Transformer(args).state_dict())
+    """HF Chameleon tensors -> Transformer state dict (the VQ model's tensors are left aside); the
+    first missing, unexpected or mis-shaped tensor of the text model is an InterleafError."""
+    expected = expected_shapes(args)
+    text_part = {k: v for k, v in hf.items() if not k.startswith(VQ_PREFIX)}
+    check_tensors(text_part, {_hf_name(k): shape for k, shape in expected.items()}, source, "config.json")
     out = {}
-    for k in keys:
-        if k == "output.weight" and args.tie_embeddings:
-            continue
+    for k in expected:
         w, heads = hf[_hf_name(k)], _rope_heads(k, args)
         out[k] = rope_from_hf(w, heads, args.head_dim) if heads else w
     return out
@@ -290,29 +274,19 @@ def state_dict_to_hf(state: Mapping[str, torch.Tensor], args: ModelArgs) -> dict
     return out
 
 
-def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of all *.safetensors files in a directory (sharded checkpoints included)."""
-    from safetensors import safe_open
-
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise InterleafError(f"no *.safetensors files in {directory}")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    if k in out:
-                        raise InterleafError(f"tensor {k} appears in two files of {directory}")
-                    out[k] = sf.get_tensor(k)
-        except InterleafError:
-            raise
-        except Exception as e:
-            raise InterleafError(f"cannot read {f}: {e}") from None
-    return out
+def token_table(tokenizer_json: Path) -> dict[str, int]:
+    """Token name -> id of a tokenizers JSON file: its model's vocab and its added tokens."""
+    data = read_json(tokenizer_json)
+    model_part = data.get("model")
+    vocab = model_part.get("vocab") if isinstance(model_part, Mapping) else None
+    if not isinstance(vocab, Mapping):
+        raise InterleafError(f"{tokenizer_json}: model.vocab is not a token table")
+    added = {t["content"]: t["id"] for t in data.get("added_tokens") or [] if isinstance(t, Mapping) and "id" in t}
+    return {**vocab, **added}
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; a missing, malformed or non-object file is an InterleafError."""
     if not path.is_file():
         raise InterleafError(f"{path.parent} has no {path.name}")
     try:
@@ -326,51 +300,44 @@ def _read_json(path: Path) -> dict:
 
 # ---- whole directories -----------------------------------------------------------------------
 def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Convert an HF Chameleon directory into an interleaf model directory; returns dst."""
-    from interleaf.model.transformer import Transformer
-    from interleaf.pipeline import save_model_dir
+    """Convert an HF Chameleon directory into an interleaf model directory; returns dst.
+
+    `dtype` casts the transformer; the VQ-GAN keeps its stored weights (it runs in float32).
+    """
+    from interleaf.pipeline import read_weights, save_model_dir, write_sampling_defaults
     from interleaf.tokenizer.text import TextTokenizer
     from interleaf.tokenizer.vqgan import VQModel, convert_hf_vq_state_dict, vq_config_from_hf
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InterleafError(f"source directory not found: {src}")
-    _check_destination(dst, ("model.yaml", "model.safetensors", f"{HF_DIR}/config.json"))  # an earlier from-hf
-    cfg = _read_json(src / "config.json")
+    check_destination(dst, ("model.yaml", "vocab.json", f"{HF_DIR}/config.json"))  # an earlier from-hf
+    cfg = read_json(src / "config.json")
     args = args_from_hf_config(cfg)
-    hf = read_safetensors_dir(src)
+    hf = read_weights(src)
+    text_part = {k: v for k, v in hf.items() if not k.startswith(VQ_PREFIX)}
     if dtype is not None:
-        hf = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf.items()}
-    state = state_dict_from_hf(hf, args, source=str(src))
-    used = {_hf_name(k) for k in state}
-    vq_keys = {k for k in hf if k.startswith(VQ_PREFIX)}
-    stray = sorted(set(hf) - used - vq_keys)
-    if stray:
-        raise InterleafError(f"{src}: unexpected tensor {stray[0]} (not part of a Chameleon model with this config)")
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    _assign(model, state)
+        text_part = {k: v.to(dtype) if v.is_floating_point() else v for k, v in text_part.items()}
+    model = Transformer.from_state_dict(args, state_dict_from_hf(text_part, args, source=str(src)), str(src))
+    vq_state = convert_hf_vq_state_dict({k: v for k, v in hf.items() if k.startswith(VQ_PREFIX)})
     vqgan = None
-    if vq_keys:
+    if vq_state:
         if "vq_config" not in cfg:
             raise InterleafError(f"{src}/config.json has VQ weights but no vq_config")
-        vqgan = VQModel(vq_config_from_hf(cfg["vq_config"]))
-        vq_state = convert_hf_vq_state_dict({k: hf[k] for k in vq_keys})
+        vqgan = VQModel(
+            vq_config_from_hf(cfg["vq_config"], has_decoder=any(k.startswith("decoder.") for k in vq_state))
+        )
         vqgan.load_weights(vq_state, source=str(src))
-        vqgan.to(next(iter(vq_state.values())).dtype)  # keep the source dtype: to-hf is then exact
+        vqgan.to(next(iter(vq_state.values())).dtype)  # stored as the source holds it: to-hf is then exact
     grid = vqgan.grid if vqgan is not None else _grid_from_vq_config(cfg.get("vq_config") or {})
     if not (src / "tokenizer.json").is_file():
         raise InterleafError(f"{src} has no tokenizer.json")
     text = TextTokenizer.load(src / "tokenizer.json")
     vocab_map = cfg.get("vocabulary_map")
     if not vocab_map:
-        model_part = _read_json(src / "tokenizer.json").get("model")
-        vocab_map = model_part.get("vocab") if isinstance(model_part, Mapping) else None
+        vocab_map = token_table(src / "tokenizer.json")
     if not isinstance(vocab_map, Mapping):
-        raise InterleafError(
-            f"{src}: neither config.json's vocabulary_map nor tokenizer.json's model.vocab is a token table"
-        )
+        raise InterleafError(f"{src}: config.json's vocabulary_map is not a token table")
     vocab = vocab_from_hf(vocab_map, args.vocab_size, grid)
 
     with atomic_dir(dst, "destination") as tmp:
@@ -379,16 +346,17 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
         for f in sorted(src.glob("*.json")):
             if f.name not in ("tokenizer.json",) and not f.name.endswith(".index.json"):
                 _copy(f, tmp / HF_DIR / f.name)
+        write_sampling_defaults(tmp, **CHAMELEON_SAMPLING)
     return dst
 
 
-def _check_destination(dst: Path, earlier: tuple[str, ...] = ()) -> None:
+def check_destination(dst: Path, earlier: tuple[str, ...] = (), command: str = "from-hf") -> None:
     """A conversion writes a new folder, fills an empty one or replaces an earlier one it can tell
-    it wrote (holding all the `earlier` files): never mixed with other files."""
+    `command` wrote (holding all the `earlier` files): never mixed with other files."""
     check_replaceable(dst, "destination")
     if dst.is_dir() and any(dst.iterdir()) and not (earlier and all((dst / f).is_file() for f in earlier)):
         raise InterleafError(
-            f"destination {dst} is not empty{' nor an earlier from-hf output' if earlier else ''}: "
+            f"destination {dst} is not empty{f' nor an earlier {command} output' if earlier else ''}: "
             "choose an empty or new folder"
         )
 
@@ -415,13 +383,6 @@ def _grid_vq_config(vocab: Vocabulary, src: Path) -> dict:
     )
 
 
-def _assign(model, state: dict) -> None:
-    if model.args.tie_embeddings:
-        state = dict(state, **{"output.weight": state["tok_embeddings.weight"]})
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-
-
 def _copy(a: Path, b: Path) -> None:
     with atomic_path(b) as tmp:
         shutil.copyfile(a, tmp)
@@ -429,37 +390,33 @@ def _copy(a: Path, b: Path) -> None:
 
 def to_hf(src: str | Path, dst: str | Path) -> Path:
     """Write an interleaf model directory as an HF Chameleon directory; returns dst."""
-    from safetensors.torch import save_file
-
-    from interleaf.pipeline import ARGS_FILE, MODEL_FILE, TOKENIZER_DIR, VQGAN_DIR, read_model_args, read_weights
+    from interleaf.pipeline import ARGS_FILE, TOKENIZER_DIR, VQGAN_DIR, read_model_args, read_weights, write_weights
     from interleaf.tokenizer.text import TextTokenizer
-    from interleaf.tokenizer.vqgan import VQModel, vq_config_to_hf
+    from interleaf.tokenizer.vqgan import WEIGHTS_FILE, VQModel, hf_vq_tensors, vq_config_to_hf
 
     src, dst = Path(src), Path(dst)
     if not (src / ARGS_FILE).is_file():
         raise InterleafError(f"{src} is not an interleaf model directory (no {ARGS_FILE})")
-    _check_destination(dst)  # an HF folder looks the same whoever wrote it: never replaced
+    check_destination(dst)  # an HF folder looks the same whoever wrote it: never replaced
     args = read_model_args(src)
-    state = read_weights(src / MODEL_FILE)
-    from interleaf.pipeline import check_state_dict
-
-    check_state_dict(state, args, str(src / MODEL_FILE))
+    state = read_weights(src)
+    check_state_dict(state, args, str(src))
     vocab = Vocabulary.load(src)
     text = TextTokenizer.load(src / TOKENIZER_DIR)
     vq_state, vq_cfg = {}, None
     if (src / VQGAN_DIR).is_dir():
         vq_cfg = vq_config_to_hf(VQModel.load(src / VQGAN_DIR).config)
-        vq_state = read_weights(src / VQGAN_DIR / "vqgan.safetensors")  # raw: keeps the stored dtype
+        vq_state = read_weights(src / VQGAN_DIR / WEIGHTS_FILE)  # raw: keeps the stored dtype
     else:
         vq_cfg = _grid_vq_config(vocab, src)
-    base = _read_json(src / HF_DIR / "config.json") if (src / HF_DIR / "config.json").is_file() else None
+    base = read_json(src / HF_DIR / "config.json") if (src / HF_DIR / "config.json").is_file() else None
     dtype = state["tok_embeddings.weight"].dtype
     cfg = hf_config_from_args(args, vocab, vocabulary_map_of(vocab, text), vq_cfg, base, dtype)
     hf = state_dict_to_hf(state, args)
-    hf.update({VQ_PREFIX + k: v for k, v in vq_state.items() if k.startswith(VQ_KEEP)})
+    hf.update({VQ_PREFIX + k: v for k, v in hf_vq_tensors(vq_state).items()})
 
     with atomic_dir(dst, "destination") as tmp:
-        save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_weights(tmp, hf)
         write_json(tmp / "config.json", cfg)
         tok = src / TOKENIZER_DIR / "tokenizer.json"
         if tok.is_file():

@@ -7,6 +7,7 @@ Face checkpoints rotate halves instead, and `convert.py` permutes q/k weights be
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -485,3 +486,59 @@ class Transformer(nn.Module):
         uniform = all(a == lengths[0] for a in lengths) and all(c == T for c in counts)
         shape = "all" if uniform and T == 1 else "causal" if uniform and lengths[0] == 0 else "dense"
         return build_cache_mask(backend, cache.lengths, T, cache.max_len, n_keys, positions, shape)
+
+    # ---- weights -----------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, tensors: Mapping[str, torch.Tensor], source: str = "weights"):
+        """The Transformer holding exactly `tensors` (no copy: built on the meta device, then assigned).
+
+        `tensors` has the names and shapes of `expected_shapes(args)`; with tied embeddings an
+        `output.weight` may come along if it equals `tok_embeddings.weight` (a consolidated
+        training state holds both). The first wrong tensor is an InterleafError naming `source`.
+        """
+        state = dict(tensors)
+        if args.tie_embeddings and "output.weight" in state:
+            if not torch.equal(state.pop("output.weight"), state.get("tok_embeddings.weight", torch.empty(0))):
+                raise InterleafError(
+                    f"{source}: output.weight differs from tok_embeddings.weight in a model with tied embeddings"
+                )
+        check_state_dict(state, args, source)
+        if args.tie_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        with torch.device("meta"):
+            model = cls(args)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()  # assign=True replaced the shared parameter with two
+        return model
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a Transformer(args) stores; a tied output weight is stored once
+    (as `tok_embeddings.weight`)."""
+    with torch.device("meta"):
+        state = Transformer(args).state_dict()
+    if args.tie_embeddings:
+        state.pop("output.weight")
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], args: ModelArgs, source: str) -> None:
+    """Raise naming the first missing, unexpected or mis-shaped tensor for a Transformer(args)."""
+    check_tensors(state, expected_shapes(args), source)
+
+
+def check_tensors(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: str, config: str = "model.yaml"
+) -> None:
+    """Raise naming the first tensor of `state` missing from, not in, or shaped unlike `expected`
+    (what `config` implies)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise InterleafError(f"{source}: missing tensor {missing[0]}{more}")
+    if unexpected:
+        raise InterleafError(f"{source}: unexpected tensor {unexpected[0]} (not in a model with this {config})")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise InterleafError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, {config} implies {shape}")

@@ -32,8 +32,6 @@ class Allowed(enum.IntEnum):
 
 def mask_table(vocab: Vocabulary, n_logits: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool (len(Allowed), n_logits): row a is True on the ids allowed in state a."""
-    if n_logits < vocab.size:
-        raise ValueError(f"model has {n_logits} logits but the vocabulary has {vocab.size} ids")
     table = torch.zeros(len(Allowed), n_logits, dtype=torch.bool)
     text = vocab.text_mask()  # (size,)
     table[Allowed.TEXT, : vocab.size] = text

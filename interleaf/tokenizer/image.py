@@ -1,4 +1,9 @@
-"""Image IO for the VQ-GAN: files / PIL images <-> (3, R, R) tensors in [-1, 1]."""
+"""Image IO for the VQ-GAN: files / PIL images <-> (3, R, R) tensors in [-1, 1].
+
+Preprocessing follows Meta's Chameleon image tokenizer for any VQ-GAN: transparent pixels blended
+over white, the short side resized to the VQ-GAN's resolution with LANCZOS, the centre square
+cropped, pixels mapped to [-1, 1]. An image that is already R x R RGB passes unchanged.
+"""
 
 from __future__ import annotations
 
@@ -29,38 +34,44 @@ def open_image(src: str | Path | Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of `img`; transparent pixels become white (as Chameleon's processor does)."""
+    """RGB copy of `img`; transparent pixels are blended over white as Chameleon's tokenizer does
+    (in float, then truncated to 8 bits)."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"))
+        if (rgba[..., 3] == 255).all():
+            return img.convert("RGB")
+        alpha = rgba[..., 3:] / 255.0  # (H, W, 1) float64
+        rgb = (1 - alpha) * 255 + alpha * rgba[..., :3]
+        return Image.fromarray(rgb.astype(np.uint8), "RGB")
     return img.convert("RGB")
 
 
-def center_square(img: Image.Image, resolution: int) -> Image.Image:
-    """Centre-crop to a square and resize to resolution x resolution (LANCZOS)."""
+def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """The short side resized to `resolution` (LANCZOS, the long side rounded), then the centre
+    resolution x resolution square, as Chameleon's tokenizer does."""
     w, h = img.size
-    s = min(w, h)
-    if s == 0:
+    if min(w, h) == 0:
         raise InterleafError("cannot use an empty (0-pixel) image")
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    if s != resolution:
-        img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
-    return img
+    scale = resolution / min(w, h)
+    size = (round(scale * w), round(scale * h))
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1] (x / 127.5 - 1 in float32: within one float32 step of
+    Meta's x / 255 * 2 - 1 in float64)."""
     a = np.asarray(to_rgb(img), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(a).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
 def load_image(src: str | Path | Image.Image, resolution: int) -> torch.Tensor:
-    """Path or PIL image -> (3, R, R) float in [-1, 1]: RGB, centre square crop, LANCZOS resize."""
-    return pil_to_tensor(center_square(open_image(src), resolution))
+    """Path or PIL image -> (3, R, R) float in [-1, 1]: RGB over white, short side to R, centre crop."""
+    return pil_to_tensor(resize_center_crop(open_image(src), resolution))
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

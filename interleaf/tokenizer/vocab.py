@@ -121,6 +121,13 @@ class Vocabulary:
             specials=specials,
         )
 
+    def check_fits(self, n_outputs: int, source: str) -> None:
+        """InterleafError unless every id of this vocabulary is one of a model's `n_outputs` logits."""
+        if self.size > n_outputs:
+            raise InterleafError(
+                f"{source}: the vocabulary's {self.size} ids do not fit the model's {n_outputs} outputs"
+            )
+
     # ---- ids --------------------------------------------------------------------------
     @property
     def pad_id(self) -> int:

@@ -5,8 +5,13 @@ belongs to): `encoder.conv_in`, `encoder.down.{i}.block.{j}`, `encoder.down.{i}.
 `encoder.mid.{block_1,attn_1,block_2}`, `encoder.norm_out`, `encoder.conv_out`, `quant_conv`,
 `quantize.embedding`, `post_quant_conv`, `decoder.conv_in`, `decoder.mid...`,
 `decoder.up.{i}.block.{j}`, `decoder.up.{i}.upsample.conv`, `decoder.norm_out`,
-`decoder.conv_out`. Published weights therefore load with `load_state_dict`; Hugging Face's
-`ChameleonVQVAE` (encoder + quantizer only) goes through `convert_hf_vq_state_dict`.
+`decoder.conv_out`. Published weights therefore load with `load_state_dict`: taming's (and Meta's
+Chameleon release's) Lightning checkpoint and `vqgan.yaml` through `convert_hf_vq_state_dict` and
+`vq_config_from_taming`, Hugging Face's `ChameleonVQVAE` (encoder + quantizer; community
+conversions add the decoder) through `convert_hf_vq_state_dict` and `vq_config_from_hf`.
+
+The VQ-GAN always runs in float32, whatever dtype its weights are stored in: a code is an argmin
+over distances, and bfloat16 latents pick other codes (Meta's release runs it in float32 too).
 
 The arithmetic matches taming / Chameleon exactly (GroupNorm eps 1e-6, swish as x*sigmoid(x),
 asymmetric (0,1,0,1) padding before the stride-2 conv, single-head attention over pixels,
@@ -27,6 +32,7 @@ from torch import nn
 
 from interleaf.config import from_dict, read_yaml, save_config
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.pipeline import read_weights
 from interleaf.tokenizer.quantize import QuantizeOutput, VectorQuantizer
 from interleaf.utils import atomic_path
 
@@ -366,12 +372,9 @@ class VQModel(nn.Module):
         save_config(self.config, directory / CONFIG_FILE)
 
     @classmethod
-    def load(
-        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-    ) -> VQModel:
-        """Load a directory written by `save` (decoder optional, per `has_decoder` in vqgan.yaml)."""
-        from safetensors.torch import load_file
-
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> VQModel:
+        """Load a directory written by `save` (decoder optional, per `has_decoder` in vqgan.yaml), in
+        float32 whatever the stored dtype."""
         directory = Path(directory)
         if not directory.is_dir():
             raise InterleafError(f"VQ-GAN directory not found: {directory}")
@@ -380,14 +383,9 @@ class VQModel(nn.Module):
             if not p.is_file():
                 raise InterleafError(f"VQ-GAN directory {directory} has no {p.name}")
         config = from_dict(VQConfig, read_yaml(cfg_path), prefix="model")
-        try:
-            state = load_file(str(weights_path))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise InterleafError(f"cannot read VQ-GAN weights {weights_path}: {e}") from None
         model = cls(config)
-        model.load_weights(state, source=str(weights_path))
-        model.eval()
-        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        model.load_weights(read_weights(weights_path), source=str(weights_path))  # copied into the float32 parameters
+        return model.eval().to(device)
 
     def load_weights(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
         """`load_state_dict(strict=True)` with one clear InterleafError on missing/unexpected/mis-shaped keys."""
@@ -433,14 +431,16 @@ def convert_hf_vq_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor
     return out
 
 
-def vq_config_from_hf(hf_config: Any) -> VQConfig:
-    """`ChameleonVQVAEConfig` (object or dict) -> VQConfig (encoder-only: no decoder on the Hub)."""
+def vq_config_from_hf(hf_config: Any, has_decoder: bool = False) -> VQConfig:
+    """`ChameleonVQVAEConfig` (object or dict) -> VQConfig; `has_decoder`: the checkpoint holds decoder
+    weights (transformers' own format has none; community conversions of Anole keep them)."""
     get = hf_config.get if isinstance(hf_config, Mapping) else lambda k, d=None: getattr(hf_config, k, d)
     if get("double_latent", False):
         raise InterleafError("Chameleon VQ configs with double_latent=true are not supported")
     return VQConfig(
         resolution=int(get("resolution", 512)),
         in_channels=int(get("in_channels", 3)),
+        out_ch=int(get("out_channels", 3)),
         ch=int(get("base_channels", 128)),
         ch_mult=[int(m) for m in get("channel_multiplier", [1, 1, 2, 2, 4])],
         num_res_blocks=int(get("num_res_blocks", 2)),
@@ -450,8 +450,51 @@ def vq_config_from_hf(hf_config: Any) -> VQConfig:
         dropout=float(get("dropout", 0.0)),
         n_embed=int(get("num_embeddings", 8192)),
         embed_dim=int(get("embed_dim", 256)),
-        has_decoder=False,
+        has_decoder=has_decoder,
     )
+
+
+# taming's VQModel arguments that do not shape the network (training, logging, file paths)
+TAMING_IGNORED = {
+    "ckpt_path",
+    "ignore_keys",
+    "image_key",
+    "colorize_nlabels",
+    "monitor",
+    "scheduler_config",
+    "lr_g_factor",
+    "sane_index_shape",
+    "lossconfig",
+}
+# ddconfig values taming accepts whose other settings this VQ-GAN does not build
+TAMING_FIXED = {
+    "double_z": False,
+    "resamp_with_conv": True,
+    "give_pre_end": False,
+    "tanh_out": False,
+    "use_linear_attn": False,
+}
+
+
+def vq_config_from_taming(params: Any, source: str = "vqgan.yaml") -> VQConfig:
+    """taming's `model.params` (`embed_dim`, `n_embed`, `ddconfig`, as in Chameleon's vqgan.yaml) ->
+    VQConfig with a decoder; a setting this VQ-GAN cannot build is an InterleafError naming it."""
+    if not isinstance(params, Mapping) or not isinstance(params.get("ddconfig"), Mapping):
+        raise InterleafError(f"{source}: model.params.ddconfig is missing: not a taming VQ-GAN config")
+    if params.get("remap") is not None:
+        raise InterleafError(f"{source}: model.params.remap (a remapped codebook) is not supported")
+    top = {k: v for k, v in params.items() if k not in TAMING_IGNORED and k not in ("ddconfig", "remap")}
+    dd = dict(params["ddconfig"])
+    for key, value in TAMING_FIXED.items():
+        if key in dd and dd.pop(key) != value:
+            raise InterleafError(f"{source}: ddconfig.{key} other than {value} is not supported")
+    attn = dd.pop("attn_type", "vanilla")
+    if attn not in ("vanilla", "none") or (attn == "none" and dd.get("attn_resolutions")):
+        raise InterleafError(f"{source}: ddconfig.attn_type {attn!r} is not supported (only vanilla attention)")
+    try:
+        return from_dict(VQConfig, {**dd, **top, "mid_attn": attn == "vanilla"}, prefix="model.params")
+    except ConfigError as e:
+        raise InterleafError(f"{source}: {e}") from None
 
 
 def vq_config_to_hf(config: VQConfig) -> dict:
@@ -474,10 +517,13 @@ def vq_config_to_hf(config: VQConfig) -> dict:
     )
 
 
-def to_hf_vq_state_dict(model: VQModel) -> dict[str, torch.Tensor]:
-    """VQModel -> `ChameleonVQVAE` state dict (no decoder, no quantizer training buffers)."""
-    keep = ("encoder.", "quant_conv.", "post_quant_conv.", "quantize.embedding.")
-    return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}
+HF_VQ_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.embedding.")
+
+
+def hf_vq_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a VQModel state dict that Chameleon's format holds (no quantizer training buffers);
+    the decoder's are there only if the model has one."""
+    return {k: v for k, v in state.items() if k.startswith(HF_VQ_KEYS)}
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

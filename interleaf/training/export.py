@@ -56,25 +56,6 @@ def consolidated_state(ckpt: Path) -> dict:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def build_model(args, state: dict):
-    """A Transformer holding exactly `state` (strict)."""
-    import torch
-
-    from interleaf.model.transformer import Transformer
-    from interleaf.pipeline import check_state_dict
-
-    if args.tie_embeddings:
-        state.pop("output.weight", None)
-    check_state_dict(state, args, "checkpoint")
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()  # assign=True replaced the shared tensor with two equal copies
-    return model.eval()
-
-
 def export(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -90,6 +71,7 @@ def export(
     """
     from interleaf.config import load_config
     from interleaf.model.args import ModelArgs
+    from interleaf.model.transformer import Transformer
     from interleaf.pipeline import read_sampling_defaults, save_model_dir, write_sampling_defaults
     from interleaf.sampling.params import PER_MODEL, merge_options, options_from
     from interleaf.tokenizer.text import TextTokenizer
@@ -122,7 +104,7 @@ def export(
         raise InterleafError(f"the vocabulary in {tok_dir} differs from the one {run_dir} was trained with")
     vq_dir = tok_dir / "vqgan" if (tok_dir / "vqgan").is_dir() else run_dir / "vqgan"
     vqgan = VQModel.load(vq_dir) if vq_dir.is_dir() else None
-    model = build_model(args, consolidated_state(ckpt))
+    model = Transformer.from_state_dict(args, consolidated_state(ckpt), f"checkpoint {ckpt}").eval()
     with atomic_dir(out_dir, "output folder") as tmp:
         save_model_dir(tmp, model, vocab, text, vqgan)
         shutil.copyfile(ckpt / "config.yaml", tmp / "train.yaml")

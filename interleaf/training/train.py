@@ -144,8 +144,7 @@ def resolve_model_args(cfg: TrainConfig, vocab):
             base.pop("ffn_hidden")  # derived from those in the table: let ModelArgs recompute it
         extra = {**base, **extra}
     args = from_dict(ModelArgs, extra, prefix="model")
-    if args.vocab_size < vocab.size:
-        raise ConfigError(f"model.vocab_size={args.vocab_size} is smaller than the vocabulary ({vocab.size} ids)")
+    vocab.check_fits(args.vocab_size, f"model.vocab_size={args.vocab_size}")
     return args
 
 
@@ -236,20 +235,17 @@ def check_resume(cfg: TrainConfig, n_streams: int, ckpt: Path | None, state: dic
 def check_same_model(args, ckpt: Path) -> None:
     """A resumed run must build a model with the tensors its checkpoint holds (settings that change
     no shape, such as dropout or z_loss, may change). Names the first difference."""
-    import torch
-
     from interleaf.config import load_config
     from interleaf.model.args import ModelArgs
-    from interleaf.model.transformer import Transformer
+    from interleaf.model.transformer import expected_shapes
 
     if not (ckpt / "model.yaml").is_file():
         return
     saved = load_config(ModelArgs, ckpt / "model.yaml")
-    with torch.device("meta"):
-        old, new = Transformer(saved).state_dict(), Transformer(args).state_dict()
+    old, new = expected_shapes(saved), expected_shapes(args)
     for name in sorted(set(old) | set(new), key=lambda n: (n not in old, n)):
         a, b = old.get(name), new.get(name)
-        if a is None or b is None or a.shape != b.shape:
+        if a is None or b is None or a != b:
             fields = [
                 f
                 for f in (
