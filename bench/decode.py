@@ -201,9 +201,11 @@ def interleaf_runner(pipe, prompt: str, batch: int, n_tokens: int):
     """Greedy text generation of n_tokens per row through the streaming sampler."""
     from interleaf.sampling.events import Done
     from interleaf.sampling.generate import Request, stream_requests
+    from interleaf.sampling.params import SamplingParams
 
     def run() -> int:
-        reqs = [Request(prompt, mode="text", max_new_tokens=n_tokens, temperature=0, seed=i) for i in range(batch)]
+        params = [SamplingParams(mode="text", max_new_tokens=n_tokens, temperature=0, seed=i) for i in range(batch)]
+        reqs = [Request(prompt, p) for p in params]
         return sum(e.n_generated_tokens for e in stream_requests(pipe, reqs) if isinstance(e, Done))
 
     return run

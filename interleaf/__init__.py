@@ -8,3 +8,17 @@ def load(directory, device="cpu", dtype=None):
     from interleaf.pipeline import load as _load
 
     return _load(directory, device=device, dtype=dtype)
+
+
+def __getattr__(name: str):
+    """`interleaf.Image` (a prompt's image) and `interleaf.SamplingParams`, imported when first used:
+    the `interleaf` command imports this package, and its start-up should not wait for PIL."""
+    if name == "Image":
+        from interleaf.sampling.prompt import Image
+
+        return Image
+    if name == "SamplingParams":
+        from interleaf.sampling.params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'interleaf' has no attribute {name!r}")

@@ -60,7 +60,7 @@ class EvalConfig:
         last = max(self.n_draw, self.n_caption, self.n_story)  # requests use seed + i
         for s in self.cfg_scales:  # the sampler's own checks of the drawing requests, before any work
             for i in (0, last):
-                _drawing("", self, s, i).validate()
+                _drawing("", self, s, i)
 
 
 def _world(pipe, cfg: EvalConfig):
@@ -78,9 +78,9 @@ def _batches(n: int, size: int) -> list[range]:
 def _drawing(prompt, cfg: EvalConfig, cfg_scale: float, i: int):
     """The Request that draws one image for `prompt` (item i of a measurement)."""
     from interleaf.sampling.generate import Request
+    from interleaf.sampling.params import SamplingParams
 
-    return Request(
-        prompt=prompt,
+    params = SamplingParams(
         mode="image",
         cfg_scale=cfg_scale,
         seed=cfg.seed + i,
@@ -88,6 +88,7 @@ def _drawing(prompt, cfg: EvalConfig, cfg_scale: float, i: int):
         image_top_k=cfg.image_top_k,
         image_top_p=cfg.image_top_p,
     )
+    return Request(prompt, params)
 
 
 def _run_requests(pipe, requests) -> list:
@@ -163,6 +164,7 @@ def eval_caption(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
     """Caption held-out images greedily; score each parsed caption."""
     from interleaf.data.analyse import mean_scores, score_caption
     from interleaf.sampling.generate import Request
+    from interleaf.sampling.params import SamplingParams
 
     world = _world(pipe, cfg)
     offset = 10 * max(cfg.n_draw, 1)  # images other than the drawn captions' scenes
@@ -171,7 +173,7 @@ def eval_caption(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
     for batch in _batches(cfg.n_caption, cfg.batch_size):
         pairs = [world.pair(offset + i) for i in batch]
         requests = [
-            Request(prompt=[image], mode="text", temperature=0.0, max_new_tokens=64, seed=cfg.seed + i)
+            Request([image], SamplingParams(mode="text", temperature=0.0, max_new_tokens=64, seed=cfg.seed + i))
             for i, (image, _, _) in zip(batch, pairs)
         ]
         for (_, caption, scene), doc in zip(pairs, _run_requests(pipe, requests)):

@@ -11,7 +11,8 @@ DIR/
   hf/                 source config/tokenizer JSON of a converted HF checkpoint (optional)
   meta/               source params and VQ-GAN config of a converted Meta release (optional)
   sampling.yaml       sampling options that suit this model, e.g. its guidance scale (optional;
-                      options a caller gives win over these, these over the sampler's own)
+                      the per-model SamplingParams fields; options a caller gives win over these,
+                      these over the sampler's own)
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
+from interleaf.config import read_yaml
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.sampling import generate as G
+from interleaf.sampling.params import PER_MODEL, SamplingParams, merge_options, options_from
+from interleaf.tokenizer.multimodal import MultimodalTokenizer
 from interleaf.utils import atomic_write, write_json
 
 MODEL_FILE = "model.safetensors"
@@ -76,74 +81,25 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return value
 
 
-@dataclass
-class SamplingDefaults:
-    """Sampling options a model directory sets for itself (DIR/sampling.yaml); None = not set.
-
-    A small model may draw best with weak guidance and a cold image temperature, a large one with
-    the sampler's defaults; the demo writes what its samples use.
-    """
-
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    image_temperature: float | None = None
-    image_top_k: int | None = None
-    image_top_p: float | None = None
-    repetition_penalty: float | None = None
-    cfg_scale: float | None = None
-    image_cfg_scale: float | None = None
-
-    def options(self) -> dict:
-        """The options set, as keyword arguments of `stream`."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    def validate(self) -> None:
-        import math
-
-        from interleaf.sampling.generate import Request
-
-        for name, value in self.options().items():
-            if not math.isfinite(value):
-                raise InterleafError(f"{name} must be a finite number, got {value}")
-        Request(prompt="", **self.options()).validate()
-
-
-def with_sampling_defaults(defaults: Mapping, given: Mapping) -> dict:
-    """Options for `stream`: those given, then a model's defaults for the rest. A given cfg_scale
-    without image_cfg_scale guides toward images too (as in the sampler), over the file's."""
-    merged = {**defaults, **given}
-    if "cfg_scale" in given and "image_cfg_scale" not in given:
-        merged.pop("image_cfg_scale", None)
-    return merged
-
-
 def read_sampling_defaults(directory: str | Path) -> dict:
     """The options DIR/sampling.yaml sets ({} without the file); a bad file is an InterleafError."""
-    from interleaf.config import load_config
-
     path = Path(directory) / SAMPLING_FILE
     if not path.is_file():
         return {}
     try:
-        return load_config(SamplingDefaults, path).options()
+        return options_from(read_yaml(path), PER_MODEL)
     except ConfigError as e:
-        raise InterleafError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-    except InterleafError as e:  # a value the sampler refuses
+        raise InterleafError(str(e)) from None
+    except InterleafError as e:
         raise InterleafError(f"{path}: {e}") from None
 
 
 def write_sampling_defaults(directory: str | Path, **options) -> Path:
     """Write DIR/sampling.yaml (atomically) with these options; checked as `read_sampling_defaults` would."""
-    import yaml
-
-    from interleaf.config import from_dict
-    from interleaf.utils import atomic_write
-
-    defaults = from_dict(SamplingDefaults, options)
+    options = options_from(options, PER_MODEL)
     path = Path(directory) / SAMPLING_FILE
     with atomic_write(path) as f:
-        yaml.safe_dump(defaults.options(), f, sort_keys=False)
+        yaml.safe_dump(options, f, sort_keys=False)
     return path
 
 
@@ -172,8 +128,6 @@ class Interleaf:
     def tokenizer(self):
         """MultimodalTokenizer over this vocabulary, text tokenizer and VQ-GAN."""
         if self._tokenizer is None:
-            from interleaf.tokenizer.multimodal import MultimodalTokenizer
-
             self._tokenizer = MultimodalTokenizer(self.vocab, self.text, self.vqgan)
         return self._tokenizer
 
@@ -181,17 +135,17 @@ class Interleaf:
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
 
+    def sampling_params(self, **options) -> SamplingParams:
+        """SamplingParams from the options given, this model's sampling.yaml for the rest."""
+        return SamplingParams(**merge_options(self.sampling_defaults, options))
+
     def stream(self, prompt, **options):
         """Events of a generation as they happen (see interleaf.sampling.generate.stream)."""
-        from interleaf.sampling.generate import stream
-
-        return stream(self, prompt, **with_sampling_defaults(self.sampling_defaults, options))
+        return G.stream(self, prompt, **merge_options(self.sampling_defaults, options))
 
     def generate(self, prompt, **options):
         """A whole generation (see interleaf.sampling.generate.generate)."""
-        from interleaf.sampling.generate import generate
-
-        return generate(self, prompt, **with_sampling_defaults(self.sampling_defaults, options))
+        return G.generate(self, prompt, **merge_options(self.sampling_defaults, options))
 
     def __repr__(self) -> str:
         a = self.model.args

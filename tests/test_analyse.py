@@ -217,8 +217,8 @@ def test_story_steps_score_the_scene_after_the_change(monkeypatch):
     def next_scene(pipe, requests):
         docs = []
         for r in requests:
-            _, _, after = world.story_step(r.seed - cfg.seed)
-            assert r.mode == "image" and isinstance(r.prompt[1], Image.Image) and r.prompt[2].startswith("Then ")
+            _, _, after = world.story_step(r.params.seed - cfg.seed)
+            assert r.params.mode == "image" and isinstance(r.prompt[1], Image.Image) and r.prompt[2].startswith("Then ")
             docs.append(types.SimpleNamespace(images=[world.render(after)]))
         return docs
 

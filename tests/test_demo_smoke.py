@@ -98,8 +98,8 @@ def test_eval_bad_input_is_one_line_error_before_any_work(demo_run, tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
 
-    refused([str(model), "cfg_scales=[inf]"], "cfg scale must be a finite number")
-    refused([str(model), "image_temperature=1e39"], "image temperature must be in")
+    refused([str(model), "cfg_scales=[inf]"], "cfg_scale must be a number in [0, 1000], got inf")
+    refused([str(model), "image_temperature=1e39"], "image_temperature must be a number in")
     refused([str(model), "--out", str(tmp_path)], "is a folder, not a file")
     refused([str(model), "--out", str(tmp_path / "afile" / "r.json")], "is a file, not a folder")
     monkeypatch.undo()

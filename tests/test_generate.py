@@ -20,6 +20,7 @@ from interleaf.pipeline import save_model_dir
 from interleaf.sampling import generate as G
 from interleaf.sampling import logits as L
 from interleaf.sampling.events import Done, ImageDone, ImageProgress, ImageStart, TextDelta
+from interleaf.sampling.params import SamplingParams
 from interleaf.sampling.state import SequenceState
 from interleaf.tokenizer.text import train_bpe
 from interleaf.tokenizer.vocab import Vocabulary
@@ -182,18 +183,30 @@ def test_two_scale_guidance_reduces_to_plain(pipe, picture):
     assert other.token_ids != one.token_ids
 
 
+def test_min_p_one_keeps_only_the_best_token_and_zero_is_off(pipe, picture):
+    """min_p = 1 leaves only the most likely id: sampling at any temperature is then greedy decoding,
+    for text (min_p) and image codes (image_min_p) alike; min_p = 0 is no filter at all."""
+    base = dict(mode="interleaved", max_new_tokens=60, max_images=2, seed=9, cfg_scale=2.0)
+    greedy = G.generate(pipe, "a red", temperature=0, image_temperature=0, **base)
+    cut = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=1.0, image_min_p=1.0, **base)
+    assert cut.token_ids == greedy.token_ids and len(cut.images) >= 1
+    hot = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, **base)
+    assert hot.token_ids != greedy.token_ids  # the control: without the cut, this temperature samples
+    off = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=0.0, image_min_p=0.0, **base)
+    assert off.token_ids == hot.token_ids
+    text_only = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=1.0, **base)
+    assert text_only.token_ids != cut.token_ids  # image_min_p is the images' own option
+
+
 def test_batch_mixing_caption_and_drawing_equals_alone(pipe, picture):
     reqs = [
-        G.Request([picture], mode="text", max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1),
-        G.Request("a red circle", mode="image", cfg_scale=3.0, seed=2, image_top_k=20),
+        G.Request([picture], SamplingParams(mode="text", max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1)),
+        G.Request("a red circle", SamplingParams(mode="image", cfg_scale=3.0, seed=2, image_top_k=20)),
         G.Request(
             "two green",
-            mode="interleaved",
-            max_new_tokens=60,
-            max_images=2,
-            cfg_scale=2.0,
-            seed=3,
-            repetition_penalty=1.3,
+            SamplingParams(
+                mode="interleaved", max_new_tokens=60, max_images=2, cfg_scale=2.0, seed=3, repetition_penalty=1.3
+            ),
         ),
     ]
     together = ids_of(G.stream_requests(pipe, reqs))
@@ -311,7 +324,7 @@ def test_cli_generate_caption_draw(model_dir, tmp_path, picture, capsys):
     assert (tmp_path / "d" / "image-0-0.png").is_file() and "image 1" in err
     code, stdout, err = run_cli(capsys, "caption", model_dir, img, "--max-new-tokens", "12")
     assert code == 0, err
-    caption = G.generate(interleaf.load(model_dir), [img], max_new_tokens=12, temperature=0).text
+    caption = G.generate(interleaf.load(model_dir), [interleaf.Image(img)], max_new_tokens=12, temperature=0).text
     assert stdout.startswith(caption)
 
 
@@ -332,12 +345,13 @@ def test_cli_generate_caption_draw(model_dir, tmp_path, picture, capsys):
             "2 <image> markers but 1 images",
         ),
         (["draw", "{model}", "  "], "the prompt is empty"),
-        (["generate", "{model}", "--prompt", "x", "--temperature", "inf"], "temperature must be a finite number"),
-        (["generate", "{model}", "--prompt", "x", "--temperature", "1e39"], "temperature must be in"),
-        (["generate", "{model}", "--prompt", "x", "--repetition-penalty", "1e-300"], "repetition penalty must be in"),
-        (["draw", "{model}", "a red circle", "--cfg", "1e39"], "cfg scale must be at most"),
-        (["draw", "{model}", "a red circle", "--image-temperature", "nan"], "image temperature must be a finite"),
-        (["generate", "{model}", "--prompt", "x", "--seed", str(10**23)], "seed must be in"),
+        (["generate", "{model}", "--prompt", "x", "--temperature", "inf"], "--temperature must be a number in"),
+        (["generate", "{model}", "--prompt", "x", "--temperature", "1e39"], "--temperature must be a number in"),
+        (["generate", "{model}", "--prompt", "x", "--repetition-penalty", "1e-300"], "--repetition-penalty must be"),
+        (["draw", "{model}", "a red circle", "--cfg", "1e39"], "--cfg must be a number in [0, 1000], got 1e+39"),
+        (["draw", "{model}", "a red circle", "--image-temperature", "nan"], "--image-temperature must be a number"),
+        (["generate", "{model}", "--prompt", "x", "--seed", str(10**23)], "--seed must be an integer in"),
+        (["draw", "{model}", "a red circle", "--max-new-tokens", "5"], "--max-new-tokens must be at least 18"),
         (["generate", "{model}", "--prompt", "x", "--out", "/proc/interleaf-out"], "cannot write in /proc"),
         (["generate", "{model}", "--prompt", "x", "--out", "{image}/sub"], "is a file, not a folder"),
         (["generate", "{model}", "--prompt", "x", "--dtype", "int8"], "unknown dtype"),
@@ -489,11 +503,12 @@ def test_cli_uses_the_models_sampling_defaults_unless_flags_say_otherwise(model_
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("cfg_scale: -1\n", "cfg scale must be >= 0"),
-        ("guidance: 2\n", "unknown config key 'guidance'"),
-        ("top_k: 2.5\n", "expected int"),
+        ("cfg_scale: -1\n", "cfg_scale must be a number in [0, 1000], got -1"),
+        ("guidance: 2\n", "unknown sampling option 'guidance'"),
+        ("seed: 2\n", "unknown sampling option 'seed'"),  # a request's own, not a model's
+        ("top_k: 2.5\n", "top_k must be an integer"),
         ("- 1\n", "mapping"),
-        ("image_temperature: .inf\n", "finite"),
+        ("image_temperature: .inf\n", "image_temperature must be a number in"),
     ],
 )
 def test_bad_sampling_yaml_is_one_line_naming_the_file(model_with_defaults, tmp_path, capsys, text, message):
@@ -505,30 +520,11 @@ def test_bad_sampling_yaml_is_one_line_naming_the_file(model_with_defaults, tmp_
 
 
 def test_given_options_win_and_a_given_cfg_also_guides_toward_images():
-    from interleaf.pipeline import with_sampling_defaults
+    from interleaf.sampling.params import merge_options
 
     model = {"cfg_scale": 1.5, "image_cfg_scale": 1.2, "image_temperature": 0.3}
-    assert with_sampling_defaults(model, {}) == model
-    assert with_sampling_defaults(model, {"image_temperature": 1.0}) == {**model, "image_temperature": 1.0}
+    assert merge_options(model, {}) == model
+    assert merge_options(model, {"image_temperature": 1.0}) == {**model, "image_temperature": 1.0}
     # as without a file, --cfg alone sets both scales: the file's image scale does not linger
-    assert with_sampling_defaults(model, {"cfg_scale": 5.0}) == {"cfg_scale": 5.0, "image_temperature": 0.3}
-    assert with_sampling_defaults(model, {"cfg_scale": 5.0, "image_cfg_scale": 2.0})["image_cfg_scale"] == 2.0
-
-
-def test_model_option_tables_agree():
-    # the CLI's flags, the model directory's sampling.yaml fields and the sampler's own defaults
-    import dataclasses
-    import inspect
-
-    from interleaf.commands.sampling import MODEL_OPTIONS
-    from interleaf.pipeline import SamplingDefaults
-
-    fields = {f.name: f.type for f in dataclasses.fields(SamplingDefaults)}
-    assert {field for field, *_ in MODEL_OPTIONS.values()} == set(fields)
-    stream = inspect.signature(G.stream).parameters
-    for flag, (field, kind, _, default) in MODEL_OPTIONS.items():
-        assert str(fields[field]) == f"{kind.__name__} | None", flag
-        if field == "image_cfg_scale":  # None in the sampler: the --cfg value
-            assert default == "--cfg" and stream[field].default is None
-        else:
-            assert stream[field].default == default, flag
+    assert merge_options(model, {"cfg_scale": 5.0}) == {"cfg_scale": 5.0, "image_temperature": 0.3}
+    assert merge_options(model, {"cfg_scale": 5.0, "image_cfg_scale": 2.0})["image_cfg_scale"] == 2.0

@@ -5,6 +5,7 @@ the point is the invariants (modality, image length, <eoi>, budgets), whatever t
 """
 
 import os
+import re
 import stat
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from interleaf.errors import InterleafError
 from interleaf.sampling import logits as L
 from interleaf.sampling.events import Document, Done, ImageDone, ImageProgress, ImageStart, TextDelta
 from interleaf.sampling.generate import Request, stream_requests
+from interleaf.sampling.params import OptionError, SamplingParams
 from interleaf.sampling.render import escape_markdown, write_documents
 from interleaf.sampling.state import SequenceState
 from interleaf.tokenizer.vocab import Vocabulary
@@ -65,7 +67,7 @@ def test_cfg_scale_one_is_exactly_cond_and_formula_otherwise():
     assert torch.allclose(L.cfg_combine_two_scale(c, ci, u, st, si), ref)
 
 
-def _ref_filter(row: torch.Tensor, k: int, p: float) -> set[int]:
+def _ref_filter(row: torch.Tensor, k: int, p: float, m: float = 0.0) -> set[int]:
     order = torch.argsort(row, descending=True, stable=True).tolist()
     if k > 0:
         order = order[:k]
@@ -76,21 +78,26 @@ def _ref_filter(row: torch.Tensor, k: int, p: float) -> set[int]:
         mass += q
         if p < 1 and mass >= p - 1e-6:
             break
-    return set(kept)
+    full = torch.softmax(row, 0)  # min-p: a ratio to the best id, on the whole distribution
+    return {i for i in kept if full[i] >= m * full.max() - 1e-7}
 
 
-def test_top_k_top_p_per_row_matches_reference():
+def test_top_k_top_p_min_p_per_row_match_reference():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 64, generator=g) * 3
-    k = torch.tensor([0, 1, 5, 0, 10, 64, 3, 0])
-    p = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.9, 0.3, 0.99, 1e-6])
-    out = L.filter_top_k_top_p(x, k, p)
-    for b in range(8):
+    x = torch.randn(10, 64, generator=g) * 3
+    k = torch.tensor([0, 1, 5, 0, 10, 64, 3, 0, 0, 8])
+    p = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.9, 0.3, 0.99, 1e-6, 1.0, 0.8])
+    m = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.05, 0.3])
+    out = L.filter_logits(x, L.Filters(k, p, m))
+    for b in range(10):
         kept = set(torch.isfinite(out[b]).nonzero().flatten().tolist())
-        assert kept == _ref_filter(x[b], int(k[b]), float(p[b])), b
+        assert kept == _ref_filter(x[b], int(k[b]), float(p[b]), float(m[b])), b
         assert torch.equal(out[b][list(kept)], x[b][list(kept)])
-        alone = L.filter_top_k_top_p(x[b : b + 1], k[b : b + 1], p[b : b + 1])
+        alone = L.filter_logits(x[b : b + 1], L.Filters(k[b : b + 1], p[b : b + 1], m[b : b + 1]))
         assert torch.equal(alone[0], out[b])  # a row's filter does not depend on its neighbours
+    assert 1 < len(_ref_filter(x[8], 0, 1.0, 0.05)) < 64  # min-p alone did cut, and kept more than one
+    only_best = L.filter_logits(x, L.Filters(torch.zeros_like(k), torch.ones(10), torch.ones(10)))
+    assert torch.equal(torch.isfinite(only_best).sum(-1), torch.ones(10, dtype=torch.long))
 
 
 def test_repetition_penalty_reference():
@@ -116,13 +123,14 @@ def test_sample_greedy_distribution_and_batch_independence():
     assert chi2 < 25, (counts, expected)  # 5 degrees of freedom: p ~ 1e-4
     # a row's draws depend on its own generator and logits only
     temps, tk, tp = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0, 3, 0]), torch.tensor([0.9, 1.0, 0.5])
+    tm = torch.tensor([0.0, 0.0, 0.2])
     together = [
-        L.sample(logits, temps, [torch.Generator().manual_seed(s) for s in (7, 8, 9)], tk, tp) for _ in range(1)
+        L.sample(logits, temps, [torch.Generator().manual_seed(s) for s in (7, 8, 9)], L.Filters(tk, tp, tm))
+        for _ in range(1)
     ]
     for b, s in enumerate((7, 8, 9)):
-        alone = L.sample(
-            logits[b : b + 1], temps[b : b + 1], [torch.Generator().manual_seed(s)], tk[b : b + 1], tp[b : b + 1]
-        )
+        one = L.Filters(tk[b : b + 1], tp[b : b + 1], tm[b : b + 1])
+        alone = L.sample(logits[b : b + 1], temps[b : b + 1], [torch.Generator().manual_seed(s)], one)
         assert alone.item() == together[0][b].item()
 
 
@@ -184,7 +192,9 @@ def test_state_machine_never_leaves_its_modality(vocab):
         temps = torch.tensor([[0.0, 0.5, 1.0, 3.0][rng.integers(4)] for _ in live])
         tk = torch.tensor([int(rng.integers(0, 4)) for _ in live])
         tp = torch.tensor([float(rng.choice([1.0, 0.5, 0.05])) for _ in live])
-        tokens = L.sample(L.apply_mask(x, allowed), temps, [gens[i] for i in live], tk, tp).tolist()
+        tm = torch.tensor([float(rng.choice([0.0, 0.1])) for _ in live])
+        filters = L.Filters(tk, tp, tm)
+        tokens = L.sample(L.apply_mask(x, allowed), temps, [gens[i] for i in live], filters).tolist()
         for i, t in zip(live, tokens):
             s = rows[i]
             room = min(s.max_len - s.length, s.max_new_tokens - s.n_generated)
@@ -294,11 +304,11 @@ def test_decode_loop_invariants_and_events(vocab):
     pipe = fake_pipe(vocab, max_seq_len=40)
     n = vocab.tokens_per_image
     reqs = [
-        Request("hello", mode="text", max_new_tokens=30, seed=1, repetition_penalty=1.3, top_k=5),
-        Request("draw", mode="image", cfg_scale=3.0, seed=2),
-        Request("mix", mode="interleaved", max_images=3, cfg_scale=2.0, seed=3, top_p=0.5),
-        Request("mix", mode="interleaved", max_images=1, cfg_scale=1.0, seed=4, temperature=0),
-        Request("a long prompt " * 2, mode="interleaved", max_images=5, cfg_scale=4.0, seed=5),
+        Request("hello", SamplingParams(mode="text", max_new_tokens=30, seed=1, repetition_penalty=1.3, top_k=5)),
+        Request("draw", SamplingParams(mode="image", cfg_scale=3.0, seed=2)),
+        Request("mix", SamplingParams(mode="interleaved", max_images=3, cfg_scale=2.0, seed=3, top_p=0.5)),
+        Request("mix", SamplingParams(mode="interleaved", max_images=1, cfg_scale=1.0, seed=4, temperature=0)),
+        Request("a long prompt " * 2, SamplingParams(mode="interleaved", max_images=5, cfg_scale=4.0, seed=5)),
     ]
     events = list(stream_requests(pipe, reqs))
     cache = pipe.model.cache
@@ -308,8 +318,9 @@ def test_decode_loop_invariants_and_events(vocab):
     for i, r in enumerate(reqs):
         doc = done[i].document
         prompt_len = len(pipe.tokenizer.encode([r.prompt]))
-        max_new = r.max_new_tokens or (n + 2 if r.mode == "image" else 256 + r.max_images * (n + 2))
-        total_images += check_generated(doc.token_ids, vocab, r.mode, r.max_images, prompt_len, 40, max_new)
+        p = r.params
+        max_new = p.max_new_tokens or (n + 2 if p.mode == "image" else 256 + p.max_images * (n + 2))
+        total_images += check_generated(doc.token_ids, vocab, p.mode, p.max_images, prompt_len, 40, max_new)
         mine = [e for e in events if getattr(e, "row", None) == i]
         # streamed text between images == the document's text segments
         segs, cur = [], ""
@@ -352,7 +363,7 @@ def test_text_deltas_are_whole_characters(vocab):
     script = [16 + b for b in text.encode("utf-8")]
     pipe = fake_pipe(vocab, max_seq_len=80, script=script)
     pipe.model.prompt_len = len(pipe.tokenizer.encode(["hi"]))
-    events = list(stream_requests(pipe, [Request("hi", mode="text", max_new_tokens=60, temperature=0)]))
+    events = list(stream_requests(pipe, [Request("hi", SamplingParams(max_new_tokens=60, temperature=0))]))
     deltas = [e.text for e in events if isinstance(e, TextDelta)]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
@@ -362,20 +373,24 @@ def test_text_deltas_are_whole_characters(vocab):
 def test_bad_options_raise_clear_errors(vocab):
     pipe = fake_pipe(vocab, max_seq_len=20)
     bad = [
-        (dict(cfg_scale=-1.0), "cfg scale"),
-        (dict(top_p=0.0), "top-p"),
-        (dict(top_p=1.5), "top-p"),
+        (dict(cfg_scale=-1.0), "cfg_scale must be a number in"),
+        (dict(top_p=0.0), "top_p must be a number in"),
+        (dict(top_p=1.5), "top_p"),
         (dict(temperature=-0.1), "temperature"),
-        (dict(mode="video"), "mode"),
-        (dict(repetition_penalty=0.0), "repetition"),
+        (dict(mode="video"), "mode must be one of text, image, interleaved, got 'video'"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
     ]
-    for kwargs, word in bad:
-        with pytest.raises(InterleafError, match=word):
-            stream_requests(pipe, [Request("x", **kwargs)])
+    for kwargs, message in bad:
+        with pytest.raises(OptionError, match=re.escape(message)):
+            SamplingParams(**kwargs)
     with pytest.raises(InterleafError, match="context"):
-        stream_requests(pipe, [Request("a much longer prompt than fits", mode="text")])
+        stream_requests(pipe, [Request("a much longer prompt than fits")])
     with pytest.raises(InterleafError, match="image needs"):
-        stream_requests(pipe, [Request("twelve chars", mode="image")])  # 13 + 8 > 20
+        stream_requests(pipe, [Request("twelve chars", SamplingParams(mode="image"))])  # 13 + 8 > 20
+    # a value only the model can judge is refused where the sampler meets the model
+    too_few = SamplingParams(mode="image", max_new_tokens=vocab.tokens_per_image + 1)
+    with pytest.raises(OptionError, match=f"max_new_tokens must be at least {vocab.tokens_per_image + 2}"):
+        stream_requests(pipe, [Request("x", too_few)])
 
 
 def test_render_writes_complete_files_atomically(tmp_path, vocab, monkeypatch):
@@ -503,14 +518,17 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
 
 def test_option_bounds():
-    Request("x", seed=-1).validate()  # torch takes negative seeds, and so does the sampler
-    Request("x", seed=2**64 - 1, temperature=0, image_temperature=1e-4, cfg_scale=1e3).validate()
+    SamplingParams(seed=-(2**63))  # torch takes negative seeds, and so does the sampler
+    SamplingParams(seed=2**64 - 1, temperature=0, image_temperature=1e-4, cfg_scale=1e3)
     for options, message in [
-        (dict(seed=2**64), "seed must be in"),
-        (dict(temperature=float("inf")), "finite"),
-        (dict(temperature=1e-5), r"temperature must be in \[0.0001, 10000\] \(or 0: greedy\)"),
-        (dict(repetition_penalty=1e5), "repetition penalty must be in"),
-        (dict(image_cfg_scale=1e4), "image cfg scale must be at most 1000"),
+        (dict(seed=2**64), r"seed must be an integer in \[-2\^63, 2\^64 - 1\]"),
+        (dict(temperature=float("inf")), "temperature must be a number in"),
+        (dict(temperature=1e-5), r"temperature must be a number in \[0.0001, 10000\] or 0 \(greedy\), got 1e-05"),
+        (dict(repetition_penalty=1e5), "repetition_penalty must be a number in"),
+        (dict(image_cfg_scale=1e4), r"image_cfg_scale must be a number in \[0, 1000\]"),
+        (dict(top_k=1.5), "top_k must be an integer"),
+        (dict(top_k=True), "top_k must be an integer"),
+        (dict(cfg_scale="strong"), "cfg_scale must be a number"),
     ]:
-        with pytest.raises(InterleafError, match=message):
-            Request("x", **options).validate()
+        with pytest.raises(OptionError, match=message):
+            SamplingParams(**options)

@@ -20,8 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
+from interleaf.sampling import generate as G
 from interleaf.sampling.events import ImageProgress
-from interleaf.serve.app import ServeLimits, create_app
+from interleaf.sampling.params import DEFAULTS, KINDS, OPTIONS
+from interleaf.serve import ServeLimits, create_app
 
 PREVIEW_EVERY = 16
 LIMITS = ServeLimits(
@@ -79,20 +81,19 @@ def _bias_output(model, vocab, text, boi: float, words: float) -> None:
 
 
 # ---- a live server -------------------------------------------------------------------------------
-class GatedPipe:
-    """The real pipeline, with a gate that can hold a stream before a given image token."""
+class Gate:
+    """Wraps the sampler's `stream_requests` (the worker's only way to the model) so that a test can
+    hold a stream before a given image token, and count streams closed before they ended."""
 
-    def __init__(self, pipe):
-        self._pipe = pipe
+    def __init__(self, real):
+        self.real = real
         self.hold_before: int | None = None  # hold before ImageProgress(tokens_done=this)
         self.gate = threading.Event()
         self.closed_early = 0  # streams closed (GeneratorExit) before they ended
 
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def stream(self, prompt, **kwargs):
-        events = self._pipe.stream(prompt, **kwargs)  # raises here on bad requests, like the real one
+    def __call__(self, pipe, requests):
+        self.requests = list(requests)  # the last requests the worker ran
+        events = self.real(pipe, requests)  # raises here on bad requests, like the real one
         return self._gated(events)
 
     def _gated(self, events):
@@ -154,13 +155,16 @@ def pipe(model_dir):
 
 
 @pytest.fixture(scope="module")
-def gated(pipe):
-    return GatedPipe(pipe)
+def gated():
+    with pytest.MonkeyPatch.context() as mp:
+        gate = Gate(G.stream_requests)
+        mp.setattr(G, "stream_requests", gate)
+        yield gate
 
 
 @pytest.fixture(scope="module")
-def server(gated):
-    app = create_app(gated, LIMITS, model_name="tiny", preview_every=PREVIEW_EVERY)
+def server(pipe, gated):
+    app = create_app(pipe, LIMITS, model_name="tiny", preview_every=PREVIEW_EVERY)
     with LiveServer(app) as live:
         yield live
 
@@ -204,17 +208,22 @@ def from_data_url(url: str) -> np.ndarray:
 
 
 # ---- tests -----------------------------------------------------------------------------------------
-def test_page_defaults_are_the_models_sampling_yaml_over_the_samplers():
-    import types
+def test_page_defaults_are_the_models_sampling_yaml_over_the_samplers(model_dir, tmp_path):
+    import shutil
 
-    from interleaf.serve.app import sampler_defaults
+    from interleaf.pipeline import load, write_sampling_defaults
 
-    own = sampler_defaults()
-    assert own["cfg_scale"] == 3.0 and own["temperature"] == 0.7 and own["top_p"] == 0.9
-    pipe = types.SimpleNamespace(sampling_defaults={"cfg_scale": 1.5, "image_temperature": 0.3})
-    assert sampler_defaults(pipe) == {**own, "cfg_scale": 1.5}  # the page has no image-temperature field
-    pipe.sampling_defaults = {"cfg_scale": 60.0, "temperature": 0.2}  # the page could not send 60 back
-    assert sampler_defaults(pipe) == {**own, "temperature": 0.2}
+    def info(directory):
+        app = create_app(load(directory), LIMITS, preview_every=PREVIEW_EVERY)
+        with LiveServer(app) as live:
+            return httpx.get(live.url + "/api/model").json()
+
+    own = info(model_dir)
+    assert own["defaults"] == {**DEFAULTS, "mode": "interleaved", "preview_every": PREVIEW_EVERY, "seed": None}
+    with_file = tmp_path / "with-file"
+    shutil.copytree(model_dir, with_file)
+    write_sampling_defaults(with_file, cfg_scale=60.0, image_temperature=0.3, top_k=7)
+    assert info(with_file)["defaults"] == {**own["defaults"], "cfg_scale": 60.0, "image_temperature": 0.3, "top_k": 7}
 
 
 def test_health_and_model_description(client, pipe):
@@ -250,6 +259,16 @@ def test_text_request_streams_what_the_library_generates(client, pipe):
     done = events[-1][1]
     assert done["n_generated_tokens"] == len(ref.token_ids) and done["n_prompt_tokens"] > 1
     assert done["seconds"] > 0 and done["tokens_per_s"] > 0
+
+
+def test_min_p_over_http_is_what_the_library_draws(client, pipe):
+    options = dict(mode="text", max_new_tokens=16, temperature=1.0, min_p=0.9, seed=3)
+    events = run_request(client, data={"prompt": "a red circle", **{k: str(v) for k, v in options.items()}})
+    ref = pipe.generate("a red circle", **options)
+    assert "".join(d["text"] for n, d in events if n == "text") == ref.text
+    assert ref.token_ids != pipe.generate("a red circle", **{**options, "min_p": 0.0}).token_ids  # it did cut
+    r = client.post("/api/generate", json={"prompt": "x", "min_p": 1.5})
+    assert r.status_code == 400 and r.json()["error"] == "min_p must be a number in [0, 1], got 1.5"
 
 
 def test_image_request_with_upload_streams_previews_and_the_image(client, pipe):
@@ -353,20 +372,32 @@ def _png(w: int, h: int) -> bytes:
 
 BAD_REQUESTS = {
     "oversized upload": (dict(files={"image": ("big.png", b"\x89PNG" + bytes(70_000))}), 413,
-                         "'big.png' is over the limit of 64 KB"),
+                         "upload 'big.png' is 68 KB; the limit is 64 KB"),
     "oversized dimensions": (dict(files={"image": ("wide.png", _png(300, 8))}), 413, "300x8 pixels"),
     "not an image": (dict(files={"image": ("notes.txt", b"just some text\n")}), 415, "'notes.txt' is not an image"),
     "damaged image": (dict(files={"image": ("cut.png", _png(64, 64)[:80])}), 400, "'cut.png' is a damaged PNG"),
     "path in a file name": (dict(files={"image": ("../../etc/passwd", b"root:x:0:0")}), 415,
                             "'passwd' is not an image"),
-    "too many uploads": (dict(files=[("image", ("a.png", _png(8, 8)))] * 3), 413, "at most 2 images"),
+    "too many uploads": (dict(files=[("image", ("a.png", _png(8, 8)))] * 3), 400,
+                         "form refused: Too many files. Maximum number of files is 2."),
+    "too many fields": (dict(content=b"&".join([b"seed=1"] * 40),
+                             headers={"content-type": "application/x-www-form-urlencoded"}), 400, "Too many fields"),
+    "long field": (dict(content=b"prompt=" + b"x" * 2000,
+                        headers={"content-type": "application/x-www-form-urlencoded"}),
+                   400, "form refused: Field exceeded maximum size"),
+    "text as image": (dict(data={"prompt": "x", "image": "not a file"}), 400, "form field 'image' must be a file"),
+    "file as text": (dict(data={"mode": "text"}, files={"prompt": ("a.txt", b"x")}), 400,
+                     "form field 'prompt' must be text"),
     "long prompt": (dict(data={"prompt": "x" * 201}), 413, "201 characters; the limit is 200"),
     "bad mode": (dict(json={"prompt": "x", "mode": "video"}), 400, "mode must be one of"),
     "bad number": (dict(json={"prompt": "x", "temperature": "warm"}), 400, "temperature must be a number"),
-    "not finite": (dict(json={"prompt": "x", "cfg_scale": "nan"}), 400, "cfg_scale must be a number"),
+    "not finite": (dict(json={"prompt": "x", "cfg_scale": "nan"}), 400, "cfg_scale must be a number in [0, 1000]"),
+    "form text out of range": (dict(data={"prompt": "x", "image_top_p": "1.5"}), 400, "image_top_p must be a number"),
     "fractional int": (dict(json={"prompt": "x", "seed": 1.5}), 400, "seed must be an integer"),
-    "top_p zero": (dict(json={"prompt": "x", "top_p": 0}), 400, "top_p must be above 0"),
-    "too many tokens": (dict(json={"prompt": "x", "max_new_tokens": 401}), 400, "between 1 and 400"),
+    "top_p zero": (dict(json={"prompt": "x", "top_p": 0}), 400, "top_p must be a number in (0, 1], got 0"),
+    "too many tokens": (dict(json={"prompt": "x", "max_new_tokens": 401}), 400,
+                        "max_new_tokens must be at most 400 on this server, got 401"),
+    "too many images": (dict(json={"prompt": "x", "max_images": 3}), 400, "max_images must be at most 2"),
     "unknown field": (dict(json={"prompt": "x", "temprature": 1}), 400, "unknown field 'temprature'"),
     "json image": (dict(json={"prompt": "x", "image": "abc"}), 400, "send images as multipart"),
     "marker mismatch": (dict(data={"prompt": "<image> and <image>"}, files={"image": ("a.png", _png(8, 8))}), 400,
@@ -379,13 +410,16 @@ BAD_REQUESTS = {
                           headers={"content-type": "application/json"}), 400, "JSON body not accepted"),
     "malformed multipart": (dict(content=b"--xyz\r\nrubbish",
                                  headers={"content-type": "multipart/form-data; boundary=xyz"}),
-                            400, "malformed multipart"),
+                            400, "malformed multipart body: it stops before its closing boundary"),
+    "no boundary": (dict(content=b"x", headers={"content-type": "multipart/form-data"}), 400,
+                    "form refused: Missing boundary"),
     "no content type": (dict(content=b"prompt"), 415, "multipart/form-data"),
     "body too large": (dict(content=b"x" * (LIMITS.max_body_bytes + 1), headers={"content-type": "application/json"}),
                        413, "request body"),
     "foreign host": (dict(json={"prompt": "x"}, headers={"host": "evil.example:80"}), 400, "is not served here"),
     "cross origin": (dict(json={"prompt": "x"}, headers={"origin": "http://evil.example"}), 403, "cross-origin"),
-    "sampler refuses": (dict(json={"prompt": "x", "max_new_tokens": 1, "mode": "image"}), 200, "cannot hold an image"),
+    "sampler refuses": (dict(json={"prompt": "x", "max_new_tokens": 1, "mode": "image"}), 200,
+                        "max_new_tokens must be at least 66 in image mode"),
 }  # fmt: skip
 
 
@@ -408,6 +442,34 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(client, pipe)
     assert client.get("/health").json()["status"] == "ok"
     events = run_request(client, json={"prompt": "still here", "mode": "text", "max_new_tokens": 4, "seed": 0})
     assert events[-1][0] == "done"
+
+
+def option_values(name: str) -> tuple:
+    """(an allowed value other than the server's default, a refused value) of a sampling option."""
+    kind, _, choices = KINDS[name]
+    if choices:
+        return "interleaved", "nonsense"  # the requests below otherwise ask for text
+    o = OPTIONS[name]
+    if kind is int:
+        good = next(v for v in (o.low + 1, o.low + 2) if v != DEFAULTS[name])
+    else:
+        good = o.low + (o.high - o.low) / 4
+    return good, (o.high * 2 + 1 if o.high is not None else o.low - 1)
+
+
+def test_every_option_is_a_field_checked_by_its_range_and_reaches_the_sampler(client, gated):
+    """Derived, not listed: each SamplingParams field is a form field and a JSON field, refused out
+    of its range (naming it), and when allowed arrives in the sampler's Request as sent."""
+    info = client.get("/api/model").json()
+    assert [o["name"] for o in info["options"]] == list(OPTIONS) and set(info["defaults"]) == set(OPTIONS)
+    base = {"prompt": "x", "mode": "text", "max_new_tokens": "2"}
+    for name in OPTIONS:
+        good, bad = option_values(name)
+        events = run_request(client, data={**base, name: str(good)})
+        assert events[-1][0] == "done", (name, events[-1])
+        assert getattr(gated.requests[0].params, name) == good, name
+        r = client.post("/api/generate", json={**base, name: bad})
+        assert r.status_code == 400 and r.json()["error"].startswith(f"{name} must be "), (name, r.text)
 
 
 def test_cli_refuses_a_busy_port_and_bad_limits_before_loading(model_dir, capsys):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve import GatedPipe, LiveServer, tiny_model_dir
+from test_serve import Gate, LiveServer, tiny_model_dir
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -156,6 +156,38 @@ def test_page_streams_text_and_an_image(served, browser, tmp_path):
     )
 
 
+def test_page_shows_every_option_grouped_and_only_where_it_acts(served, browser):
+    """Each sampling option has an input in its group's fieldset, filled with its default; image
+    mode hides the text options (and does not send them), text mode the image ones."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from interleaf.sampling.params import OPTIONS
+
+    defaults = httpx.get(served + "api/model").json()["defaults"]  # test_serve checks these
+    browser.get(served)
+    wait_for(browser, lambda d: "parameters" in d.find_element(By.ID, "model-info").text, what="the model")
+    for name, option in OPTIONS.items():
+        field = browser.find_element(By.CSS_SELECTOR, f"#group-{option.group} #{name}")
+        default = defaults[name]
+        shown = field.get_attribute("value")
+        assert shown == ("" if default is None else str(default)) or float(shown) == default, (name, shown)
+
+    def visible(name):
+        return browser.find_element(By.ID, name).is_displayed()
+
+    text_only = [n for n, o in OPTIONS.items() if o.group == "text"]
+    image_only = [n for n, o in OPTIONS.items() if o.group == "image"]
+    assert text_only and image_only and all(map(visible, text_only + image_only))  # interleaved: all
+    Select(browser.find_element(By.ID, "mode")).select_by_value("image")
+    assert not any(map(visible, text_only)) and all(map(visible, image_only))
+    assert not browser.find_element(By.ID, "group-text").is_displayed() and not visible("max_images")
+    sent = browser.execute_script("return shownOptions().map(o => o.name)")
+    assert not set(sent) & set(text_only) and set(image_only) <= set(sent)
+    Select(browser.find_element(By.ID, "mode")).select_by_value("text")
+    assert all(map(visible, text_only)) and not any(map(visible, image_only))
+
+
 def test_page_shows_a_refused_upload_and_keeps_working(served, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -185,13 +217,16 @@ def screenshot(
     from selenium.webdriver.common.by import By
 
     from interleaf.pipeline import load
-    from interleaf.serve.app import ServeLimits, create_app
+    from interleaf.sampling import generate as G
+    from interleaf.serve import ServeLimits, create_app
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         model_dir = model_dir or tiny_model_dir(Path(tmp) / "tiny-random", interleave=True)
-        pipe = GatedPipe(load(model_dir, device="cpu"))
-        pipe.hold_before = hold_at
+        pipe = load(model_dir, device="cpu")
+        gate = Gate(G.stream_requests)
+        gate.hold_before = hold_at
+        mp.setattr(G, "stream_requests", gate)
         n = pipe.vocab.tokens_per_image
         app = create_app(pipe, ServeLimits(), model_name=Path(model_dir).name, preview_every=max(1, n // 8))
         with LiveServer(app) as live:
@@ -203,7 +238,7 @@ def screenshot(
                 time.sleep(0.3)  # let the last preview paint
                 driver.save_screenshot(str(out))
             finally:
-                pipe.gate.set()
+                gate.gate.set()
                 driver.quit()
 
 

@@ -180,7 +180,7 @@ def test_export_writes_and_keeps_sampling_defaults(runs, tmp_path, capsys):
     assert read_sampling_defaults(out) == {"top_k": 5, "image_temperature": 0.3, "cfg_scale": 1.5}
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["export", str(runs / "D"), str(out), "--top-p", "2"]) == 2
-    assert "sampling defaults: top-p must be in (0, 1], got 2.0" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --top-p must be a number in (0, 1], got 2.0" in capsys.readouterr().err.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == before and read_sampling_defaults(out)["top_k"] == 5
     assert main(["export", str(runs / "D"), str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain" / "sampling.yaml").exists()

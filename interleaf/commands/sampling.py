@@ -8,77 +8,76 @@ finished, each file atomically: an interrupted run leaves no half-written file).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+
+# Only the option declarations (no torch) at import: building the parser stays quick. Like every
+# command module, this one imports the library inside the commands, for the CLI's start-up time.
+from interleaf.sampling.params import DEFAULTS, KINDS, OPTIONS, PER_MODEL, requirement
 
 DEFAULT_OUT = "interleaf-out"
 
 
-# The options a model directory may set in its sampling.yaml, as flag: (Request field, type, what
-# it is, the sampler's default). In generate, caption and draw a flag left out takes the model's
-# value, else the sampler's default (shown in the help); export writes the given ones to the file.
-MODEL_OPTIONS = {
-    "temperature": ("temperature", float, "text temperature, 0 = greedy", 0.7),
-    "top_k": ("top_k", int, "text top-k, 0 = off", 0),
-    "top_p": ("top_p", float, "text nucleus mass in (0, 1]", 0.9),
-    "repetition_penalty": ("repetition_penalty", float, "text repetition penalty, 1 = off", 1),
-    "image_temperature": ("image_temperature", float, "image-token temperature", 1.0),
-    "image_top_k": ("image_top_k", int, "image-token top-k, 0 = off", 0),
-    "image_top_p": ("image_top_p", float, "image-token nucleus mass, 1 = off", 1.0),
-    "cfg": ("cfg_scale", float, "classifier-free guidance scale for images, 1 = off", 3.0),
-    "image_cfg": ("image_cfg_scale", float, "guidance scale toward the prompt's images (two-scale guidance)", "--cfg"),
-}
+def flag_of(name: str) -> str:
+    """The command-line flag of a sampling option (`--cfg` for cfg_scale, else --name-with-dashes)."""
+    return OPTIONS[name].flag or "--" + name.replace("_", "-")
 
 
-def _add_model_options(g, defaults: dict, help_tail) -> None:
-    """One flag per MODEL_OPTIONS entry; `defaults` sets a command's own ones, `help_tail` ends each help."""
-    for flag, (_, kind, what, sampler) in MODEL_OPTIONS.items():
-        default = defaults.get(flag)
-        tail = f"(default {default:g})" if default is not None else help_tail(sampler)
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_option_flags(g, names, help_tail) -> None:
+    """One flag per sampling option in `names`, default None (= not given); `help_tail(name)` ends each help."""
+    for name in names:
+        kind, _, choices = KINDS[name]
         g.add_argument(
-            "--" + flag.replace("_", "-"),
+            flag_of(name),
+            dest=name,
             type=kind,
-            default=default,
-            metavar="N" if kind is int else "X",
-            help=f"{what} {tail}",
+            choices=choices or None,
+            default=None,
+            metavar=None if choices else "N" if kind is int else "X",
+            help=f"{OPTIONS[name].help}; {requirement(name)} {help_tail(name)}",
         )
 
 
 def add_model_default_args(p: argparse.ArgumentParser) -> None:
-    """`export`: the MODEL_OPTIONS, to write into the model directory's sampling.yaml."""
+    """`export`: the per-model sampling options, to write into the model directory's sampling.yaml."""
     g = p.add_argument_group(
         "sampling defaults",
         "written to the model's sampling.yaml; an earlier export's "
         "values are kept for the options not given (a given --cfg without --image-cfg "
         "sets image guidance too, as for generate)",
     )
-    _add_model_options(g, {}, lambda sampler: f"(the sampler's default: {sampler})")
+    add_option_flags(g, PER_MODEL, lambda name: "" if DEFAULTS[name] is None else f"(sampler: {_show(DEFAULTS[name])})")
 
 
-def given_model_options(args: argparse.Namespace) -> dict:
-    """The MODEL_OPTIONS given on the command line, by Request field."""
-    return {
-        field: getattr(args, flag) for flag, (field, *_) in MODEL_OPTIONS.items() if getattr(args, flag) is not None
-    }
+def given_options(args: argparse.Namespace) -> dict:
+    """The sampling options on the command line (a command's own defaults count as given), by field."""
+    return {k: v for k, v in vars(args).items() if k in OPTIONS and v is not None}
 
 
-def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = None) -> None:
-    """The options shared by generate, caption and draw (`temperature`: this command's own default)."""
+def add_sampling_args(p: argparse.ArgumentParser, fixed: dict | None = None, own: dict | None = None) -> None:
+    """The sampling options of generate, caption and draw: a flag for each but those the command
+    `fixed` (caption's mode), with the command's `own` defaults (caption's greedy temperature),
+    which count as given: they win over a model's sampling.yaml."""
+    fixed, own = fixed or {}, own or {}
+
+    def tail(name: str) -> str:
+        if name in own:
+            return f"(default {_show(own[name])})"
+        if DEFAULTS[name] is None:
+            return ""
+        if name in PER_MODEL:
+            return f"(default: the model's sampling.yaml, else {_show(DEFAULTS[name])})"
+        return f"(default {_show(DEFAULTS[name])})"
+
     g = p.add_argument_group("sampling")
-    g.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="generated tokens at most (default: one image in image mode, "
-        "else 256 text tokens plus room for the images)",
-    )
-    _add_model_options(
-        g, {"temperature": temperature}, lambda sampler: f"(default: the model's sampling.yaml, else {sampler})"
-    )
-    g.add_argument("--seed", type=int, default=0, help="random seed; sample i uses seed + i (default 0)")
+    add_option_flags(g, [name for name in OPTIONS if name not in fixed], tail)
+    p.set_defaults(**fixed, **own)  # after the flags: a flag's own default (None) would hide these
     g.add_argument("--num", type=int, default=1, help="number of samples, decoded as one batch (default 1)")
-    g.add_argument("--preview-every", type=int, default=0, metavar="N", help=argparse.SUPPRESS)
     d = p.add_argument_group("model")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     d.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
@@ -100,10 +99,6 @@ def register(subparsers) -> None:
         metavar="PATH",
         help="prompt image (repeatable); each <image> in --prompt takes the next one, else they come first",
     )
-    p.add_argument(
-        "--mode", choices=("text", "image", "interleaved"), default="text", help="what to generate (default text)"
-    )
-    p.add_argument("--max-images", type=int, default=1, help="images at most in interleaved mode (default 1)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     add_sampling_args(p)
     p.set_defaults(func=generate_command)
@@ -117,8 +112,8 @@ def register(subparsers) -> None:
     p.add_argument("image_path", metavar="IMAGE", help="image file")
     p.add_argument("--prompt", default="", help="text after the image (e.g. a question)")
     p.add_argument("--out", default=None, help="also write document.md/.html here")
-    add_sampling_args(p, temperature=0.0)
-    p.set_defaults(func=caption_command, mode="text", max_images=0)
+    add_sampling_args(p, fixed={"mode": "text", "max_images": 0}, own={"temperature": 0.0})
+    p.set_defaults(func=caption_command)
 
     p = subparsers.add_parser(
         "draw",
@@ -128,60 +123,66 @@ def register(subparsers) -> None:
     p.add_argument("model_dir", help="model directory")
     p.add_argument("text", metavar="PROMPT", help="what to draw")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
-    add_sampling_args(p)
-    p.set_defaults(func=draw_command, mode="image", max_images=1)
+    add_sampling_args(p, fixed={"mode": "image", "max_images": 1})
+    p.set_defaults(func=draw_command)
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    from interleaf.sampling.prompt import Image
     from interleaf.tokenizer.multimodal import place_images
 
-    return run(args, place_images(args.prompt or "", [Path(p) for p in args.image]))
+    return run(args, place_images(args.prompt or "", [Image(p) for p in args.image]))
 
 
 def caption_command(args: argparse.Namespace) -> int:
-    return run(args, [Path(args.image_path)] + ([args.prompt] if args.prompt else []))
+    from interleaf.sampling.prompt import Image
+
+    return run(args, [Image(args.image_path)] + ([args.prompt] if args.prompt else []))
 
 
 def draw_command(args: argparse.Namespace) -> int:
     return run(args, [args.text])
 
 
-def requests_from_args(args: argparse.Namespace, prompt: list):
-    """Validated requests (one per sample) from the command line."""
+@contextlib.contextmanager
+def named_as_flags():
+    """A refused sampling value names the flag that gave it (`--cfg`, not cfg_scale)."""
     from interleaf.errors import InterleafError
-    from interleaf.pipeline import read_sampling_defaults, with_sampling_defaults
-    from interleaf.sampling.generate import build_requests
+    from interleaf.sampling.params import OptionError
 
-    if not any(isinstance(item, Path) or item.strip() for item in prompt):
+    try:
+        yield
+    except OptionError as e:
+        raise InterleafError(e.message(flag_of(e.name))) from None
+
+
+def requests_from_args(args: argparse.Namespace, prompt: list):
+    """Checked requests (one per sample) from the command line: flags over the model's sampling.yaml."""
+    from interleaf.errors import InterleafError
+    from interleaf.pipeline import read_sampling_defaults
+    from interleaf.sampling.generate import build_requests
+    from interleaf.sampling.params import SamplingParams, merge_options
+    from interleaf.sampling.prompt import Image
+
+    if not any(isinstance(item, Image) or item.strip() for item in prompt):
         raise InterleafError("the prompt is empty: give --prompt TEXT and/or --image PATH")
-    given = given_model_options(args)
     model = read_sampling_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}
-    requests = build_requests(
-        prompt,
-        num=args.num,
-        seed=args.seed,
-        mode=args.mode,
-        max_new_tokens=args.max_new_tokens,
-        max_images=args.max_images,
-        preview_every=args.preview_every,
-        **with_sampling_defaults(model, given),
-    )
-    for r in requests:
-        r.validate()
-    return requests
+    with named_as_flags():  # also for the seeds of a batch: seed + i is checked as a seed
+        return build_requests(prompt, SamplingParams(**merge_options(model, given_options(args))), args.num)
 
 
 def check_inputs(args: argparse.Namespace, prompt: list) -> None:
     """Fail fast, before loading the model, on unreadable images and unusable paths."""
     from interleaf.errors import InterleafError
+    from interleaf.sampling.prompt import Image
     from interleaf.tokenizer.image import open_image
     from interleaf.utils import check_writable
 
     if not Path(args.model_dir).is_dir():
         raise InterleafError(f"model directory not found: {args.model_dir}")
     for item in prompt:
-        if isinstance(item, Path):
-            open_image(item).close()
+        if isinstance(item, Image):
+            open_image(item.source).close()
     if args.out is not None:
         check_writable(args.out, "--out")
 
@@ -207,9 +208,11 @@ def run(args: argparse.Namespace, prompt: list) -> int:
     requests = requests_from_args(args, prompt)
     check_inputs(args, prompt)
     pipe = interleaf.load(args.model_dir, **device_args(args))
+    with named_as_flags():  # values the model cannot serve are refused before the first token
+        events = stream_requests(pipe, requests)
     printer = TerminalPrinter(len(requests))
     try:
-        for event in stream_requests(pipe, requests):
+        for event in events:
             printer(event)
     finally:
         printer.close()

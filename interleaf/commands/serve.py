@@ -1,10 +1,15 @@
-"""`interleaf serve`: the web viewer (a page and a streaming API) for one model directory."""
+"""`interleaf serve`: the web viewer (a page and a streaming API) for one model directory.
+
+The library (torch, the model, Starlette, uvicorn) is imported inside the command, not here:
+building the `interleaf` parser imports every command module, and should not wait for them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import socket
+from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -62,10 +67,9 @@ def register(subparsers) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from interleaf.errors import InterleafError
-    from interleaf.serve.app import LOOPBACK_HOSTS, ServeLimits
+    from interleaf.serve import ServeLimits
+    from interleaf.serve.app import LOOPBACK_HOSTS
 
     if not 0 < args.max_upload_mb < 1 << 20:  # also nan and inf
         raise InterleafError(f"--max-upload-mb must be a number of megabytes above 0, got {args.max_upload_mb}")

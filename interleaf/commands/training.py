@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from interleaf.commands.sampling import add_model_default_args, given_model_options
+from interleaf.commands.sampling import add_model_default_args, given_options, named_as_flags
 
 
 def register(subparsers) -> None:
@@ -135,8 +135,7 @@ def _stop(procs) -> None:
 def export_command(args: argparse.Namespace) -> int:
     from interleaf.training.export import export
 
-    out = export(
-        args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer, sampling=given_model_options(args)
-    )
+    with named_as_flags():
+        out = export(args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer, sampling=given_options(args))
     print(f"exported {args.run_dir} -> {out}")
     return 0

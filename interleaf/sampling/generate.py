@@ -9,17 +9,15 @@ call that feeds `<boi>` to the conditional row, whose cache is kept: the prompt 
 
 Every step is one `model.decode` call over all cache rows with per-row token counts `n_new`
 (0 for idle rows), one batched logit pipeline (guidance, repetition penalty, modality mask,
-temperature / top-k / top-p) and one per-row seeded draw.
+temperature / top-k / top-p / min-p) and one per-row seeded draw.
 """
 
 from __future__ import annotations
 
 import codecs
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,104 +26,23 @@ from PIL import Image
 from interleaf.errors import InterleafError
 from interleaf.sampling import logits as L
 from interleaf.sampling.events import Document, Done, Event, ImageDone, ImageProgress, ImageStart, TextDelta
-from interleaf.sampling.state import MODES, SequenceState
-from interleaf.tokenizer.vocab import ImageCodes
+from interleaf.sampling.params import SamplingParams
+from interleaf.sampling.prompt import Prompt, check_text_items, encode_prompt, prompt_segments
+from interleaf.sampling.state import SequenceState
+from interleaf.tokenizer.image import to_pil
 
-PromptItem = str | Path | Image.Image | ImageCodes
-Prompt = str | Sequence[PromptItem]
 DEFAULT_TEXT_TOKENS = 256
-# Beyond these the float32 logit arithmetic overflows or divides by zero (inf temperature, a
-# 1e-300 penalty); no useful setting comes near them.
-SCALE_RANGE = (1e-4, 1e4)  # temperatures other than 0 (greedy), repetition penalty
-MAX_CFG = 1e3
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
-    """One sequence to generate: prompt, mode and its own sampling options and seed."""
+    """One sequence to generate: a prompt and how to sample it (its own seed included)."""
 
     prompt: Prompt
-    mode: str = "text"  # "text" | "image" | "interleaved"
-    max_new_tokens: int | None = None  # None: 256 text tokens (+ room for max_images images)
-    max_images: int = 1  # interleaved mode only; image mode draws exactly one
-    temperature: float = 0.7  # text; 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 0.9  # 1 = off
-    image_temperature: float = 1.0  # images must be sampled: greedy image tokens degenerate
-    image_top_k: int = 0
-    image_top_p: float = 1.0
-    repetition_penalty: float = 1.0  # text tokens only; 1 = off
-    cfg_scale: float = 3.0  # guidance of image tokens; 1 = off
-    image_cfg_scale: float | None = None  # image-conditioned prompts; None = same as cfg_scale
-    seed: int = 0
-    preview_every: int = 0  # an ImageProgress preview every N codes; 0 = none
-
-    def validate(self) -> None:
-        """Raise InterleafError on impossible options."""
-        if self.mode not in MODES:
-            raise InterleafError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        lo, hi = SCALE_RANGE
-        scales = {
-            "temperature": self.temperature,
-            "image temperature": self.image_temperature,
-            "repetition penalty": self.repetition_penalty,
-        }
-        guidance = {"cfg scale": self.cfg_scale, "image cfg scale": self.image_cfg_scale}
-        for name, value in {**scales, **guidance, "top-p": self.top_p, "image top-p": self.image_top_p}.items():
-            if value is not None and not math.isfinite(value):
-                raise InterleafError(f"{name} must be a finite number, got {value}")
-        checks = [
-            (
-                self.max_new_tokens is None or self.max_new_tokens >= 1,
-                f"max_new_tokens must be >= 1, got {self.max_new_tokens}",
-            ),
-            (self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.image_temperature >= 0, f"image temperature must be >= 0, got {self.image_temperature}"),
-            (self.top_k >= 0 and self.image_top_k >= 0, "top-k must be >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
-            (0 < self.image_top_p <= 1, f"image top-p must be in (0, 1], got {self.image_top_p}"),
-            (self.repetition_penalty > 0, f"repetition penalty must be > 0, got {self.repetition_penalty}"),
-            (self.cfg_scale >= 0, f"cfg scale must be >= 0, got {self.cfg_scale}"),
-            (
-                self.image_cfg_scale is None or self.image_cfg_scale >= 0,
-                f"image cfg scale must be >= 0, got {self.image_cfg_scale}",
-            ),
-            (self.preview_every >= 0, f"preview_every must be >= 0, got {self.preview_every}"),
-            (-(2**63) <= self.seed < 2**64, f"seed must be in [-2^63, 2^64), got {self.seed}"),
-        ]
-        for name, v in scales.items():
-            greedy = " (or 0: greedy)" if "temperature" in name else ""
-            checks.append((v <= 0 or lo <= v <= hi, f"{name} must be in [{lo:g}, {hi:g}]{greedy}, got {v:g}"))
-        for name, v in guidance.items():
-            checks.append((v is None or v <= MAX_CFG, f"{name} must be at most {MAX_CFG:g}, got {v}"))
-        for ok, message in checks:
-            if not ok:
-                raise InterleafError(message)
+    params: SamplingParams = SamplingParams()
 
 
-# ---- prompts ---------------------------------------------------------------------------------
-def prompt_segments(prompt: Prompt) -> list[PromptItem]:
-    """A prompt as a list: a bare string is one text segment; Paths, PIL images, ImageCodes are images."""
-    if isinstance(prompt, (str, Path, Image.Image, ImageCodes)):
-        return [prompt]
-    items = list(prompt)
-    for item in items:
-        if not isinstance(item, (str, Path, Image.Image, ImageCodes)):
-            raise InterleafError(
-                f"prompt items must be text, a Path, a PIL image or ImageCodes, got {type(item).__name__}"
-            )
-    return items
-
-
-def encode_prompt(pipe, prompt: Prompt) -> list[int]:
-    """Prompt -> ids: `<bos>`, text and `<boi> codes <eoi>` per image, no `<eos>`."""
-    segments = prompt_segments(prompt)
-    if any(not isinstance(s, str) for s in segments) and pipe.vqgan is None:
-        raise InterleafError("this model directory has no VQ-GAN, so prompts cannot hold images")
-    return list(pipe.tokenizer.encode(segments, bos=True, eos=False))
-
-
+# ---- guidance contexts -----------------------------------------------------------------------
 def image_context(ids: Sequence[int], vocab) -> list[int]:
     """The image-only context of a prompt: `<bos>`, its `<boi> codes <eoi>` spans, then `<boi>`."""
     out, inside = [vocab.bos_id], False
@@ -144,7 +61,7 @@ class Row:
     """A request being decoded: its state machine, generator, cache rows and output so far."""
 
     index: int
-    request: Request
+    params: SamplingParams
     state: SequenceState
     generator: torch.Generator
     prompt_ids: list[int]
@@ -160,81 +77,83 @@ class Row:
         """Whether this row's next token is an image code drawn with guidance."""
         return bool(self.guide_rows) and self.state.in_image
 
-    def sampling(self) -> tuple[float, int, float]:
-        """(temperature, top_k, top_p) for the next token's modality."""
-        r = self.request
+    def sampling(self) -> tuple[float, int, float, float]:
+        """(temperature, top_k, top_p, min_p) for the next token's modality."""
+        p = self.params
         if self.state.in_image:
-            return r.image_temperature, r.image_top_k, r.image_top_p
-        return r.temperature, r.top_k, r.top_p
+            return p.image_temperature, p.image_top_k, p.image_top_p, p.image_min_p
+        return p.temperature, p.top_k, p.top_p, p.min_p
 
     def penalty(self) -> float:
         """Repetition penalty for the next token (text only)."""
-        return 1.0 if self.state.in_image else self.request.repetition_penalty
+        return 1.0 if self.state.in_image else self.params.repetition_penalty
 
     def guidance_scales(self) -> tuple[float, float]:
         """(text scale, image scale) of this row's guidance; both 1 when it is not guiding."""
         if not self.guiding:
             return 1.0, 1.0
-        r = self.request
-        s_img = r.cfg_scale if r.image_cfg_scale is None else r.image_cfg_scale
-        return r.cfg_scale, s_img if len(self.guide_rows) == 2 else r.cfg_scale
+        s = self.params.cfg_scale
+        return s, image_scale(self.params) if len(self.guide_rows) == 2 else s
 
 
-def guidance_contexts(request: Request, prompt_ids: list[int], vocab) -> list[list[int]]:
+def image_scale(p: SamplingParams) -> float:
+    """The guidance scale toward the prompt's images (the cfg scale unless set apart)."""
+    return p.cfg_scale if p.image_cfg_scale is None else p.image_cfg_scale
+
+
+def guidance_contexts(p: SamplingParams, prompt_ids: list[int], vocab) -> list[list[int]]:
     """Contexts of the guidance streams: none, [uncond] or [cond_image, uncond]."""
-    if request.mode == "text":
+    if p.mode == "text":
         return []
     uncond = [vocab.bos_id, vocab.boi_id]
-    s_img = request.cfg_scale if request.image_cfg_scale is None else request.image_cfg_scale
-    has_image = vocab.boi_id in prompt_ids
-    if has_image and s_img != request.cfg_scale:
+    if vocab.boi_id in prompt_ids and image_scale(p) != p.cfg_scale:
         return [image_context(prompt_ids, vocab), uncond]
-    return [uncond] if request.cfg_scale != 1 else []
+    return [uncond] if p.cfg_scale != 1 else []
 
 
-def default_max_new_tokens(request: Request, tokens_per_image: int) -> int:
+def default_max_new_tokens(p: SamplingParams, tokens_per_image: int) -> int:
     """Budget when none is given: the image for image mode, else 256 text tokens plus the images."""
-    if request.max_new_tokens is not None:
-        return request.max_new_tokens
+    if p.max_new_tokens is not None:
+        return p.max_new_tokens
     image = tokens_per_image + 2
-    if request.mode == "image":
+    if p.mode == "image":
         return image
-    if request.mode == "interleaved":
-        return DEFAULT_TEXT_TOKENS + request.max_images * image
+    if p.mode == "interleaved":
+        return DEFAULT_TEXT_TOKENS + p.max_images * image
     return DEFAULT_TEXT_TOKENS
 
 
 def check_pipe(pipe, requests: Sequence[Request]) -> None:
     """Raise InterleafError when the model cannot serve these requests."""
-    if any(r.mode != "text" for r in requests):
+    if any(r.params.mode != "text" for r in requests):
         if pipe.vqgan is None:
             raise InterleafError("this model directory has no VQ-GAN, so it cannot draw images")
-        if not getattr(pipe.vqgan.config, "has_decoder", True):
+        if not pipe.vqgan.config.has_decoder:
             raise InterleafError("this model's VQ-GAN has no decoder weights, so it cannot draw images")
+    for r in requests:
+        r.params.check_model(pipe)
 
 
 def make_rows(pipe, requests: Sequence[Request]) -> tuple[list[Row], int]:
-    """Validate and encode every request; return the rows and the number of cache rows."""
+    """Encode every request; return the rows and the number of cache rows."""
     vocab, max_len = pipe.vocab, pipe.model.args.max_seq_len
     n = vocab.tokens_per_image
     rows, next_free = [], len(requests)
     for i, req in enumerate(requests):
-        req.validate()
+        p = req.params
         ids = encode_prompt(pipe, req.prompt)
         if len(ids) >= max_len:
             raise InterleafError(f"prompt is {len(ids)} tokens; the model's context is {max_len}")
-        state = SequenceState(req.mode, n, max_len, default_max_new_tokens(req, n), req.max_images, length=len(ids))
-        if req.mode == "image" and state.max_new_tokens < n + 2:
-            raise InterleafError(f"max_new_tokens={state.max_new_tokens} cannot hold an image ({n + 2} tokens)")
-        if req.mode == "image" and not state.can_start_image():
+        state = SequenceState(p.mode, n, max_len, default_max_new_tokens(p, n), p.max_images, length=len(ids))
+        if p.mode == "image" and not state.can_start_image():
             raise InterleafError(
                 f"prompt is {len(ids)} tokens; an image needs {n + 2} more and the context is {max_len}"
             )
-        contexts = guidance_contexts(req, ids, vocab)
+        contexts = guidance_contexts(p, ids, vocab)
         guide = list(range(next_free, next_free + len(contexts)))
         next_free += len(contexts)
-        gen = torch.Generator(device=_device(pipe)).manual_seed(req.seed)
-        rows.append(Row(i, req, state, gen, ids, guide, contexts, Document(prompt=prompt_segments(req.prompt))))
+        gen = torch.Generator(device=_device(pipe)).manual_seed(p.seed)
+        rows.append(Row(i, p, state, gen, ids, guide, contexts, Document(prompt=prompt_segments(req.prompt))))
     return rows, next_free
 
 
@@ -270,15 +189,9 @@ def next_tokens(live: Sequence[Row], logits: torch.Tensor, masks: torch.Tensor, 
         x = L.apply_repetition_penalty(x, seen[rows], torch.tensor(penalty, device=device))
     allowed = masks[torch.tensor([int(r.state.allowed()) for r in live], device=device)]  # (R, V)
     x = L.apply_mask(x, allowed)
-    temperature, top_k, top_p = zip(*(r.sampling() for r in live))
-    filtering = L.needs_filter(top_k, top_p)
-    return L.sample(
-        x,
-        torch.tensor(temperature, device=device),
-        [r.generator for r in live],
-        torch.tensor(top_k, device=device) if filtering else None,
-        torch.tensor(top_p, device=device) if filtering else None,
-    ).tolist()
+    temperature, *filters = zip(*(r.sampling() for r in live))
+    filters = L.Filters(*(torch.tensor(v, device=device) for v in filters)) if L.needs_filter(*filters) else None
+    return L.sample(x, torch.tensor(temperature, device=device), [r.generator for r in live], filters).tolist()
 
 
 def guide(x: torch.Tensor, live: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
@@ -296,8 +209,6 @@ def guide(x: torch.Tensor, live: Sequence[Row], logits: torch.Tensor) -> torch.T
 # ---- events ------------------------------------------------------------------------------------------
 def decode_image(pipe, codes: Sequence[int]) -> tuple[Image.Image, np.ndarray]:
     """Codes of one image (raster order) -> (PIL image, (h, w) code grid)."""
-    from interleaf.tokenizer.image import to_pil
-
     grid = np.asarray(codes, dtype=np.int64).reshape(pipe.vocab.image_grid)
     with torch.no_grad():
         x = pipe.vqgan.decode_code(torch.from_numpy(grid)[None])  # (1, 3, H, W)
@@ -332,7 +243,7 @@ def take_token(pipe, row: Row, token: int, start: float) -> list[Event]:
         events.append(ImageStart(row.index, row.state.n_images, n))
     elif kind == "code":
         row.codes.append(int(pipe.vocab.id_to_code(np.asarray([token]))[0]))
-        every = row.request.preview_every
+        every = row.params.preview_every
         preview = (
             preview_image(pipe, row.codes) if every and len(row.codes) % every == 0 and len(row.codes) < n else None
         )
@@ -379,10 +290,9 @@ def feeds_after(row: Row, token: int, kind_was_boi: bool) -> dict[int, list[int]
 def stream_requests(pipe, requests: Sequence[Request]) -> Iterator[Event]:
     """Decode a batch of requests together; yield their events as tokens are drawn.
 
-    Requests are checked and prompts encoded before this returns, so bad input raises here, not
-    at the first `next()`.
+    Requests are checked against the model and prompts encoded before this returns, so bad input
+    raises here, not at the first `next()`.
     """
-    requests = [replace(r) for r in requests]
     check_pipe(pipe, requests)
     rows, n_cache_rows = make_rows(pipe, requests)
     return decode_loop(pipe, rows, n_cache_rows)
@@ -412,7 +322,7 @@ def decode_loop(pipe, rows: list[Row], n_cache_rows: int) -> Iterator[Event]:
     with torch.no_grad():
         cache = model.setup_cache(n_cache_rows, cache_length(rows, vocab.tokens_per_image))
         masks = L.mask_table(vocab, model.args.vocab_size, device)
-    seen = repetition_seen(pipe, rows) if any(r.request.repetition_penalty != 1 for r in rows) else None
+    seen = repetition_seen(pipe, rows) if any(r.params.repetition_penalty != 1 for r in rows) else None
     start = time.perf_counter()
     feeds = {r.index: r.prompt_ids for r in rows}
     while feeds:
@@ -432,41 +342,26 @@ def decode_loop(pipe, rows: list[Row], n_cache_rows: int) -> Iterator[Event]:
             feeds.update(feeds_after(row, token, boi))
 
 
-def build_requests(prompt: Prompt, num: int = 1, seed: int = 0, **options) -> list[Request]:
-    """`num` requests for one prompt, seeds `seed`, `seed + 1`, ..."""
+def build_requests(prompt: Prompt, params: SamplingParams, num: int = 1) -> list[Request]:
+    """`num` requests for one prompt, seeds `params.seed`, `params.seed + 1`, ..."""
     if num < 1:
         raise InterleafError(f"num must be >= 1, got {num}")
-    return [Request(prompt=prompt, seed=seed + i, **options) for i in range(num)]
+    return [Request(prompt, replace(params, seed=params.seed + i)) for i in range(num)]
 
 
-def stream(
-    pipe,
-    prompt: Prompt,
-    mode: str = "text",
-    max_new_tokens: int | None = None,
-    max_images: int = 1,
-    temperature: float = 0.7,
-    top_k: int = 0,
-    top_p: float = 0.9,
-    image_temperature: float = 1.0,
-    image_top_k: int = 0,
-    image_top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    cfg_scale: float = 3.0,
-    seed: int = 0,
-    num: int = 1,
-    preview_every: int = 0,
-    image_cfg_scale: float | None = None,
-) -> Iterator[Event]:
-    """Generate from one prompt (`num` samples, seeds seed..seed+num-1); yield events as they come."""
-    options = {k: v for k, v in locals().items() if k not in ("pipe", "prompt", "num", "seed")}
-    return stream_requests(pipe, build_requests(prompt, num, seed, **options))
+def stream(pipe, prompt: Prompt, num: int = 1, **options) -> Iterator[Event]:
+    """Generate from one prompt (`num` samples, seeds seed..seed+num-1); yield events as they come.
+
+    `options` are SamplingParams fields; text items of the prompt are always text (see prompt.py).
+    """
+    check_text_items(prompt)
+    return stream_requests(pipe, build_requests(prompt, SamplingParams(**options), num))
 
 
-def generate(pipe, prompt: Prompt, **kwargs) -> Document | list[Document]:
+def generate(pipe, prompt: Prompt, num: int = 1, **options) -> Document | list[Document]:
     """Like `stream`, collected: the Document (a list of them when num > 1)."""
-    docs = collect(stream(pipe, prompt, **kwargs))
-    return docs if kwargs.get("num", 1) > 1 else docs[0]
+    docs = collect(stream(pipe, prompt, num, **options))
+    return docs if num > 1 else docs[0]
 
 
 def collect(events: Iterator[Event]) -> list[Document]:

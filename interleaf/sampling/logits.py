@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -80,17 +81,35 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen & (p != 1), penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep each row's `top_k` best ids (0 = all) and its smallest nucleus of mass >= `top_p`."""
+class Filters(NamedTuple):
+    """Per-row truncation of the distribution, each (B,): top-k (0 = off), top-p (1 = off),
+    min-p (0 = off)."""
+
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+
+
+def needs_filter(top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]) -> bool:
+    """Whether any row filters (so the sort can be skipped when none does)."""
+    return any(k > 0 for k in top_k) or any(p < 1 for p in top_p) or any(m > 0 for m in min_p)
+
+
+def filter_logits(logits: torch.Tensor, f: Filters) -> torch.Tensor:
+    """Keep each row's `top_k` best ids (0 = all), its smallest nucleus of mass >= `top_p`, and
+    the ids at least `min_p` times as likely as its best (a ratio of probabilities: a difference
+    of logits, unchanged by the other two cuts' renormalisation)."""
     V = logits.shape[-1]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))  # (B,)
+    k = torch.where(f.top_k > 0, f.top_k.clamp(max=V), torch.full_like(f.top_k, V))  # (B,)
     rank = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
     drop = rank >= k.unsqueeze(-1)
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V) mass of strictly better ids
-    p = top_p.to(probs.dtype).unsqueeze(-1)
+    p = f.top_p.to(probs.dtype).unsqueeze(-1)
     drop |= (mass_before >= p) & (p < 1)  # the best id always survives: its mass_before is 0
+    floor = sorted_logits[:, :1] + torch.log(f.min_p.to(sorted_logits.dtype)).unsqueeze(-1)  # (B, 1); -inf if 0
+    drop |= sorted_logits < floor  # the best id survives any min_p <= 1
     drop_unsorted = torch.zeros_like(drop).scatter_(-1, order, drop)
     return logits.masked_fill(drop_unsorted, float("-inf"))
 
@@ -99,8 +118,7 @@ def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     generators: Sequence[torch.Generator],
-    top_k: torch.Tensor | None = None,
-    top_p: torch.Tensor | None = None,
+    filters: Filters | None = None,
 ) -> torch.Tensor:
     """One token id per row (B,): greedy where temperature == 0, else a seeded draw.
 
@@ -114,8 +132,8 @@ def sample(
         return best
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(logits.dtype)
     scaled = logits / t.unsqueeze(-1)
-    if top_k is not None and top_p is not None:
-        scaled = filter_top_k_top_p(scaled, top_k, top_p)
+    if filters is not None:
+        scaled = filter_logits(scaled, filters)
     probs = torch.softmax(scaled, dim=-1)  # (B, V)
     noise = torch.ones_like(probs)
     for b, g in enumerate(generators):
@@ -124,8 +142,3 @@ def sample(
     # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race): no cumsum, no search
     drawn = torch.argmax(probs / noise, dim=-1)
     return torch.where(temperature.to(best.device) > 0, drawn, best)
-
-
-def needs_filter(top_k: Sequence[int], top_p: Sequence[float]) -> bool:
-    """Whether any row filters (so the sort can be skipped when none does)."""
-    return any(k > 0 for k in top_k) or any(p < 1 for p in top_p)

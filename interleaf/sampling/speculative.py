@@ -27,18 +27,21 @@ from dataclasses import dataclass
 
 import torch
 
+from interleaf.sampling import logits as L
 
-def token_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+
+def token_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0
+) -> torch.Tensor:
     """(n, V) masked logits -> (n, V) float32 probabilities sampling draws from (one-hot when greedy)."""
-    from interleaf.sampling.logits import filter_top_k_top_p
-
     logits = logits.float()
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     scaled = logits / temperature
-    if top_k > 0 or top_p < 1:
+    if L.needs_filter([top_k], [top_p], [min_p]):
         n = scaled.shape[0]
-        scaled = filter_top_k_top_p(scaled, torch.full((n,), top_k), torch.full((n,), float(top_p)))
+        filters = L.Filters(*(torch.full((n,), v) for v in (top_k, float(top_p), float(min_p))))
+        scaled = L.filter_logits(scaled, filters)
     return torch.softmax(scaled, dim=-1)
 
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from interleaf.sampling.logits import Allowed
+from interleaf.sampling.params import MODES
 from interleaf.tokenizer.vocab import Vocabulary
-
-MODES = ("text", "image", "interleaved")
 
 
 @dataclass

@@ -65,20 +65,15 @@ def export(
 ) -> Path:
     """Write the model directory of a run's checkpoint; returns `out_dir`.
 
-    `sampling`: options for the directory's sampling.yaml (`pipeline.SamplingDefaults` fields),
-    over those of an earlier export into `out_dir`, which are kept otherwise (merged as
-    `pipeline.with_sampling_defaults` merges a command line's options over a model's).
+    `sampling`: options for the directory's sampling.yaml (the per-model `SamplingParams` fields),
+    over those of an earlier export into `out_dir`, which are kept otherwise (merged by
+    `merge_options`, as a command line's options are over a model's).
     """
-    from interleaf.config import from_dict, load_config
+    from interleaf.config import load_config
     from interleaf.model.args import ModelArgs
     from interleaf.model.transformer import Transformer
-    from interleaf.pipeline import (
-        SamplingDefaults,
-        read_sampling_defaults,
-        save_model_dir,
-        with_sampling_defaults,
-        write_sampling_defaults,
-    )
+    from interleaf.pipeline import read_sampling_defaults, save_model_dir, write_sampling_defaults
+    from interleaf.sampling.params import PER_MODEL, merge_options, options_from
     from interleaf.tokenizer.text import TextTokenizer
     from interleaf.tokenizer.vocab import Vocabulary
     from interleaf.tokenizer.vqgan import VQModel
@@ -95,10 +90,7 @@ def export(
     if not (ckpt / "config.yaml").is_file():
         raise InterleafError(f"checkpoint {ckpt} has no config.yaml: it is incomplete")
     earlier = read_sampling_defaults(out_dir) if out_dir.is_dir() else {}
-    try:
-        sampling = from_dict(SamplingDefaults, with_sampling_defaults(earlier, sampling or {})).options()
-    except InterleafError as e:
-        raise InterleafError(f"sampling defaults: {e}") from None
+    sampling = options_from(merge_options(earlier, sampling or {}), PER_MODEL)
     args = load_config(ModelArgs, ckpt / "model.yaml")
     tok_dir = Path(tokenizer) if tokenizer is not None else run_dir
     text_src = tok_dir / "tokenizer" if (tok_dir / "tokenizer").exists() else tok_dir

@@ -2,12 +2,12 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const OPTIONS = ["mode", "max_new_tokens", "max_images", "temperature", "top_p", "top_k",
-                 "cfg_scale", "seed", "preview_every"];
 
 const state = {
   limits: null,
   model: null,
+  options: [],       // the sampling options, as /api/model describes them
+  fieldsFor: {},     // option name -> the label and input shown for it
   jobId: null,
   abort: null,
   running: false,
@@ -18,7 +18,58 @@ const state = {
   figures: {},       // image index -> figure element
 };
 
-// ---- start-up: the model's description, limits and defaults -------------------------------
+// ---- start-up: the model's description, limits, and every sampling option -------------------
+
+function optionInput(option, value) {
+  let input;
+  if (option.type === "choice") {
+    input = document.createElement("select");
+    for (const choice of option.choices) input.append(new Option(choice, choice));
+  } else {
+    input = document.createElement("input");
+    input.type = "number";
+    input.step = option.type === "int" ? "1" : "any";
+    // bounds the browser can hold exactly; the server checks every value anyway
+    if (option.min !== null && Math.abs(option.min) < 1e15) input.min = option.min;
+    if (option.max !== null && Math.abs(option.max) < 1e15) input.max = option.max;
+    if (option.nullable || value === null) input.placeholder = option.name === "seed" ? "random" : "auto";
+  }
+  input.id = input.name = option.name;
+  input.title = option.help;
+  if (value !== null && value !== undefined) input.value = value;
+  return input;
+}
+
+function buildOptions(options, defaults) {
+  state.options = options;
+  for (const option of options) {
+    const label = document.createElement("label");
+    label.htmlFor = option.name;
+    label.textContent = option.label;
+    label.title = option.help;
+    const input = optionInput(option, defaults[option.name]);
+    $(`group-${option.group}`).querySelector(".grid").append(label, input);
+    state.fieldsFor[option.name] = [label, input];
+  }
+  $("mode").addEventListener("change", showOptionsForMode);
+  showOptionsForMode();
+}
+
+// Only the options that act in the chosen mode are shown (and sent): no text temperature while
+// drawing an image, no image guidance while writing text.
+function showOptionsForMode() {
+  const mode = $("mode").value;
+  for (const option of state.options) {
+    for (const element of state.fieldsFor[option.name]) element.hidden = !option.modes.includes(mode);
+  }
+  for (const group of document.querySelectorAll("fieldset.options")) {
+    group.hidden = [...group.querySelectorAll("input, select")].every((input) => input.hidden);
+  }
+}
+
+function shownOptions() {
+  return state.options.filter((option) => !state.fieldsFor[option.name][1].hidden);
+}
 
 async function loadInfo() {
   try {
@@ -33,12 +84,9 @@ async function loadInfo() {
     if (!m.can_draw) parts.push("cannot draw (no image decoder)");
     $("model-info").textContent = parts.join(" · ");
     $("prompt").maxLength = info.limits.max_prompt_chars;
+    buildOptions(info.options, info.defaults);
     $("max_new_tokens").max = info.limits.max_new_tokens;
     $("max_images").max = info.limits.max_images;
-    for (const [name, value] of Object.entries(info.defaults)) {
-      const input = $(name);
-      if (input && value !== null && value !== undefined && name !== "seed") input.value = value;
-    }
   } catch (err) {
     $("model-info").textContent = `cannot reach the server: ${err}`;
   }
@@ -237,7 +285,7 @@ async function submit(event) {
   const body = new FormData();
   body.append("prompt", $("prompt").value);
   state.settings = {};
-  for (const name of OPTIONS) {
+  for (const { name } of shownOptions()) {
     const value = $(name).value.trim();
     if (value !== "") { body.append(name, value); state.settings[name] = value; }
   }
