@@ -318,13 +318,13 @@ def stream_requests(pipe, requests: Sequence[Request]) -> Iterator[Event]:
 
 
 def repetition_seen(pipe, rows: Sequence[Row]) -> torch.Tensor:
-    """Bool (R, V): the text ids each row's prompt holds (extended as text is generated)."""
+    """Bool (R, V): the ids each row's prompt holds, extended by every token drawn in text mode. As in
+    transformers' penalty (Meta's sampler), a `<boi>` already in the sequence is penalised too."""
     V, device = pipe.model.args.vocab_size, _device(pipe)
     seen = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
     for r in rows:
         seen[r.index, torch.tensor(r.prompt_ids, device=device)] = True
-    text = torch.nn.functional.pad(pipe.vocab.text_mask(), (0, V - pipe.vocab.size)).to(device)
-    return seen & text
+    return seen
 
 
 def cache_length(rows: Sequence[Row], tokens_per_image: int) -> int:
@@ -352,7 +352,7 @@ def decode_loop(pipe, rows: list[Row], n_cache_rows: int) -> Iterator[Event]:
         for row, token in zip(live, tokens):
             was_text = not row.state.in_image
             yield from take_token(pipe, row, token, start)
-            if seen is not None and vocab.is_text(token):
+            if seen is not None and was_text:  # text, <boi>: what text mode may draw again
                 seen[row.index, token] = True
             boi = was_text and row.state.in_image
             if boi and row.guide_rows:
