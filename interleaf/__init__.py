@@ -11,12 +11,17 @@ def load(directory, device="cpu", dtype=None):
 
 
 def __getattr__(name: str):
-    """`interleaf.Image` (a prompt's image) and `interleaf.SamplingParams`, imported when first used:
-    the `interleaf` command imports this package, and its start-up should not wait for PIL."""
+    """`interleaf.Image` (a prompt's image), `interleaf.END_OF_TURN` (a prompt's end of a turn) and
+    `interleaf.SamplingParams`, imported when first used: the `interleaf` command imports this
+    package, and its start-up should not wait for PIL."""
     if name == "Image":
         from interleaf.sampling.prompt import Image
 
         return Image
+    if name == "END_OF_TURN":
+        from interleaf.tokenizer.vocab import END_OF_TURN
+
+        return END_OF_TURN
     if name == "SamplingParams":
         from interleaf.sampling.params import SamplingParams
 

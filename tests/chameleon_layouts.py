@@ -34,10 +34,13 @@ SPLIT = {
     "norm.weight": None,
 }
 TINY_VQ = dict(embed_dim=8, n_embed=64, z_channels=8, resolution=16, ch=32, ch_mult=[1, 2], num_res_blocks=1)
+TEXTS = ("a red circle above a blue square", "the quick brown fox")
+RELEASE_SPECIALS = ("<reserved08706>", "<reserved08707>")  # Meta's end of a turn, and one more reserved name
 
 
-def chameleon_tokenizer(n_codes: int = 64, extra=("<image>",), vocab_size: int = 400):
-    """A byte-level BPE laid out like Chameleon's: <s> <pad> </s> <unk>, IMGIMG codes, <eoss> <racm3:break>, extras."""
+def chameleon_tokenizer(n_codes: int = 64, extra=("<image>",), vocab_size: int = 400, texts=TEXTS):
+    """A byte-level BPE laid out like Chameleon's: <s> <pad> </s> <unk>, IMGIMG codes, <eoss> <racm3:break>, extras,
+    then pieces learned from `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = ["<s>", "<pad>", "</s>", "<unk>"] + [image_token_name(c) for c in range(n_codes)]
@@ -51,7 +54,7 @@ def chameleon_tokenizer(n_codes: int = 64, extra=("<image>",), vocab_size: int =
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(["a red circle above a blue square", "the quick brown fox"] * 10, trainer)
+    tok.train_from_iterator(list(texts) * 10, trainer)
     return tok
 
 
@@ -167,7 +170,15 @@ def taming_vqgan(vq: dict = TINY_VQ, seed: int = 0):
 
 
 def write_meta_release(
-    root: Path, mp: int = 1, seed: int = 0, dtype=torch.bfloat16, vq: dict = TINY_VQ, boi_bias: bool = False, **model_kw
+    root: Path,
+    mp: int = 1,
+    seed: int = 0,
+    dtype=torch.bfloat16,
+    vq: dict = TINY_VQ,
+    boi_bias: bool = False,
+    specials=RELEASE_SPECIALS,
+    texts=TEXTS,
+    **model_kw,
 ) -> dict:
     """Write a random release under `root` (models/7b, tokenizer/); returns what a test compares against:
     {"model": params' model fields, "full": whole tensors, "qk": per-shard q/k norms, "vq_state": VQ-GAN
@@ -175,10 +186,11 @@ def write_meta_release(
 
     boi_bias: a hidden channel every token embedding holds large, read only by the output row of
     <racm3:break> (<boi>), so that a random model opens images by itself (for interleaved generation).
+    specials, texts: the tokenizer's extra special names and the texts its BPE pieces are learned from.
     """
     model = meta_params(**model_kw)
     full, qk = random_weights(model, mp, seed, dtype)
-    tok = chameleon_tokenizer(vq["n_embed"], extra=("<reserved08706>", "<reserved08707>"))
+    tok = chameleon_tokenizer(vq["n_embed"], extra=specials, texts=texts)
     vocab = tok.get_vocab()
     if boi_bias:
         full["tok_embeddings.weight"][:, 0] = 4.0

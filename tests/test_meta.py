@@ -292,18 +292,22 @@ def test_output_directory(releases, tmp_path):
 
 
 def test_generation_runs_from_the_converted_directory(releases, tmp_path, capsys):
-    """Draw, caption and interleaved generation, end to end through the CLI."""
+    """Draw, caption and interleaved generation, end to end through the CLI with Chameleon's sampling
+    settings, each prompt ending its turn as Anole's scripts and transformers' processor do."""
     src, written, out = releases(1, boi_bias=True)
-    assert cli.main(["draw", str(out), "a red circle", "--out", str(tmp_path / "draw"), "--seed", "1"]) == 0
+    assert read_sampling_defaults(out) == CHAMELEON_SAMPLING
+    assert cli.main(["draw", str(out), "a red circle<eot>", "--out", str(tmp_path / "draw"), "--seed", "1"]) == 0
     pngs = sorted((tmp_path / "draw").glob("*.png"))
     assert len(pngs) == 1 and (tmp_path / "draw" / "document.md").is_file()
     from PIL import Image
 
     assert Image.open(pngs[0]).size == (16, 16)
-    argv = ["caption", str(out), str(pngs[0]), "--max-new-tokens", "6", "--out", str(tmp_path / "cap")]
+    argv = ["caption", str(out), str(pngs[0]), "--prompt", "What is this?<eot>", "--max-new-tokens", "6"]
+    argv += ["--out", str(tmp_path / "cap")]
     assert cli.main(argv) == 0
     assert (tmp_path / "cap" / "document.md").read_text().strip()
-    argv = ["generate", str(out), "--prompt", "the quick brown fox", "--image", str(pngs[0]), "--mode", "interleaved"]
+    argv = ["generate", str(out), "--prompt", "<image>the quick brown fox<eot>", "--image", str(pngs[0])]
+    argv += ["--mode", "interleaved"]
     argv += ["--max-new-tokens", "80", "--out", str(tmp_path / "doc")]
     assert cli.main(argv) == 0
     assert len(list((tmp_path / "doc").glob("image-*.png"))) == 1  # the model opened an image and it was drawn

@@ -6,9 +6,9 @@ from PIL import Image
 from interleaf.data.shapes import ShapesWorld
 from interleaf.errors import InterleafError
 from interleaf.tokenizer.image import load_image, to_pil
-from interleaf.tokenizer.multimodal import MultimodalTokenizer
+from interleaf.tokenizer.multimodal import MarkerCountError, MultimodalTokenizer, parse_prompt_text
 from interleaf.tokenizer.text import train_bpe
-from interleaf.tokenizer.vocab import ImageCodes, Vocabulary
+from interleaf.tokenizer.vocab import END_OF_TURN, ImageCodes, Vocabulary
 from interleaf.tokenizer.vqgan import VQConfig, VQModel
 
 WORLD = ShapesWorld(resolution=32)
@@ -149,3 +149,13 @@ def test_encoder_only_vqgan_cannot_draw(text, vqgan):
     assert len(ids) == 1 + len(text.encode("x")) + 2 + 64 + 1
     with pytest.raises(InterleafError, match="decoder"):
         tok.to_images(tok.decode(ids).segments)
+
+
+def test_prompt_text_places_images_and_ends_turns():
+    a, b = object(), object()
+    assert parse_prompt_text("see <image> and <image><eot>", [a, b]) == ["see ", a, " and ", b, END_OF_TURN]
+    assert parse_prompt_text("what is it?<eot>", [a]) == [a, "what is it?", END_OF_TURN]  # no marker: first
+    assert parse_prompt_text("<eot>", []) == [END_OF_TURN] and parse_prompt_text("", [a]) == [a]
+    assert parse_prompt_text("<eot >, <EOT> and <image ", []) == ["<eot >, <EOT> and <image "]  # exact spelling only
+    with pytest.raises(MarkerCountError, match="2 <image> markers but 1 images"):
+        parse_prompt_text("<image><eot><image>", [a])

@@ -25,7 +25,21 @@ from interleaf.sampling.events import Done, ImageDone
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+AUTHORS_WAY = "### Prompting and sampling as the authors do"  # Chameleon's weights: test_chameleon_sampling.py
+
+
+def section(heading: str) -> str:
+    """README's text from `heading` up to the next heading of its level or above."""
+    start = README.index(heading + "\n") + len(heading)
+    end = re.search(rf"^#{{1,{heading.index(' ')}}} ", README[start:], flags=re.M)
+    return README[start : start + end.start()] if end else README[start:]
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+PYTHON_BLOCKS = python_blocks(README.replace(section(AUTHORS_WAY), ""))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from interleaf.tokenizer.vocab import ImageCodes, Vocabulary, special_token_names
+from interleaf.errors import InterleafError
+from interleaf.tokenizer.vocab import END_OF_TURN, ImageCodes, Vocabulary, id_runs, ids_of_runs, special_token_names
 
 
 def text_codec():
@@ -99,3 +100,38 @@ def test_encode_rejects_wrong_grid(vocab):
     enc, _ = text_codec()
     with pytest.raises(Exception, match="2x3"):
         vocab.encode_document([ImageCodes(np.zeros((3, 3), dtype=int))], enc)
+
+
+def test_end_of_turn_round_trips_and_is_the_first_reserved_slot(vocab):
+    enc, dec = text_codec()
+    doc = ["question?", END_OF_TURN, ImageCodes(np.arange(6).reshape(2, 3)), "answer", END_OF_TURN]
+    ids = vocab.encode_document(doc, enc)
+    assert vocab.eot_id == vocab.specials["<reserved_0>"] == 5 and ids.count(5) == 2
+    out = vocab.decode_document(ids, dec)
+    assert out.ok and out.segments == doc
+    assert not vocab.text_mask()[5]  # a special: never text
+
+
+def test_vocab_json_of_before_the_end_of_turn_and_other_specials_still_loads(vocab):
+    old = vocab.to_dict()
+    del old["other_specials"]
+    del old["specials"]["<eot>"]
+    w = Vocabulary.from_dict(old)
+    assert w.eot_id == vocab.eot_id and w.other_specials == [] and w.to_dict() == vocab.to_dict()
+
+
+def test_other_specials_are_never_text_and_stored_as_runs():
+    specials = {name: 100 + i for i, name in enumerate(special_token_names()[:5])}
+    others = [7, 8, 9, 10, 40, 41, 90]
+    v = Vocabulary(size=128, n_text=110, image_ids=[1, 2, 3, 4], image_grid=(2, 2), specials=specials,
+                   other_specials=others)  # fmt: skip
+    assert not any(v.is_text(i) for i in others) and v.is_text(11) and not v.text_mask()[others].any()
+    assert v.to_dict()["other_specials"] == [[7, 4], [40, 2], [90, 1]]
+    assert Vocabulary.from_dict(v.to_dict()).other_specials == others
+    assert ids_of_runs(id_runs([5, 6, 2, 3, 4, 9])) == [5, 6, 2, 3, 4, 9]  # order kept
+    with pytest.raises(InterleafError, match="no end-of-turn token"):
+        v.encode_document(["hi", END_OF_TURN], lambda s: [11])
+    with pytest.raises(InterleafError, match="special ids fall outside"):
+        Vocabulary(size=128, n_text=110, image_ids=[1], image_grid=(1, 1), specials=specials, other_specials=[128])
+    with pytest.raises(InterleafError, match="image code onto a special"):
+        Vocabulary(size=128, n_text=110, image_ids=[7], image_grid=(1, 1), specials=specials, other_specials=[7])

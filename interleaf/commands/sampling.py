@@ -17,6 +17,7 @@ from pathlib import Path
 from interleaf.sampling.params import DEFAULTS, KINDS, OPTIONS, PER_MODEL, requirement
 
 DEFAULT_OUT = "interleaf-out"
+END_OF_TURN_HELP = "<eot> in it is the end of a turn (the model's end-of-turn token)"
 
 
 def flag_of(name: str) -> str:
@@ -91,7 +92,7 @@ def register(subparsers) -> None:
         "runs/shapes-tiny/export --prompt 'a red circle' --mode image --out out/",
     )
     p.add_argument("model_dir", help="model directory (from `interleaf export` or `convert`)")
-    p.add_argument("--prompt", default="", help="prompt text")
+    p.add_argument("--prompt", default="", help=f"prompt text; {END_OF_TURN_HELP}")
     p.add_argument(
         "--image",
         action="append",
@@ -110,7 +111,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("model_dir", help="model directory")
     p.add_argument("image_path", metavar="IMAGE", help="image file")
-    p.add_argument("--prompt", default="", help="text after the image (e.g. a question)")
+    p.add_argument("--prompt", default="", help=f"text after the image (e.g. a question); {END_OF_TURN_HELP}")
     p.add_argument("--out", default=None, help="also write document.md/.html here")
     add_sampling_args(p, fixed={"mode": "text", "max_images": 0}, own={"temperature": 0.0})
     p.set_defaults(func=caption_command)
@@ -121,7 +122,7 @@ def register(subparsers) -> None:
         description='Draw an image. Example: interleaf draw MODEL_DIR "a red circle"',
     )
     p.add_argument("model_dir", help="model directory")
-    p.add_argument("text", metavar="PROMPT", help="what to draw")
+    p.add_argument("text", metavar="PROMPT", help=f"what to draw; {END_OF_TURN_HELP}")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     add_sampling_args(p, fixed={"mode": "image", "max_images": 1})
     p.set_defaults(func=draw_command)
@@ -129,19 +130,22 @@ def register(subparsers) -> None:
 
 def generate_command(args: argparse.Namespace) -> int:
     from interleaf.sampling.prompt import Image
-    from interleaf.tokenizer.multimodal import place_images
+    from interleaf.tokenizer.multimodal import parse_prompt_text
 
-    return run(args, place_images(args.prompt or "", [Image(p) for p in args.image]))
+    return run(args, parse_prompt_text(args.prompt or "", [Image(p) for p in args.image]))
 
 
 def caption_command(args: argparse.Namespace) -> int:
     from interleaf.sampling.prompt import Image
+    from interleaf.tokenizer.multimodal import parse_prompt_text
 
-    return run(args, [Image(args.image_path)] + ([args.prompt] if args.prompt else []))
+    return run(args, parse_prompt_text(args.prompt, [Image(args.image_path)]))
 
 
 def draw_command(args: argparse.Namespace) -> int:
-    return run(args, [args.text])
+    from interleaf.tokenizer.multimodal import parse_prompt_text
+
+    return run(args, parse_prompt_text(args.text, []))
 
 
 @contextlib.contextmanager
@@ -162,9 +166,8 @@ def requests_from_args(args: argparse.Namespace, prompt: list):
     from interleaf.pipeline import read_sampling_defaults
     from interleaf.sampling.generate import build_requests
     from interleaf.sampling.params import SamplingParams, merge_options
-    from interleaf.sampling.prompt import Image
 
-    if not any(isinstance(item, Image) or item.strip() for item in prompt):
+    if not any(not isinstance(item, str) or item.strip() for item in prompt):
         raise InterleafError("the prompt is empty: give --prompt TEXT and/or --image PATH")
     model = read_sampling_defaults(args.model_dir) if Path(args.model_dir).is_dir() else {}
     with named_as_flags():  # also for the seeds of a batch: seed + i is checked as a seed

@@ -26,14 +26,15 @@ import torch
 from interleaf.errors import InterleafError
 from interleaf.model.args import ModelArgs
 from interleaf.model.transformer import Transformer, check_state_dict, check_tensors, expected_shapes
-from interleaf.tokenizer.vocab import Vocabulary
+from interleaf.tokenizer.vocab import END_OF_TURN_NAME, Vocabulary
 from interleaf.utils import atomic_dir, atomic_path, check_replaceable, read_text, write_json
 
 HF_DIR = "hf"  # inside an interleaf model directory: the source's config and tokenizer files
 VQ_PREFIX = "model.vqmodel."
 # Chameleon's names for the specials of the shared vocabulary (tokenizer strings)
 HF_SPECIALS = {"<bos>": "<s>", "<eos>": "</s>", "<pad>": "<pad>", "<boi>": "<racm3:break>", "<eoi>": "<eoss>"}
-HF_EXTRA_SPECIALS = ("<unk>", "<image>")  # kept out of the sampler's text ids
+# and for those a release may lack: the end of a turn (Meta's sampler and transformers' processor)
+HF_OPTIONAL_SPECIALS = {END_OF_TURN_NAME: "<reserved08706>"}
 # Meta's sampler settings for Chameleon (and Anole's scripts): text, image tokens, and guidance toward
 # the text (cfg_scale) and toward the prompt's images (image_cfg_scale)
 CHAMELEON_SAMPLING = dict(
@@ -195,8 +196,19 @@ def image_token_name(code: int) -> str:
     return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
+def is_special_name(name: str) -> bool:
+    """Whether Meta's sampler counts a token as special, never text: its name starts with "<" and is
+    not "<" itself (the <reserved#####>, <sentinel:…> and other <…> names, and BPE pieces such as "</")."""
+    return name.startswith("<") and name != "<"
+
+
 def vocab_from_hf(vocabulary_map: Mapping[str, int], vocab_size: int, image_grid: tuple[int, int]) -> Vocabulary:
-    """Chameleon's token table -> Vocabulary with its own ids (image code i -> id of IMGIMG<i>)."""
+    """Chameleon's token table -> Vocabulary with its own ids (image code i -> id of IMGIMG<i>).
+
+    Text ids are the names Meta's sampler takes as text: every id named neither IMGIMG… nor special
+    (`is_special_name`) and below the highest named id; the other special and unnamed ids there are
+    `other_specials`, never sampled, and ids above are padding.
+    """
     codes = {}
     for name, i in vocabulary_map.items():
         c = image_code_of(name)
@@ -211,13 +223,18 @@ def vocab_from_hf(vocabulary_map: Mapping[str, int], vocab_size: int, image_grid
         if theirs not in vocabulary_map:
             raise InterleafError(f"the tokenizer has no {theirs!r} token (needed as {ours})")
         specials[ours] = int(vocabulary_map[theirs])
-    specials.update({n: int(vocabulary_map[n]) for n in HF_EXTRA_SPECIALS if n in vocabulary_map})
+    specials.update({ours: int(vocabulary_map[t]) for ours, t in HF_OPTIONAL_SPECIALS.items() if t in vocabulary_map})
+    name_of = {int(i): name for name, i in vocabulary_map.items() if 0 <= int(i) < vocab_size}
+    n_text = max(name_of) + 1
+    taken = set(specials.values()) | set(codes.values())
+    others = [i for i in range(n_text) if i not in taken and (i not in name_of or is_special_name(name_of[i]))]
     return Vocabulary(
         size=vocab_size,
-        n_text=vocab_size,
+        n_text=n_text,
         image_ids=[codes[c] for c in range(len(codes))],
         image_grid=image_grid,
         specials=specials,
+        other_specials=others,
     )
 
 

@@ -4,8 +4,10 @@ One batch holds several requests (each with its own mode, sampling options and s
 request r decodes its conditional stream in row r; a request that guides its images
 (classifier-free guidance) owns one or two extra rows, used only while it draws an image. At
 `<boi>` those rows are reset and prefilled with their short contexts (`<bos> <boi>`, and for the
-two-scale guidance of image-conditioned prompts `<bos> prompt-images <boi>`) in the same forward
-call that feeds `<boi>` to the conditional row, whose cache is kept: the prompt is never re-run.
+two-scale guidance of a context that holds images `<bos> images-so-far <boi>`: the prompt's and
+those generated earlier in the document, as Chameleon's `InBatchInstructCFG` streams see them) in the
+same forward call that feeds `<boi>` to the conditional row, whose cache is kept: the prompt is
+never re-run.
 
 Every step is one `model.decode` call over all cache rows with per-row token counts `n_new`
 (0 for idle rows), one batched logit pipeline (guidance, repetition penalty, modality mask,
@@ -44,7 +46,7 @@ class Request:
 
 # ---- guidance contexts -----------------------------------------------------------------------
 def image_context(ids: Sequence[int], vocab) -> list[int]:
-    """The image-only context of a prompt: `<bos>`, its `<boi> codes <eoi>` spans, then `<boi>`."""
+    """The image-only context of a sequence: `<bos>`, its `<boi> codes <eoi>` spans, then `<boi>`."""
     out, inside = [vocab.bos_id], False
     for t in ids:
         inside = inside or t == vocab.boi_id
@@ -65,8 +67,8 @@ class Row:
     state: SequenceState
     generator: torch.Generator
     prompt_ids: list[int]
-    guide_rows: list[int]  # cache rows of the guidance streams, [uncond] or [cond_image, uncond]
-    guide_contexts: list[list[int]]  # what each guidance row is prefilled with at <boi>
+    guide_rows: list[int]  # cache rows for the guidance streams (as many as its images may use)
+    guide_contexts: list[list[int]]  # the current image's streams, [uncond] or [cond_image, uncond]: set at <boi>
     document: Document
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     codes: list[int] = field(default_factory=list)  # codes of the image being drawn
@@ -75,7 +77,12 @@ class Row:
     @property
     def guiding(self) -> bool:
         """Whether this row's next token is an image code drawn with guidance."""
-        return bool(self.guide_rows) and self.state.in_image
+        return bool(self.guide_contexts) and self.state.in_image
+
+    @property
+    def streams(self) -> list[int]:
+        """The cache rows of the current image's guidance streams, in `guide_contexts` order."""
+        return self.guide_rows[: len(self.guide_contexts)]
 
     def sampling(self) -> tuple[float, int, float, float]:
         """(temperature, top_k, top_p, min_p) for the next token's modality."""
@@ -93,7 +100,7 @@ class Row:
         if not self.guiding:
             return 1.0, 1.0
         s = self.params.cfg_scale
-        return s, image_scale(self.params) if len(self.guide_rows) == 2 else s
+        return s, image_scale(self.params) if len(self.guide_contexts) == 2 else s
 
 
 def image_scale(p: SamplingParams) -> float:
@@ -101,14 +108,23 @@ def image_scale(p: SamplingParams) -> float:
     return p.cfg_scale if p.image_cfg_scale is None else p.image_cfg_scale
 
 
-def guidance_contexts(p: SamplingParams, prompt_ids: list[int], vocab) -> list[list[int]]:
-    """Contexts of the guidance streams: none, [uncond] or [cond_image, uncond]."""
+def guidance_contexts(p: SamplingParams, ids: list[int], vocab) -> list[list[int]]:
+    """Contexts of the guidance streams of an image drawn after `ids` (the sequence so far): none,
+    [uncond] or, when `ids` hold images and the two scales differ, [cond_image, uncond]."""
     if p.mode == "text":
         return []
     uncond = [vocab.bos_id, vocab.boi_id]
-    if vocab.boi_id in prompt_ids and image_scale(p) != p.cfg_scale:
-        return [image_context(prompt_ids, vocab), uncond]
+    if vocab.boi_id in ids and image_scale(p) != p.cfg_scale:
+        return [image_context(ids, vocab), uncond]
     return [uncond] if p.cfg_scale != 1 else []
+
+
+def guide_row_count(p: SamplingParams, prompt_ids: list[int], vocab) -> int:
+    """Cache rows a request's guidance needs: the streams of its image that uses the most."""
+    counts = [len(guidance_contexts(p, prompt_ids, vocab))]
+    if p.mode == "interleaved" and p.max_images > 1:  # an image drawn earlier joins the context of the next
+        counts.append(len(guidance_contexts(p, [vocab.boi_id, vocab.eoi_id], vocab)))
+    return max(counts)
 
 
 def default_max_new_tokens(p: SamplingParams, tokens_per_image: int) -> int:
@@ -149,9 +165,10 @@ def make_rows(pipe, requests: Sequence[Request]) -> tuple[list[Row], int]:
             raise InterleafError(
                 f"prompt is {len(ids)} tokens; an image needs {n + 2} more and the context is {max_len}"
             )
-        contexts = guidance_contexts(p, ids, vocab)
-        guide = list(range(next_free, next_free + len(contexts)))
-        next_free += len(contexts)
+        contexts = guidance_contexts(p, ids, vocab)  # the first image's
+        n_guide = guide_row_count(p, ids, vocab)
+        guide = list(range(next_free, next_free + n_guide))
+        next_free += n_guide
         gen = torch.Generator(device=_device(pipe)).manual_seed(p.seed)
         rows.append(Row(i, p, state, gen, ids, guide, contexts, Document(prompt=prompt_segments(req.prompt))))
     return rows, next_free
@@ -198,8 +215,8 @@ def guide(x: torch.Tensor, live: Sequence[Row], logits: torch.Tensor) -> torch.T
     """Classifier-free guidance for the rows drawing an image; other rows pass through unchanged."""
     device = x.device
     # a row without a stream uses its own conditional logits in that place (the term vanishes)
-    uncond = [r.guide_rows[-1] if r.guiding else r.index for r in live]
-    cond_image = [r.guide_rows[0] if r.guiding and len(r.guide_rows) == 2 else r.index for r in live]
+    uncond = [r.streams[-1] if r.guiding else r.index for r in live]
+    cond_image = [r.streams[0] if r.guiding and len(r.streams) == 2 else r.index for r in live]
     s_text, s_image = zip(*(r.guidance_scales() for r in live))
     u = logits[torch.tensor(uncond, device=device)]  # (R, V)
     ci = logits[torch.tensor(cond_image, device=device)]
@@ -274,15 +291,17 @@ def finish(row: Row, start: float) -> Done:
     return Done(row.index, len(row.prompt_ids), n, row.seconds, n / max(row.seconds, 1e-9), row.document)
 
 
-def feeds_after(row: Row, token: int, kind_was_boi: bool) -> dict[int, list[int]]:
-    """What each of a row's cache rows takes in the next forward call."""
+def feeds_after(row: Row, token: int, kind_was_boi: bool, vocab) -> dict[int, list[int]]:
+    """What each of a row's cache rows takes in the next forward call. At `<boi>` the guidance
+    streams start over from the contexts of the whole sequence so far (without that `<boi>`)."""
     if row.state.finished:
         return {}
     feeds = {row.index: [token]}
     if row.guide_rows and kind_was_boi:
-        feeds.update({g: list(ctx) for g, ctx in zip(row.guide_rows, row.guide_contexts)})
-    elif row.guide_rows and row.state.in_image:
-        feeds.update({g: [token] for g in row.guide_rows})
+        row.guide_contexts = guidance_contexts(row.params, row.prompt_ids + row.document.token_ids[:-1], vocab)
+        feeds.update({g: list(ctx) for g, ctx in zip(row.streams, row.guide_contexts)})
+    elif row.guiding:
+        feeds.update({g: [token] for g in row.streams})
     return feeds
 
 
@@ -299,13 +318,13 @@ def stream_requests(pipe, requests: Sequence[Request]) -> Iterator[Event]:
 
 
 def repetition_seen(pipe, rows: Sequence[Row]) -> torch.Tensor:
-    """Bool (R, V): the text ids each row's prompt holds (extended as text is generated)."""
+    """Bool (R, V): the ids each row's prompt holds, extended by every token drawn in text mode. As in
+    transformers' penalty (Meta's sampler), a `<boi>` already in the sequence is penalised too."""
     V, device = pipe.model.args.vocab_size, _device(pipe)
     seen = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
     for r in rows:
         seen[r.index, torch.tensor(r.prompt_ids, device=device)] = True
-    text = torch.nn.functional.pad(pipe.vocab.text_mask(), (0, V - pipe.vocab.size)).to(device)
-    return seen & text
+    return seen
 
 
 def cache_length(rows: Sequence[Row], tokens_per_image: int) -> int:
@@ -333,13 +352,13 @@ def decode_loop(pipe, rows: list[Row], n_cache_rows: int) -> Iterator[Event]:
         for row, token in zip(live, tokens):
             was_text = not row.state.in_image
             yield from take_token(pipe, row, token, start)
-            if seen is not None and vocab.is_text(token):
+            if seen is not None and was_text:  # text, <boi>: what text mode may draw again
                 seen[row.index, token] = True
             boi = was_text and row.state.in_image
             if boi and row.guide_rows:
                 with torch.no_grad():
                     cache.reset(row.guide_rows)
-            feeds.update(feeds_after(row, token, boi))
+            feeds.update(feeds_after(row, token, boi, vocab))
 
 
 def build_requests(prompt: Prompt, params: SamplingParams, num: int = 1) -> list[Request]:

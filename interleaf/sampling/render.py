@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from interleaf.sampling.events import Document
+from interleaf.tokenizer.vocab import END_OF_TURN_NAME, EndOfTurn
 from interleaf.utils import atomic_path, atomic_write
 
 MARKDOWN_FILE = "document.md"
@@ -63,7 +64,8 @@ def _blocks(documents: Sequence[Document], out_dir: Path, written: list[Path]) -
         for i, seg in enumerate(prompt):
             image = _as_image(seg)
             if image is None:
-                blocks.append(("text", seg if isinstance(seg, str) else "[tokenized image]"))
+                shown = END_OF_TURN_NAME if isinstance(seg, EndOfTurn) else "[tokenized image]"
+                blocks.append(("text", seg if isinstance(seg, str) else shown))
             else:
                 written.append(save_png(image, out_dir / f"prompt-{i}.png"))
                 blocks.append(("image", (image, written[-1].name)))

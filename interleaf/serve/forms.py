@@ -28,7 +28,7 @@ from starlette.formparsers import FormParser, MultiPartException, MultiPartParse
 from starlette.requests import Request
 
 from interleaf.sampling.params import OPTIONS, OptionError, SamplingParams
-from interleaf.tokenizer.multimodal import MarkerCountError, place_images
+from interleaf.tokenizer.multimodal import MarkerCountError, parse_prompt_text
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 FORM_FIELDS = ("prompt", "image", *OPTIONS)
@@ -222,13 +222,14 @@ def decode_upload(upload: Upload, limits: ServeLimits) -> Image.Image:
 
 
 def build_prompt(text: Any, images: list[Image.Image], limits: ServeLimits) -> list:
-    """Prompt segments: each `<image>` in the text takes the next upload; else images come first."""
+    """Prompt segments: each `<image>` in the text takes the next upload (else images come first),
+    each `<eot>` ends a turn."""
     if not isinstance(text, str):
         raise RequestError(400, "prompt must be text")
     if len(text) > limits.max_prompt_chars:
         raise RequestError(413, f"prompt is {len(text)} characters; the limit is {limits.max_prompt_chars}")
     try:
-        segments = place_images(text, images)
+        segments = parse_prompt_text(text, images)
     except MarkerCountError as e:
         raise RequestError(
             400, f"the prompt has {e.markers} {e.marker} markers but {e.images} images were uploaded"

@@ -4,11 +4,15 @@ Text goes through the BPE `TextTokenizer`, images through the VQ-GAN (`load_imag
 VQ-GAN's resolution, then `VQModel.encode`), and the shared `Vocabulary` lays them out as
 `<bos> text <boi> codes <eoi> text ... <eos>`. Images already tokenized (`ImageCodes`) skip the
 VQ-GAN, so a tokenizer without one still handles pre-tokenized data.
+
+A prompt written as text (the CLI's, the viewer's) marks where an image goes with `<image>` and the
+end of a turn with `<eot>` (`parse_prompt_text`); the Python API says both with items instead.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,11 +22,21 @@ from PIL import Image
 
 from interleaf.errors import InterleafError
 from interleaf.tokenizer.text import TextTokenizer
-from interleaf.tokenizer.vocab import DecodedDocument, ImageCodes, Segment, Vocabulary
+from interleaf.tokenizer.vocab import (
+    END_OF_TURN,
+    END_OF_TURN_NAME,
+    DecodedDocument,
+    EndOfTurn,
+    ImageCodes,
+    Segment,
+    Vocabulary,
+)
 
-DocumentSegment = str | Image.Image | Path | ImageCodes
+DocumentSegment = str | Image.Image | Path | ImageCodes | EndOfTurn
 IMAGE_BATCH = 16  # images per VQ-GAN call
 IMAGE_MARKER = "<image>"  # where an image goes in a prompt's text
+END_OF_TURN_MARKER = END_OF_TURN_NAME  # where a turn ends in a prompt's text: "<eot>"
+_MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(END_OF_TURN_MARKER)})")
 
 
 class MarkerCountError(InterleafError):
@@ -33,18 +47,21 @@ class MarkerCountError(InterleafError):
         self.markers, self.images, self.marker = markers, images, marker
 
 
-def place_images(text: str, images: Sequence, marker: str = IMAGE_MARKER) -> list:
-    """Prompt segments: each `marker` in the text takes the next image; without markers images come first."""
-    if marker in text:
-        pieces = text.split(marker)
-        if len(pieces) - 1 != len(images):
-            raise MarkerCountError(len(pieces) - 1, len(images), marker)
-        segments: list = [pieces[0]]
-        for image, piece in zip(images, pieces[1:]):
-            segments += [image, piece]
-    else:
-        segments = [*images, text]
-    return [s for s in segments if not (isinstance(s, str) and not s)]
+def parse_prompt_text(text: str, images: Sequence) -> list:
+    """The items of a prompt written as text (the CLI's, the viewer's): each `<image>` takes the next
+    image (without any, the images come first) and each `<eot>` is END_OF_TURN."""
+    pieces = _MARKERS.split(text)  # text, marker, text, marker, ..., text
+    n_markers = pieces[1::2].count(IMAGE_MARKER)
+    if n_markers and n_markers != len(images):
+        raise MarkerCountError(n_markers, len(images))
+    placed = iter(images)
+    items: list = [] if n_markers else list(images)
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            items.append(piece)
+        else:
+            items.append(next(placed) if piece == IMAGE_MARKER else END_OF_TURN)
+    return [s for s in items if not (isinstance(s, str) and not s)]
 
 
 class MultimodalTokenizer:
@@ -110,15 +127,16 @@ class MultimodalTokenizer:
         for i, seg in enumerate(doc):
             if isinstance(seg, (Image.Image, os.PathLike)):
                 images.append(i)
-            elif not isinstance(seg, (str, ImageCodes)):
+            elif not isinstance(seg, (str, ImageCodes, EndOfTurn)):
                 raise InterleafError(
-                    f"segment {i}: expected text, an image (PIL or Path) or ImageCodes, got {type(seg).__name__}"
+                    f"segment {i}: expected text, an image (PIL or Path), ImageCodes or END_OF_TURN, "
+                    f"got {type(seg).__name__}"
                 )
         codes = dict(zip(images, self.encode_images([doc[i] for i in images])))
         return [codes.get(i, seg) for i, seg in enumerate(doc)]
 
     def encode(self, doc: Sequence[DocumentSegment] | str, bos: bool = True, eos: bool = True) -> list[int]:
-        """Document -> model ids: `<bos>`, text tokens, `<boi> codes <eoi>` per image, `<eos>`."""
+        """Document -> model ids: `<bos>`, text tokens, `<boi> codes <eoi>` per image, `<eot>`, `<eos>`."""
         return self.vocab.encode_document(self.segments(doc), self.text.encode, bos=bos, eos=eos)
 
     def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> DecodedDocument:

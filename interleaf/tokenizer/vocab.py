@@ -10,10 +10,17 @@ Default layout (a model trained with interleaf):
     [..., size)             padding so that size is a multiple of 64 (never sampled)
 
 An imported vocabulary (e.g. Chameleon's) keeps its own ids: specials map by name, image codes
-map through an arbitrary table `image_ids`, and everything else below `n_text` is text.
+map through an arbitrary table `image_ids`, the ids of its other special tokens (Chameleon's
+thousands of `<reserved#####>` and other `<…>` names, recorded at conversion) are `other_specials`,
+and everything else below `n_text` is text. Specials of either kind are never text, so the sampler
+never draws one in text mode.
 
-A document is a list of segments: `str` for text, `ImageCodes` for a tokenized image. The
-vocabulary turns a document into ids (`<boi> codes <eoi>` around each image) and ids back into a
+The end of a turn (`END_OF_TURN`: after a user's prompt, before the model's answer) is one
+special token with the role `<eot>`: Chameleon's `<reserved08706>`, the default layout's first
+reserved slot. A vocabulary without one refuses it.
+
+A document is a list of segments: `str` for text, `ImageCodes` for a tokenized image, `END_OF_TURN`.
+The vocabulary turns a document into ids (`<boi> codes <eoi>` around each image) and ids back into a
 document; a malformed stream is decoded as far as it makes sense and its problems are reported.
 """
 
@@ -32,6 +39,8 @@ from interleaf.utils import read_text, write_json
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>")
 N_SPECIAL_SLOTS = 16  # the five above + reserved slots "<reserved_0>" ... for future use
+END_OF_TURN_NAME = "<eot>"  # the end-of-turn token's role in `specials`, and how a prompt's text writes it
+DEFAULT_END_OF_TURN_SLOT = "<reserved_0>"  # the default layout's end of a turn
 VOCAB_FILE = "vocab.json"
 
 
@@ -44,6 +53,22 @@ def special_token_names() -> list[str]:
 def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= n."""
     return (n + multiple - 1) // multiple * multiple
+
+
+def id_runs(ids: Sequence[int]) -> list[list[int]]:
+    """Ids as `[start, count]` runs of consecutive ids, in order: how vocab.json stores a long id list."""
+    runs: list[list[int]] = []
+    for i in map(int, ids):
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return runs
+
+
+def ids_of_runs(runs: Sequence[Sequence[int]]) -> list[int]:
+    """Inverse of id_runs."""
+    return [i for start, count in runs for i in range(int(start), int(start) + int(count))]
 
 
 @dataclass
@@ -61,7 +86,16 @@ class ImageCodes:
         return isinstance(other, ImageCodes) and np.array_equal(self.codes, other.codes)
 
 
-Segment = str | ImageCodes
+@dataclass(frozen=True)
+class EndOfTurn:
+    """The end of a turn in a document or prompt: one special token (the vocabulary's `<eot>`)."""
+
+    def __repr__(self) -> str:
+        return "END_OF_TURN"
+
+
+END_OF_TURN = EndOfTurn()
+Segment = str | ImageCodes | EndOfTurn
 
 
 @dataclass
@@ -84,19 +118,26 @@ class Vocabulary:
     n_text: int
     image_ids: list[int]
     image_grid: tuple[int, int]
-    specials: dict[str, int]
+    specials: dict[str, int]  # role name -> id
+    other_specials: list[int] = field(default_factory=list)  # special ids without a role here: never text
 
     def __post_init__(self):
         self.image_grid = (int(self.image_grid[0]), int(self.image_grid[1]))
         for name in SPECIAL_TOKENS:
             if name not in self.specials:
                 raise InterleafError(f"vocabulary lacks the special token {name}")
+        if END_OF_TURN_NAME not in self.specials and DEFAULT_END_OF_TURN_SLOT in self.specials:
+            # the default layout, also as written before the end-of-turn role existed
+            self.specials = {**self.specials, END_OF_TURN_NAME: self.specials[DEFAULT_END_OF_TURN_SLOT]}
+        self.other_specials = sorted({int(i) for i in self.other_specials})
         ids = np.asarray(self.image_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.size):
             raise InterleafError("vocabulary image ids fall outside the id space")
         if len(np.unique(ids)) != len(ids):
             raise InterleafError("vocabulary maps two image codes to the same id")
-        special_ids = set(self.specials.values())
+        if self.other_specials and (self.other_specials[0] < 0 or self.other_specials[-1] >= self.size):
+            raise InterleafError("vocabulary special ids fall outside the id space")
+        special_ids = set(self.specials.values()) | set(self.other_specials)
         if special_ids & set(ids.tolist()):
             raise InterleafError("vocabulary maps an image code onto a special token")
         self._code_of = np.full(self.size, -1, dtype=np.int64)
@@ -150,6 +191,16 @@ class Vocabulary:
         return self.specials["<eoi>"]
 
     @property
+    def eot_id(self) -> int:
+        """The end-of-turn token; InterleafError when this vocabulary has none."""
+        if END_OF_TURN_NAME not in self.specials:
+            raise InterleafError(
+                f"this model's vocabulary has no end-of-turn token: take {END_OF_TURN_NAME} "
+                "(END_OF_TURN) out of the prompt"
+            )
+        return self.specials[END_OF_TURN_NAME]
+
+    @property
     def n_codes(self) -> int:
         return len(self._image_ids)
 
@@ -192,11 +243,13 @@ class Vocabulary:
     def encode_document(
         self, segments: Sequence[Segment], encode_text: Callable[[str], list[int]], bos: bool = True, eos: bool = True
     ) -> list[int]:
-        """Segments -> ids: text through `encode_text`, images as <boi> codes <eoi>."""
+        """Segments -> ids: text through `encode_text`, images as <boi> codes <eoi>, END_OF_TURN as <eot>."""
         ids = [self.bos_id] if bos else []
         for i, seg in enumerate(segments):
             if isinstance(seg, str):
                 ids.extend(encode_text(seg))
+            elif isinstance(seg, EndOfTurn):
+                ids.append(self.eot_id)
             elif isinstance(seg, ImageCodes):
                 if seg.codes.shape != self.image_grid:
                     raise InterleafError(
@@ -209,7 +262,7 @@ class Vocabulary:
                 ids.extend(self._image_ids[seg.codes.reshape(-1)].tolist())
                 ids.append(self.eoi_id)
             else:
-                raise InterleafError(f"segment {i}: expected text or ImageCodes, got {type(seg).__name__}")
+                raise InterleafError(f"segment {i}: expected text, ImageCodes or END_OF_TURN, got {type(seg).__name__}")
         if eos:
             ids.append(self.eos_id)
         return ids
@@ -221,6 +274,7 @@ class Vocabulary:
         text: list[int] = []
         image: list[int] | None = None  # codes of the image being read, None in text mode
         n = self.tokens_per_image
+        eot = self.specials.get(END_OF_TURN_NAME)
 
         def flush_text():
             if text:
@@ -261,6 +315,9 @@ class Vocabulary:
                 continue
             elif t == self.eos_id:
                 flush_text()
+            elif t == eot:
+                flush_text()
+                segments.append(END_OF_TURN)
             elif t in self._special_ids or t >= self.n_text:
                 problems.append(f"position {pos}: unexpected special or padding id {t}; ignored")
             else:
@@ -281,6 +338,7 @@ class Vocabulary:
             "specials": dict(self.specials),
             # a contiguous table is stored as its start and length, an imported one in full
             "image_ids": {"start": int(ids[0]), "count": len(ids)} if contiguous else ids.tolist(),
+            "other_specials": id_runs(self.other_specials),
         }
 
     @classmethod
@@ -295,6 +353,7 @@ class Vocabulary:
                 image_ids=[int(i) for i in image_ids],
                 image_grid=tuple(d["image_grid"]),
                 specials={str(k): int(v) for k, v in d["specials"].items()},
+                other_specials=ids_of_runs(d.get("other_specials", [])),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InterleafError(f"malformed vocabulary: {e!r}") from None
