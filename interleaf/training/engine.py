@@ -1,7 +1,7 @@
 """DeepSpeed around the model: process group, engine, optimizer, schedule, skipped steps.
 
 The model stays a plain `Transformer`; DeepSpeed wraps it from outside (ZeRO 1/2/3 from the JSON
-files in `configs/deepspeed/`, bf16 on GPU, fp32 on CPU) with a torch AdamW as client optimizer.
+files in the shipped `configs/deepspeed/`, bf16 on GPU, fp32 on CPU) with a torch AdamW as client optimizer.
 The learning rate is set on the optimizer's param groups before every step from
 `lr_at(step)`, so a resumed or re-sharded run needs no scheduler state.
 
@@ -23,12 +23,14 @@ from pathlib import Path
 
 import torch
 
+from interleaf.config import CONFIG_DIR, config_file
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.model.args import ModelArgs
+from interleaf.model.init import RandomInit, TensorSource
+from interleaf.model.transformer import Transformer
 from interleaf.utils import get_logger, read_text
 
 log = get_logger(__name__)
-
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
 # ---- processes -----------------------------------------------------------------------------
@@ -95,11 +97,11 @@ def pick_device() -> torch.device:
 
 # ---- configuration -------------------------------------------------------------------------
 def ds_config_path(spec: str, zero_stage: int, device: torch.device) -> Path:
-    """`auto` -> configs/deepspeed/zero{stage}-{gpu-bf16|cpu-fp32}.json; anything else is a path."""
+    """`auto` -> the shipped configs/deepspeed/zero{stage}-{gpu-bf16|cpu-fp32}.json; else a path."""
     if spec == "auto":
         flavour = "gpu-bf16" if device.type == "cuda" else "cpu-fp32"
-        return CONFIG_ROOT / "deepspeed" / f"zero{zero_stage}-{flavour}.json"
-    return Path(spec)
+        return CONFIG_DIR / "deepspeed" / f"zero{zero_stage}-{flavour}.json"
+    return config_file(spec)
 
 
 def read_ds_json(path: Path) -> dict:
@@ -195,36 +197,45 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-class OutputCarrier:
-    """Let ZeRO-3 see the tensors inside the output head's LossOutput.
+# ---- the model ------------------------------------------------------------------------------
+def build_model(args: ModelArgs, ds_cfg: dict, seed: int, device: torch.device, zero_init: bool = True) -> Transformer:
+    """The model to train, holding the initial weights of `RandomInit(args, seed)` on every path.
 
-    ZeRO-3 re-gathers a module's partitioned weights for its backward through hooks on the tensors
-    the module returns, and it looks inside tuples, lists and dicts only, not dataclasses. So the
-    LossOutput travels as a namedtuple from the output head (`to_tuple`, a forward hook on
-    `model.output` registered before deepspeed.initialize) to the model's return (`from_tuple`, a
-    forward hook on the model registered after DeepSpeed's own, so it runs last); callers still
-    get a LossOutput.
+    ZeRO-3 (with `zero_init`): built inside `deepspeed.zero.Init`, which partitions each module's
+    parameters as soon as that module exists (a module's full tensors live only while it is built),
+    then every rank writes its own partition of each parameter (`fill_parameters`): no rank ever holds
+    the whole model. Otherwise (ZeRO-1/2 keep full weights on every rank anyway) each rank builds the
+    whole model and `deepspeed.initialize` partitions what its stage partitions.
     """
+    if ds_cfg["zero_optimization"]["stage"] != 3 or not zero_init:
+        return Transformer(args, seed=seed).to(device)
+    import deepspeed
 
-    def __init__(self):
-        self.carriers: dict[type, type] = {}
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg):  # partitions hold zero.Init's values until filled
+        model = Transformer(args)
+    fill_parameters(model, RandomInit(args, seed))
+    return model
 
-    def to_tuple(self, module, args, out):
-        import collections
-        import dataclasses
 
-        if not dataclasses.is_dataclass(out):
-            return out
-        cls = type(out)
-        if cls not in self.carriers:
-            names = [f.name for f in dataclasses.fields(cls)]
-            carrier = collections.namedtuple(f"{cls.__name__}Fields", names)
-            self.carriers[cls], self.carriers[carrier] = carrier, cls
-        return self.carriers[cls](*(getattr(out, f.name) for f in dataclasses.fields(cls)))
+def fill_parameters(model: torch.nn.Module, source: TensorSource) -> None:
+    """Write every parameter of `model` from `source`, one tensor at a time (before deepspeed.initialize).
 
-    def from_tuple(self, module, args, out):
-        cls = self.carriers.get(type(out))
-        return cls(*out) if cls is not None else out
+    A ZeRO-3 parameter (built under `deepspeed.zero.Init`) holds only its partition, `ds_tensor`:
+    values [r * n, (r + 1) * n) of the flattened tensor on partition rank r, zero-padded past the
+    end (DeepSpeed's `Init._partition_param`); only that range is read from the source.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not hasattr(p, "ds_tensor"):  # a plain parameter
+                p.copy_(source.read(name, tuple(p.shape), 0, p.numel()).view(p.shape))
+                continue
+            assert p.ds_secondary_tensor is None, "hierarchical partitioning (zero_hpz_partition_size) is not used"
+            part = p.ds_tensor  # (n,)
+            start = part.ds_numel * p.ds_zero_partition_rank
+            stop = min(start + part.ds_numel, p.ds_numel)
+            part.zero_()
+            if stop > start:
+                part[: stop - start].copy_(source.read(name, tuple(p.ds_shape), start, stop))
 
 
 def build_engine(
@@ -235,12 +246,7 @@ def build_engine(
 
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **fused)
-    carrier = OutputCarrier() if ds_cfg["zero_optimization"].get("stage") == 3 else None
-    if carrier is not None:
-        model.output.register_forward_hook(carrier.to_tuple)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-    if carrier is not None:
-        engine.module.register_forward_hook(carrier.from_tuple)
     return engine
 
 

@@ -80,6 +80,9 @@ class TrainConfig:
     zero_stage: Literal[1, 2, 3] = 2
     deepspeed: str = "auto"  # auto: configs/deepspeed/zero{stage}-{gpu-bf16|cpu-fp32}.json; or a path
     activation_checkpointing: bool = False
+    # ZeRO-3: build the model straight into each rank's partitions (deepspeed.zero.Init); false builds
+    # the whole model on every rank first (more memory, the same weights)
+    zero_init: bool = True
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end (when data.eval_sources are given)
@@ -181,9 +184,10 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
     grad_accum = check_world(cfg, world)
     n_streams = cfg.global_batch // cfg.micro_batch
     if cfg.deepspeed != "auto":  # filled in once the device is known; a wrong path fails here
+        from interleaf.config import config_file
         from interleaf.training.engine import read_ds_json
 
-        read_ds_json(Path(cfg.deepspeed))
+        read_ds_json(config_file(cfg.deepspeed))
     if not resume and complete_checkpoints(Path(cfg.run_dir) / CKPT_DIR):
         raise InterleafError(
             f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run_dir"
@@ -309,7 +313,6 @@ class Trainer:
     def setup(self) -> None:
         import torch.distributed as dist
 
-        from interleaf.model.transformer import Transformer
         from interleaf.training import checkpoint as ck
         from interleaf.training import engine as eng
         from interleaf.training.loader import StreamingLoader, make_spec
@@ -326,10 +329,6 @@ class Trainer:
             if self.rank == 0:
                 ck.ensure_universal(ckpt)
             dist.barrier()
-        seed_everything(cfg.seed)  # identical initial weights on every rank, for any world size
-        model = Transformer(plan.model_args).to(self.device)
-        if cfg.activation_checkpointing:
-            eng.apply_activation_checkpointing(model)
         self.ds_cfg = eng.ds_config(
             eng.ds_config_path(cfg.deepspeed, cfg.zero_stage, self.device),
             cfg.global_batch,
@@ -339,6 +338,10 @@ class Trainer:
             self.device,
             universal,
         )
+        # the same initial weights on every rank and every path, for any world size (model/init.py)
+        model = eng.build_model(plan.model_args, self.ds_cfg, cfg.seed, self.device, cfg.zero_init)
+        if cfg.activation_checkpointing:
+            eng.apply_activation_checkpointing(model)
         o = cfg.optim
         self.engine = eng.build_engine(model, self.ds_cfg, o.lr, o.weight_decay, o.betas, o.eps)
         spec = make_spec(cfg.data, plan.sources, plan.vocab, cfg.tokenizer, cfg.steps, plan.n_streams, cfg.micro_batch)
