@@ -6,7 +6,6 @@ Face checkpoints rotate halves instead, and `convert.py` permutes q/k weights be
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch

@@ -14,10 +14,12 @@ exactly as they were (DeepSpeed itself only skips overflowing steps for fp16).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from interleaf.errors import ConfigError, InterleafError
 from interleaf.model.args import ModelArgs
 from interleaf.model.init import RandomInit, TensorSource
 from interleaf.model.transformer import Transformer
-from interleaf.utils import get_logger, read_text
+from interleaf.utils import first_line, get_logger, read_text
 
 log = get_logger(__name__)
 
@@ -59,8 +61,26 @@ def cpu_accelerator_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; returns (rank, world)."""
+class LostContact(InterleafError):
+    """The processes of a run did not meet, or one stopped answering (it died, its node did, or the
+    network failed). Every process sees its own side of it, so the first process of each node reports it."""
+
+
+def lost_contact(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another process is gone or silent: torch's
+    distributed errors (store, network, NCCL) and gloo's transport errors (plain RuntimeErrors)."""
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/transport" in str(e))
+
+
+def contact_error(e: BaseException) -> str:
+    """The gist of a failed collective: its first line without gloo's source location and advice."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0]
+
+
+def init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int]:
+    """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; returns (rank, world).
+
+    Every collective, the first meeting included, gives up after `timeout_s` seconds of silence."""
     cpu_accelerator_env()
     import deepspeed
 
@@ -82,7 +102,18 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         import deepspeed.ops
 
         vars(deepspeed.ops).setdefault("__compatible_ops__", {})
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    except RuntimeError as e:
+        if not lost_contact(e):
+            raise
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise LostContact(
+            f"rank {rank}: the {world} processes of the run did not all meet at {where} within "
+            f"dist_timeout_s={timeout_s:g} ({contact_error(e)}); start every rank (each node's launcher, every srun "
+            f"task) and check that every node reaches that address"
+        ) from None
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
