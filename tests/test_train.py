@@ -4,7 +4,8 @@ One module-scoped set of short runs (debug model, 6 steps, seq_len 32) is shared
 
     A  1 process,  ZeRO-2, 2 accumulation steps     (the reference)
     B  2 processes, ZeRO-2                          same global batch as A
-    D  2 processes, ZeRO-3, activation checkpointing + probe logits, exported afterwards
+    D  2 processes, ZeRO-3, activation checkpointing + probe logits + what ZeRO-3 holds per rank,
+       exported afterwards
     C  B's step-4 checkpoint resumed on 1 process   (universal checkpoint + loader re-split)
     E  1 process: aborted by non-finite losses, restarted, SIGKILLed mid-step, SIGKILLed while
        writing a checkpoint, resumed to the end
@@ -85,7 +86,16 @@ def runs(setup):
     root, base = setup
     ok(train(root / "A", base, "zero_stage=2"))
     ok(train(root / "B", base, "zero_stage=2", nproc=2))
-    ok(train(root / "D", base, "zero_stage=3", "activation_checkpointing=true", nproc=2, faults={"probe": True}))
+    ok(
+        train(
+            root / "D",
+            base,
+            "zero_stage=3",
+            "activation_checkpointing=true",
+            nproc=2,
+            faults={"probe": True, "memory": True},
+        )
+    )
     return root
 
 
@@ -269,3 +279,23 @@ def test_bad_configs_fail_before_work(setup, runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot resume" in err[0] and "dim 64 -> 48" in err[0], err
     assert (run / "config.yaml").read_text() == config
+
+
+def test_memory_plan_is_what_zero3_holds(runs):
+    """`interleaf info --world`'s model states against DeepSpeed's own tensors on each rank of D."""
+    from interleaf.config import load_config
+    from interleaf.model.args import ModelArgs
+    from interleaf.training.engine import read_ds_json
+    from interleaf.training.memory import memory_plan
+
+    args = load_config(ModelArgs, runs / "D" / "model.yaml")
+    zero = read_ds_json(Path(CONFIG).parents[1] / "deepspeed" / "zero3-cpu-fp32.json")["zero_optimization"]
+    plan = memory_plan(args, 2, 3, "fp32", 2, 32, zero)
+    for rank in (0, 1):
+        held = json.loads((runs / "D" / "memory" / f"rank_{rank}.json").read_text())
+        assert held["master_is_param"]  # fp32 partitions are their own master copy: no optimizer bytes for it
+        assert (held["params"], held["grads"], held["moments"]) == (plan.params, plan.grads, plan.optimizer)
+        assert held["bucket"] == plan.bucket
+    assert (
+        memory_plan(args, 2, 3, "fp32", 2, 32, {**zero, "stage3_param_persistence_threshold": 0}).params < plan.params
+    )

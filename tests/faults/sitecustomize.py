@@ -12,19 +12,44 @@ of the run (the `--nproc` launcher, torchrun's workers, ...) patches interleaf's
                          wait there, for the test to kill them (a node that dies mid-run)
     probe: true          after training, save the trained engine's logits on a fixed batch as
                          RUN/probe.safetensors (to compare an export with the engine)
-    memory: true         after the first optimizer step, write RUN/memory/rank_N.json: this process's
-                         partitions of parameters, gradients and optimizer state as DeepSpeed holds them
+    memory: true         after the first optimizer step, write RUN/memory/rank_N.json: the bytes of
+                         parameters, gradients, optimizer state and gradient bucket that DeepSpeed's
+                         ZeRO-3 optimizer holds on this rank
 
-Without INTERLEAF_FAULTS nothing is imported or changed.
+The patches are applied when a process imports interleaf.training.train, so the processes that
+never train (torchrun's agent, data workers, DeepSpeed's converter) start as fast as without them.
+Without INTERLEAF_FAULTS nothing is changed.
 """
 
+import importlib.abc
+import importlib.util
 import json
 import os
+import sys
 
 FAULTS = json.loads(os.environ.get("INTERLEAF_FAULTS", "null"))
+TARGET = "interleaf.training.train"
 
 
-def _install(faults: dict) -> None:
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds TARGET as usual, then runs _install on the module once it has executed."""
+
+    def find_spec(self, name, path, target=None):
+        if name != TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _install(FAULTS, module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _install(faults: dict, train) -> None:
     import signal
     import time
     from pathlib import Path
@@ -32,7 +57,6 @@ def _install(faults: dict) -> None:
     import torch
 
     from interleaf.model.transformer import Transformer
-    from interleaf.training import train
 
     state = {"step": 0, "rank": 0}
 
@@ -116,38 +140,30 @@ def _probe(trainer) -> None:
 
 
 def _write_memory(trainer) -> None:
-    """Bytes of this rank's parameter, gradient and optimizer-state partitions after the first step."""
+    """What DeepSpeed's ZeRO-3 optimizer holds on this rank after the first step, in bytes."""
     import torch
 
-    engine = trainer.engine
-    params = {id(p): p for p in engine.module.parameters()}.values()
+    opt = trainer.engine.optimizer  # DeepSpeedZeroOptimizer_Stage3 around the torch AdamW
+    params = {id(p): p for p in trainer.engine.module.parameters()}.values()
 
     def nbytes(t):
         return t.numel() * t.element_size()
 
-    own = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
-    inner = engine.optimizer.optimizer  # the torch AdamW under DeepSpeed's ZeRO optimizer
-    moments = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
-    masters = [p for group in inner.param_groups for p in group["params"]]
+    moments = [t for st in opt.optimizer.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
     record = {
-        "world": trainer.plan.world,
-        "param_bytes": sum(nbytes(t) for t in own),
-        "master_bytes": sum(nbytes(p) for p in masters),
+        # each tensor's partition, and the whole tensor where it is small enough to persist
+        "params": sum(nbytes(p.ds_tensor) + (nbytes(p.data) if p.ds_persist else 0) for p in params),
         "master_is_param": all(
-            any(m.data_ptr() == t.data_ptr() or _overlaps(m, t) for t in own) for m in masters if m.numel()
+            a is b for a, b in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat)
         ),
-        "grad_bytes": sum(nbytes(p.grad) for p in masters if p.grad is not None),
-        "moment_bytes": sum(nbytes(t) for t in moments),
+        "grads": nbytes(opt.grad_partitions_flat_buffer),
+        "moments": sum(nbytes(t) for t in moments),
+        "bucket": sum(nbytes(b.buffer) for b in opt.ipg_buckets.values()),
     }
     out = trainer.run_dir / "memory" / f"rank_{trainer.rank}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record))
 
 
-def _overlaps(a, b) -> bool:
-    """Whether tensors a and b share storage."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
 if FAULTS:
-    _install(FAULTS)
+    sys.meta_path.insert(0, _PatchOnImport())
