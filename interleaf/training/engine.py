@@ -5,6 +5,12 @@ files in the shipped `configs/deepspeed/`, bf16 on GPU, fp32 on CPU) with a torc
 The learning rate is set on the optimizer's param groups before every step from
 `lr_at(step)`, so a resumed or re-sharded run needs no scheduler state.
 
+Under ZeRO-3 the model is built straight into its partitions (`build_model`). The CPU ZeRO-3 config
+bounds DeepSpeed's working buffers to 1e7 values each (gradient bucket, optimizer sub-groups,
+prefetched, live and kept-for-reuse gathered parameters): its defaults (up to 1e9) would keep a
+whole model of a billion parameters or fewer gathered between forward and backward, and step the
+optimizer over a rank's whole partition at once (bench/memory.py).
+
 A step whose loss is not finite on any rank is skipped: every rank still runs its backward passes
 (ZeRO's collectives must line up), then the optimizer's update is replaced by a no-op for that one
 `engine.step()` and ZeRO discards the gradients as usual. Weights and optimizer moments stay
