@@ -293,8 +293,11 @@ def test_memory_plan_is_what_zero3_holds(runs):
     plan = memory_plan(args, 2, 3, "fp32", 2, 32, zero)
     for rank in (0, 1):
         held = json.loads((runs / "D" / "memory" / f"rank_{rank}.json").read_text())
-        assert held["master_is_param"]  # fp32 partitions are their own master copy: no optimizer bytes for it
-        assert (held["params"], held["grads"], held["moments"]) == (plan.params, plan.grads, plan.optimizer)
+        assert (held["params"], held["grads"], held["master"] + held["moments"]) == (
+            plan.params,
+            plan.grads,
+            plan.optimizer,
+        )
         assert held["bucket"] == plan.bucket
     assert (
         memory_plan(args, 2, 3, "fp32", 2, 32, {**zero, "stage3_param_persistence_threshold": 0}).params < plan.params

@@ -10,6 +10,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from interleaf.model.args import ModelArgs  # noqa: E402
+from interleaf.model.init import RandomInit  # noqa: E402
 from interleaf.model.transformer import Transformer  # noqa: E402
 from interleaf.training.engine import build_model  # noqa: E402
 
@@ -24,7 +25,7 @@ for tied, dtype in ((False, torch.float32), (False, torch.bfloat16), (True, torc
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": dtype == torch.bfloat16},
     }
-    model = build_model(args, ds, 7, torch.device("cpu"))
+    model = build_model(args, ds, RandomInit(args, 7), torch.device("cpu"))
     assert all(p.ds_tensor.numel() < p.ds_numel or world == 1 for p in model.parameters())  # partitioned
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         with deepspeed.zero.GatheredParameters(p):

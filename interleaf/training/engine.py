@@ -34,7 +34,7 @@ import torch
 from interleaf.config import CONFIG_DIR, config_file
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.model.args import ModelArgs
-from interleaf.model.init import RandomInit, TensorSource
+from interleaf.model.init import TensorSource
 from interleaf.model.transformer import Transformer
 from interleaf.utils import first_line, get_logger, read_text
 
@@ -235,22 +235,28 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 # ---- the model ------------------------------------------------------------------------------
-def build_model(args: ModelArgs, ds_cfg: dict, seed: int, device: torch.device, zero_init: bool = True) -> Transformer:
-    """The model to train, holding the initial weights of `RandomInit(args, seed)` on every path.
+def build_model(
+    args: ModelArgs, ds_cfg: dict, source: TensorSource, device: torch.device, zero_init: bool = True
+) -> Transformer:
+    """The model to train, every parameter written from `source` (`RandomInit(args, seed)` for new weights).
 
     ZeRO-3 (with `zero_init`): built inside `deepspeed.zero.Init`, which partitions each module's
     parameters as soon as that module exists (a module's full tensors live only while it is built),
-    then every rank writes its own partition of each parameter (`fill_parameters`): no rank ever holds
-    the whole model. Otherwise (ZeRO-1/2 keep full weights on every rank anyway) each rank builds the
-    whole model and `deepspeed.initialize` partitions what its stage partitions.
+    then every rank writes its own partition of each parameter: no rank ever holds the whole model.
+    Otherwise (ZeRO-1/2 keep full weights on every rank anyway) each rank builds the whole model,
+    once, and `deepspeed.initialize` partitions what its stage partitions.
     """
-    if ds_cfg["zero_optimization"]["stage"] != 3 or not zero_init:
-        return Transformer(args, seed=seed).to(device)
-    import deepspeed
+    if ds_cfg["zero_optimization"]["stage"] == 3 and zero_init:
+        import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg):  # partitions hold zero.Init's values until filled
-        model = Transformer(args)
-    fill_parameters(model, RandomInit(args, seed))
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):  # partitions hold zero.Init's values until filled
+            model = Transformer(args)
+    else:
+        with torch.device("meta"):  # no values yet: `source` writes each tensor once
+            model = Transformer(args)
+        model = model.to_empty(device=device)
+        model.tie_weights()  # to_empty made the tied output weight a tensor of its own
+    fill_parameters(model, source)
     return model
 
 

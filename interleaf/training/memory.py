@@ -6,8 +6,10 @@ parameters over N processes (a ZeRO-3 rank holds ceil(n / N) values of every n-v
                  parameters        gradients                    optimizer state
     bf16 (GPU)   Z1/Z2: 2P         Z1: 2P + 4P/N, Z2: 6P/N       12P/N: fp32 master copy + 2 moments
                  Z3: 2P/N          Z3: 4P/N
-    fp32 (CPU)   Z1/Z2: 4P         Z1: 4P + 4P/N, Z2/Z3: 4P/N    Z1/Z2: 12P/N; Z3: 8P/N (the fp32
-                 Z3: 4P/N                                        partitions are their own master copy)
+    fp32 (CPU)   Z1/Z2: 4P         Z1: 4P + 4P/N, Z2/Z3: 4P/N    12P/N: DeepSpeed keeps a master copy
+                 Z3: 4P/N                                        of fp32 weights too (ZeRO-3 would
+                                                                 skip it, but compares a torch.device
+                                                                 with a device name, never equal)
 
 (DeepSpeed's own estimators count the bf16 rows the same way: 2P + 18P/N for ZeRO-2 and
 18P/N plus the largest module for ZeRO-3.) ZeRO-3 also keeps tensors of at most
@@ -95,14 +97,11 @@ def memory_plan(
     P = sum(sizes)
     share = sum(math.ceil(n / world) for n in sizes) if zero_stage == 3 else math.ceil(P / world)
     persistent = sum(n for n in sizes if n <= zc["stage3_param_persistence_threshold"]) if zero_stage == 3 else 0
-    if dtype == "bf16":
-        params = 2 * (share + persistent if zero_stage == 3 else P)
-        grads = {1: 2 * P + 4 * share, 2: 6 * share, 3: 4 * share}[zero_stage]
-        optimizer = 12 * share
-    else:
-        params = 4 * (share + persistent if zero_stage == 3 else P)
-        grads = {1: 4 * P + 4 * share, 2: 4 * share, 3: 4 * share}[zero_stage]
-        optimizer = 8 * share if zero_stage == 3 else 12 * share
+    params = w * (share + persistent if zero_stage == 3 else P)
+    # whole gradients (ZeRO-1 until the step), then the fp32 partition the optimizer reads; bf16
+    # ZeRO-2 also keeps its reduced partition in bf16
+    grads = {1: w * P + 4 * share, 2: (6 if dtype == "bf16" else 4) * share, 3: 4 * share}[zero_stage]
+    optimizer = 12 * share  # fp32 master weights and AdamW's two moments
     gathered = 2 * w * max(sum(tensors) for tensors in modules.values()) if zero_stage == 3 else 0
     bucket = w * int(zc["reduce_bucket_size"]) if zero_stage in (2, 3) else 0
     tokens = micro_batch * seq_len

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.model.init import RandomInit
 from interleaf.training.checkpoint import check_shared_run_dir, find_checkpoint
 from interleaf.training.loader import DataConfig
 from interleaf.utils import get_logger, usable_cpus
@@ -333,7 +334,8 @@ class Trainer:
             universal,
         )
         # the same initial weights on every rank and every path, for any world size (model/init.py)
-        model = eng.build_model(plan.model_args, self.ds_cfg, cfg.seed, self.device, cfg.zero_init)
+        initial = RandomInit(plan.model_args, cfg.seed)
+        model = eng.build_model(plan.model_args, self.ds_cfg, initial, self.device, cfg.zero_init)
         if cfg.activation_checkpointing:
             eng.apply_activation_checkpointing(model)
         o = cfg.optim

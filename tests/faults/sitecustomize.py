@@ -153,8 +153,9 @@ def _write_memory(trainer) -> None:
     record = {
         # each tensor's partition, and the whole tensor where it is small enough to persist
         "params": sum(nbytes(p.ds_tensor) + (nbytes(p.data) if p.ds_persist else 0) for p in params),
-        "master_is_param": all(
-            a is b for a, b in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat)
+        # the fp32 master copy, where it is not the parameters' own partition
+        "master": sum(
+            nbytes(a) for a, b in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat) if a is not b
         ),
         "grads": nbytes(opt.grad_partitions_flat_buffer),
         "moments": sum(nbytes(t) for t in moments),
