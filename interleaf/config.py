@@ -3,6 +3,11 @@
 Every config in interleaf is a plain dataclass. `load_config(Cls, path, ["a.b=c"])` reads the YAML
 file, applies the overrides, type-checks every value against the dataclass fields and returns an
 instance. Unknown keys and wrong types raise `ConfigError` naming the dotted key.
+
+The configs that ship with interleaf (model sizes, DeepSpeed JSONs, demo, BPE, VQ-GAN, training)
+live inside the package, in `CONFIG_DIR`; the repository's top-level `configs/` is a link to that
+folder. A relative `configs/...` path that does not exist where interleaf runs names the shipped
+file, so the documented commands work from any folder once the package is installed.
 """
 
 from __future__ import annotations
@@ -21,12 +26,23 @@ from interleaf.utils import atomic_write, first_line, read_text
 
 T = TypeVar("T")
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def config_file(path: str | Path) -> Path:
+    """`path` itself if it exists; else a relative `configs/...` path names the shipped file."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or path.parts[:1] != ("configs",):
+        return path
+    return CONFIG_DIR.joinpath(*path.parts[1:])
+
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing or malformed file is a ConfigError."""
-    path = Path(path)
+    """Read a YAML mapping (a shipped config by its `configs/...` name, see `config_file`); a missing
+    or malformed file is a ConfigError."""
+    given, path = path, config_file(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {given}")
     try:
         data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:

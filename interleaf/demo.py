@@ -14,18 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from interleaf.config import CONFIG_DIR
 from interleaf.errors import ConfigError
 from interleaf.evaluate import EvalConfig
 from interleaf.utils import get_logger, write_json
 
 log = get_logger("interleaf.demo")
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "demo" / "shapes-tiny.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "demo" / "shapes-tiny.yaml"
 
 
 @dataclass
 class DemoConfig:
-    """Sizes and configs of each demo stage (paths relative to the repository)."""
+    """Sizes and configs of each demo stage (`configs/...` paths name the shipped configs)."""
 
     resolution: int = 64
     max_shapes: int = 3
@@ -54,11 +54,6 @@ class DemoConfig:
             raise ConfigError("demo: train_documents and val_documents must be >= 1, train_pairs >= 0")
         if self.train_pairs and not 0.0 < self.pair_weight < 1.0:
             raise ConfigError(f"demo: pair_weight must be in (0, 1), got {self.pair_weight}")
-
-
-def _path(p: str) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() or path.exists() else REPO / path
 
 
 class Stages:
@@ -103,7 +98,7 @@ def stage_bpe(cfg: DemoConfig, shards: Path, out: Path) -> None:
     from interleaf.config import load_config
     from interleaf.data.corpus import BPEConfig, run_train_bpe
 
-    bpe = load_config(BPEConfig, _path(cfg.bpe_config), [*cfg.bpe, f"out={out}"])
+    bpe = load_config(BPEConfig, cfg.bpe_config, [*cfg.bpe, f"out={out}"])
     bpe.inputs = [str(shards / "train")]
     bpe.shapes.samples = 0
     bpe.validate()
@@ -115,7 +110,7 @@ def stage_vqgan(cfg: DemoConfig, out: Path) -> dict:
     """The image tokenizer, trained on shapes-world images (resumes an interrupted run)."""
     from interleaf.tokenizer.vqgan_train import format_summary, load_train_config, train_vqgan
 
-    vq = load_train_config(_path(cfg.vqgan_config), [*cfg.vqgan, f"run_dir={out}"])
+    vq = load_train_config(cfg.vqgan_config, [*cfg.vqgan, f"run_dir={out}"])
     resume = any(out.glob("checkpoints/*"))
     metrics = train_vqgan(vq, resume=resume, progress=cfg.progress)
     print("    " + format_summary(metrics, out).replace("\n", "\n    "))
@@ -163,7 +158,7 @@ def stage_train(cfg: DemoConfig, tokenizer: Path, tokens: Path, out: Path) -> di
         f"data.eval_sources=[{{name: shapes-val, paths: [{tokens / 'val'}]}}]",
         *cfg.train,
     ]
-    train = load_train_config(_path(cfg.train_config), overrides)
+    train = load_train_config(cfg.train_config, overrides)
     resume = (out / "checkpoints" / "latest").exists()
     return run_training(train, resume=resume, progress=cfg.progress)
 

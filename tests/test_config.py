@@ -61,14 +61,15 @@ def test_missing_file_is_clear(tmp_path):
 @pytest.mark.parametrize("name", ["shapes-tiny", "shapes-long"])
 def test_shipped_demo_configs_load_with_their_stage_overrides(name):
     """A demo config names other configs plus overrides: all of it must load, or the demo dies late."""
-    from interleaf.demo import REPO, DemoConfig, _path
+    from interleaf.config import CONFIG_DIR
+    from interleaf.demo import DemoConfig
     from interleaf.tokenizer import vqgan_train
     from interleaf.training import train
 
-    cfg = load_config(DemoConfig, REPO / "configs" / "demo" / f"{name}.yaml")
+    cfg = load_config(DemoConfig, CONFIG_DIR / "demo" / f"{name}.yaml")
     cfg.validate()
-    vq = vqgan_train.load_train_config(_path(cfg.vqgan_config), cfg.vqgan)
-    tr = train.load_train_config(_path(cfg.train_config), cfg.train)
+    vq = vqgan_train.load_train_config(cfg.vqgan_config, cfg.vqgan)
+    tr = train.load_train_config(cfg.train_config, cfg.train)
     if name == "shapes-tiny":
         assert (vq.time_limit_min, vq.steps, tr.steps) == (6, 1300, 2000)
     else:

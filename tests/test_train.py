@@ -4,17 +4,18 @@ One module-scoped set of short runs (debug model, 6 steps, seq_len 32) is shared
 
     A  1 process,  ZeRO-2, 2 accumulation steps     (the reference)
     B  2 processes, ZeRO-2                          same global batch as A
-    D  2 processes, ZeRO-3, activation checkpointing + probe logits, exported afterwards
+    D  2 processes, ZeRO-3, activation checkpointing + probe logits + what ZeRO-3 holds per rank,
+       exported afterwards
     C  B's step-4 checkpoint resumed on 1 process   (universal checkpoint + loader re-split)
     E  1 process: aborted by non-finite losses, restarted, SIGKILLed mid-step, SIGKILLed while
        writing a checkpoint, resumed to the end
 
 Every run sees a truncated shard and a garbage shard among its data, and rank 0's loss is made
-NaN at step 2 (a skipped step).
+NaN at step 2 (a skipped step). Faults come from outside the trainer: tests/faults/sitecustomize.py,
+on the processes' PYTHONPATH, patches it as INTERLEAF_FAULTS says.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from training_helpers import make_tokenizer_dir, truncate, write_token_shards
+from training_helpers import fault_env, make_tokenizer_dir, truncate, write_token_shards
 
 from interleaf.cli import main
 from interleaf.errors import ConfigError, InterleafError
@@ -50,19 +51,15 @@ def setup(tmp_path_factory):
         "keep_last=2",
         "eval_every=1",
         "data.shuffle_buffer=32",
-        "debug.nonfinite_steps=[2]",
     ]
     return root, base
 
 
-def train(run_dir, base, *extra, nproc=1, resume=False):
+def train(run_dir, base, *extra, nproc=1, resume=False, faults=None):
     cmd = CLI + ["train", CONFIG, *base, f"run_dir={run_dir}", *extra, "--quiet"]
     cmd += ["--nproc", str(nproc)] if nproc > 1 else []
     cmd += ["--resume"] if resume else []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=fault_env(**(faults or {})), timeout=600)
 
 
 def ok(res):
@@ -89,7 +86,16 @@ def runs(setup):
     root, base = setup
     ok(train(root / "A", base, "zero_stage=2"))
     ok(train(root / "B", base, "zero_stage=2", nproc=2))
-    ok(train(root / "D", base, "zero_stage=3", "activation_checkpointing=true", "debug.probe_logits=true", nproc=2))
+    ok(
+        train(
+            root / "D",
+            base,
+            "zero_stage=3",
+            "activation_checkpointing=true",
+            nproc=2,
+            faults={"probe": True, "memory": True},
+        )
+    )
     return root
 
 
@@ -137,10 +143,10 @@ def test_kills_and_aborts_resume_exactly(runs, setup):
     assert res.returncode == 2
     err = [line for line in res.stderr.splitlines() if "error" in line]
     assert len(err) == 1 and "not finite for 1 steps in a row" in err[0]
-    res = train(e, base, "debug.kill_at_step=5", resume=True)  # no checkpoint yet: starts over
+    res = train(e, base, resume=True, faults={"kill_at_step": 5})  # no checkpoint yet: starts over
     assert res.returncode == -9
     assert (e / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    res = train(e, base, "debug.kill_in_save=6", resume=True)
+    res = train(e, base, resume=True, faults={"kill_in_save": 6})
     assert res.returncode == -9
     ckpts = e / "checkpoints"
     assert (ckpts / ".tmp-step_00000006").is_dir() and (ckpts / "latest").read_text().strip() == "step_00000004"
@@ -273,3 +279,26 @@ def test_bad_configs_fail_before_work(setup, runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot resume" in err[0] and "dim 64 -> 48" in err[0], err
     assert (run / "config.yaml").read_text() == config
+
+
+def test_memory_plan_is_what_zero3_holds(runs):
+    """`interleaf info --world`'s model states against DeepSpeed's own tensors on each rank of D."""
+    from interleaf.config import load_config
+    from interleaf.model.args import ModelArgs
+    from interleaf.training.engine import read_ds_json
+    from interleaf.training.memory import memory_plan
+
+    args = load_config(ModelArgs, runs / "D" / "model.yaml")
+    zero = read_ds_json(Path(CONFIG).parents[1] / "deepspeed" / "zero3-cpu-fp32.json")["zero_optimization"]
+    plan = memory_plan(args, 2, 3, "fp32", 2, 32, zero)
+    for rank in (0, 1):
+        held = json.loads((runs / "D" / "memory" / f"rank_{rank}.json").read_text())
+        assert (held["params"], held["grads"], held["master"] + held["moments"]) == (
+            plan.params,
+            plan.grads,
+            plan.optimizer,
+        )
+        assert held["bucket"] == plan.bucket
+    assert (
+        memory_plan(args, 2, 3, "fp32", 2, 32, {**zero, "stage3_param_persistence_threshold": 0}).params < plan.params
+    )

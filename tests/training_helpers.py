@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,8 @@ import numpy as np
 from interleaf.tokenizer.vocab import Vocabulary
 from interleaf.training.shards import ShardWriter
 from interleaf.training.tokenize import IMAGE, TEXT, TokenDoc
+
+FAULTS_DIR = Path(__file__).resolve().parent / "faults"
 
 CORPUS = [
     "a red circle on the left",
@@ -103,3 +107,13 @@ def truncate(path: Path, keep: float = 0.6) -> None:
     """Cut a file to a fraction of its size (a shard whose copy was interrupted)."""
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
+
+
+def fault_env(**faults) -> dict:
+    """The environment of a training process with `faults` injected (tests/faults/sitecustomize.py);
+    rank 0's loss is NaN at step 2 unless `nan_steps` says otherwise. Launcher variables are dropped."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(FAULTS_DIR))
+    env["INTERLEAF_FAULTS"] = json.dumps({"nan_steps": [2], **faults})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env

@@ -41,13 +41,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     info = subparsers.add_parser(
         "info",
-        help="parameters, FLOPs per token and memory of a model config or directory",
+        help="parameters, FLOPs per token and memory of a model config or directory; per-rank memory of a run",
         description="CONFIG_OR_MODEL_DIR: a configs/model/*.yaml file, a model directory or a named size "
-        f"({', '.join(MODEL_SIZES)}).",
+        f"({', '.join(MODEL_SIZES)}). With --world N: what each of N training processes holds (parameters, "
+        "gradients, optimizer state, activations with and without activation checkpointing) under ZeRO --zero, "
+        "to size a job before queueing it.",
     )
     info.add_argument("target", metavar="CONFIG_OR_MODEL_DIR")
     info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ModelArgs overrides, e.g. n_layers=8")
-    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
+    info.add_argument("--seq-len", type=int, default=None, help="sequence length (default: max_seq_len)")
+    info.add_argument("--world", type=int, default=None, metavar="N", help="memory per process of N processes")
+    info.add_argument("--zero", type=int, default=3, choices=(1, 2, 3), help="ZeRO stage of that run (default 3)")
+    info.add_argument("--micro-batch", type=int, default=1, metavar="B", help="rows per forward (default 1)")
+    info.add_argument(
+        "--dtype", default="bf16", choices=("bf16", "fp32"), help="bf16 (GPU, the default) or fp32 (CPU) training"
+    )
     info.set_defaults(func=info_command)
 
 
@@ -89,14 +97,30 @@ def info_command(args: argparse.Namespace) -> int:
     from interleaf.errors import InterleafError
     from interleaf.model.args import load_model_args, model_summary
 
-    if args.seq_len is not None and args.seq_len < 1:
-        raise InterleafError(f"--seq-len must be >= 1, got {args.seq_len}")
+    for flag, value in (("--seq-len", args.seq_len), ("--world", args.world), ("--micro-batch", args.micro_batch)):
+        if value is not None and value < 1:
+            raise InterleafError(f"{flag} must be >= 1, got {value}")
     margs = load_model_args(args.target, args.overrides)
     print(model_summary(margs, args.seq_len))
     directory = Path(args.target)
     if directory.is_dir():
         print(directory_summary(directory))
+    if args.world is not None:
+        print(run_memory(margs, args))
     return 0
+
+
+def run_memory(margs, args: argparse.Namespace) -> str:
+    """The per-process memory plan of a run, with the shipped DeepSpeed config's gradient bucket."""
+    from interleaf.config import CONFIG_DIR
+    from interleaf.training.engine import read_ds_json
+    from interleaf.training.memory import format_plan, memory_plan
+
+    flavour = "gpu-bf16" if args.dtype == "bf16" else "cpu-fp32"
+    zero = read_ds_json(CONFIG_DIR / "deepspeed" / f"zero{args.zero}-{flavour}.json")["zero_optimization"]
+    seq_len = args.seq_len or margs.max_seq_len
+    plan = memory_plan(margs, args.world, args.zero, args.dtype, args.micro_batch, seq_len, zero)
+    return format_plan(plan, args.world, args.zero, args.dtype, args.micro_batch, seq_len)
 
 
 def directory_summary(directory: Path) -> str:

@@ -59,13 +59,17 @@ def train_command(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and not launched:
         prepare(cfg, args.nproc, args.resume)  # one error line here rather than one per process
         return launch_local(args)
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    from interleaf.training.engine import LostContact, dist_env
+
+    rank, _, local = dist_env()
     try:
         run_training(cfg, resume=args.resume, progress=not args.quiet)
-    except InterleafError:
-        if rank != 0:  # rank 0 reports it; the other ranks hit the same error
-            return 2
-        raise
+    except InterleafError as e:
+        # rank 0 reports what every rank hits alike; a lost contact is seen differently on each node
+        # (and rank 0 may be the one that is gone), so the first process of every node reports it
+        if rank == 0 or (isinstance(e, LostContact) and local == 0):
+            raise
+        return 2
     return 0
 
 

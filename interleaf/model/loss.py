@@ -15,7 +15,7 @@ the backward pass only scales them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,12 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-@dataclass
-class LossOutput:
-    """The loss to backpropagate and its parts (detached, for logging; counts as tensors, no sync)."""
+class LossOutput(NamedTuple):
+    """The loss to backpropagate and its parts (detached, for logging; counts as tensors, no sync).
+
+    A NamedTuple, not a dataclass: wrappers that hook the tensors a module returns (ZeRO-3 re-gathers
+    the output head's weight for backward that way) look inside tuples, and rebuild named ones.
+    """
 
     loss: torch.Tensor  # scalar: ce + z_loss
     ce: torch.Tensor

@@ -6,7 +6,6 @@ Face checkpoints rotate halves instead, and `convert.py` permutes q/k weights be
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -24,6 +23,7 @@ from interleaf.model.attention import (
     resolve_backend,
 )
 from interleaf.model.cache import KVCache
+from interleaf.model.init import RandomInit
 from interleaf.model.loss import LossOutput, chunked_linear_cross_entropy
 from interleaf.model.ops import RopeTable, apply_rope, rms_norm, rope_angles, swiglu
 
@@ -320,7 +320,7 @@ class Transformer(nn.Module):
     loaded with `load_state_dict(..., assign=True)`. Nothing here holds buffers.
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, seed: int | None = None):
         super().__init__()
         args.validate()
         self.args = args
@@ -330,35 +330,24 @@ class Transformer(nn.Module):
         self.output = OutputHead(args.dim, args.vocab_size, bias=False)
         self._rope = RopeTable(args.head_dim, args.rope_theta)  # filled on first use, not a buffer
         self.tie_weights()
-        self.init_weights()
+        self.init_weights(seed)
 
     def tie_weights(self) -> None:
         """With tie_embeddings, make the output head use the embedding table (again, after assign-loading)."""
         if self.args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def init_weights(self) -> None:
-        """Normal(0, init_std) weights; wo and w2 scaled by 1/sqrt(2 n_layers); norms to identity."""
-        std = self.args.init_std
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        if not self.args.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=std)
-        for layer in self.layers:
-            for lin in (
-                layer.attention.wq,
-                layer.attention.wk,
-                layer.attention.wv,
-                layer.feed_forward.w1,
-                layer.feed_forward.w3,
-            ):
-                nn.init.normal_(lin.weight, std=std)
-            for lin in (layer.attention.wo, layer.feed_forward.w2):
-                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.args.n_layers))
-        for m in self.modules():
-            if isinstance(m, (RMSNorm, HeadLayerNorm)):
-                nn.init.ones_(m.weight)
-            if isinstance(m, HeadLayerNorm):
-                nn.init.zeros_(m.bias)
+    def init_weights(self, seed: int | None = None) -> None:
+        """The initial weights of `RandomInit(args, seed)` (model/init.py: normal(0, init_std), wo and w2
+        scaled by 1/sqrt(2 n_layers), norms to identity); seed None draws one from torch's global RNG.
+        Parameters on the meta device are left alone."""
+        params = [(name, p) for name, p in self.named_parameters() if not p.is_meta]
+        if not params:
+            return
+        values = RandomInit(self.args, int(torch.randint(2**62, ())) if seed is None else seed)
+        with torch.no_grad():
+            for name, p in params:  # one tensor at a time; a ZeRO-3 placeholder has no values to write
+                p.copy_(values.read(name, tuple(p.shape), 0, p.numel()).view(p.shape))
 
     # ---- checks ---------------------------------------------------------------------------
     def _check_tokens(self, tokens: torch.Tensor, max_len: int | None = None, what: str = "max_seq_len") -> None:

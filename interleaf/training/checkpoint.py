@@ -32,13 +32,16 @@ import base64
 import json
 import os
 import random
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from interleaf.errors import InterleafError
 from interleaf.utils import atomic_write, get_logger, read_text, write_json
@@ -50,6 +53,7 @@ LATEST = "latest"
 DS_TAG = "state"
 UNIVERSAL_TAG = "state_universal"
 TMP_PREFIX = ".tmp-"
+SHARED_MARKER = ".shared-check"
 
 
 def step_name(step: int) -> str:
@@ -103,16 +107,41 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+# ---- the run folder -------------------------------------------------------------------------
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Collective: every rank must see the run folder rank 0 sees, since every rank writes its part of
+    each checkpoint there and reads it back on resume. Rank 0 writes a random token into it; a rank
+    that cannot read it back is named (with its host) in one InterleafError raised on every rank."""
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    rank, marker, made = dist.get_rank(), run_dir / SHARED_MARKER, False
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    if rank == 0:
+        made = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    sees = marker.is_file() and marker.read_text() == token[0]
+    views = [None] * world
+    dist.all_gather_object(views, (sees, socket.gethostname()))
+    blind = [(r, host) for r, (ok, host) in enumerate(views) if not ok]
+    if rank == 0:
+        marker.unlink()
+        if blind and made:
+            run_dir.rmdir()
+    if blind:
+        hosts = sorted({host for _, host in blind})
+        raise InterleafError(
+            f"run_dir {run_dir} is not shared between the processes: rank{'s' if len(blind) > 1 else ''} "
+            f"{', '.join(str(r) for r, _ in blind)} (on {', '.join(hosts)}) cannot see the file rank 0 "
+            f"(on {views[0][1]}) wrote there; put run_dir on a filesystem every node mounts at the same path"
+        )
+
+
 # ---- saving --------------------------------------------------------------------------------
 def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    engine,
-    trainer_state: dict,
-    loader_state_fn,
-    files: dict,
-    keep_last: int,
-    kill_in_save: bool = False,
+    run_dir: Path, step: int, engine, trainer_state: dict, loader_state_fn, files: dict, keep_last: int
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
@@ -120,8 +149,6 @@ def save_checkpoint(
     maps file names to paths copied into the checkpoint (resolved config, model args). The run
     directory must be on a filesystem every node sees (as DeepSpeed's own checkpoints assume).
     """
-    import torch.distributed as dist
-
     from interleaf.training.loader import full_state
 
     rank = dist.get_rank()
@@ -136,10 +163,6 @@ def save_checkpoint(
     states = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(loader_state_fn(), states, dst=0)
     write_json(tmp / "rng" / f"rank_{rank:05d}.json", rng_state())
-    if kill_in_save:  # test hook: die with the engine state written and the rest missing
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if rank == 0:
         write_json(tmp / "loader.json", full_state(states, trainer_state["n_streams"]))

@@ -1,9 +1,15 @@
 """DeepSpeed around the model: process group, engine, optimizer, schedule, skipped steps.
 
 The model stays a plain `Transformer`; DeepSpeed wraps it from outside (ZeRO 1/2/3 from the JSON
-files in `configs/deepspeed/`, bf16 on GPU, fp32 on CPU) with a torch AdamW as client optimizer.
+files in the shipped `configs/deepspeed/`, bf16 on GPU, fp32 on CPU) with a torch AdamW as client optimizer.
 The learning rate is set on the optimizer's param groups before every step from
 `lr_at(step)`, so a resumed or re-sharded run needs no scheduler state.
+
+Under ZeRO-3 the model is built straight into its partitions (`build_model`). The CPU ZeRO-3 config
+bounds DeepSpeed's working buffers to 1e7 values each (gradient bucket, optimizer sub-groups,
+prefetched, live and kept-for-reuse gathered parameters): its defaults (up to 1e9) would keep a
+whole model of a billion parameters or fewer gathered between forward and backward, and step the
+optimizer over a rank's whole partition at once (bench/memory.py).
 
 A step whose loss is not finite on any rank is skipped: every rank still runs its backward passes
 (ZeRO's collectives must line up), then the optimizer's update is replaced by a no-op for that one
@@ -14,21 +20,25 @@ exactly as they were (DeepSpeed itself only skips overflowing steps for fp16).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
 import torch
 
+from interleaf.config import CONFIG_DIR, config_file
 from interleaf.errors import ConfigError, InterleafError
-from interleaf.utils import get_logger, read_text
+from interleaf.model.args import ModelArgs
+from interleaf.model.init import TensorSource
+from interleaf.model.transformer import Transformer
+from interleaf.utils import first_line, get_logger, read_text
 
 log = get_logger(__name__)
-
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
 # ---- processes -----------------------------------------------------------------------------
@@ -57,8 +67,26 @@ def cpu_accelerator_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; returns (rank, world)."""
+class LostContact(InterleafError):
+    """The processes of a run did not meet, or one stopped answering (it died, its node did, or the
+    network failed). Every process sees its own side of it, so the first process of each node reports it."""
+
+
+def lost_contact(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another process is gone or silent: torch's
+    distributed errors (store, network, NCCL) and gloo's transport errors (plain RuntimeErrors)."""
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/transport" in str(e))
+
+
+def contact_error(e: BaseException) -> str:
+    """The gist of a failed collective: its first line without gloo's source location and advice."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0]
+
+
+def init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int]:
+    """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; returns (rank, world).
+
+    Every collective, the first meeting included, gives up after `timeout_s` seconds of silence."""
     cpu_accelerator_env()
     import deepspeed
 
@@ -80,7 +108,18 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         import deepspeed.ops
 
         vars(deepspeed.ops).setdefault("__compatible_ops__", {})
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    except RuntimeError as e:
+        if not lost_contact(e):
+            raise
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise LostContact(
+            f"rank {rank}: the {world} processes of the run did not all meet at {where} within "
+            f"dist_timeout_s={timeout_s:g} ({contact_error(e)}); start every rank (each node's launcher, every srun "
+            f"task) and check that every node reaches that address"
+        ) from None
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -95,11 +134,11 @@ def pick_device() -> torch.device:
 
 # ---- configuration -------------------------------------------------------------------------
 def ds_config_path(spec: str, zero_stage: int, device: torch.device) -> Path:
-    """`auto` -> configs/deepspeed/zero{stage}-{gpu-bf16|cpu-fp32}.json; anything else is a path."""
+    """`auto` -> the shipped configs/deepspeed/zero{stage}-{gpu-bf16|cpu-fp32}.json; else a path."""
     if spec == "auto":
         flavour = "gpu-bf16" if device.type == "cuda" else "cpu-fp32"
-        return CONFIG_ROOT / "deepspeed" / f"zero{zero_stage}-{flavour}.json"
-    return Path(spec)
+        return CONFIG_DIR / "deepspeed" / f"zero{zero_stage}-{flavour}.json"
+    return config_file(spec)
 
 
 def read_ds_json(path: Path) -> dict:
@@ -195,36 +234,51 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-class OutputCarrier:
-    """Let ZeRO-3 see the tensors inside the output head's LossOutput.
+# ---- the model ------------------------------------------------------------------------------
+def build_model(
+    args: ModelArgs, ds_cfg: dict, source: TensorSource, device: torch.device, zero_init: bool = True
+) -> Transformer:
+    """The model to train, every parameter written from `source` (`RandomInit(args, seed)` for new weights).
 
-    ZeRO-3 re-gathers a module's partitioned weights for its backward through hooks on the tensors
-    the module returns, and it looks inside tuples, lists and dicts only, not dataclasses. So the
-    LossOutput travels as a namedtuple from the output head (`to_tuple`, a forward hook on
-    `model.output` registered before deepspeed.initialize) to the model's return (`from_tuple`, a
-    forward hook on the model registered after DeepSpeed's own, so it runs last); callers still
-    get a LossOutput.
+    ZeRO-3 (with `zero_init`): built inside `deepspeed.zero.Init`, which partitions each module's
+    parameters as soon as that module exists (a module's full tensors live only while it is built),
+    then every rank writes its own partition of each parameter: no rank ever holds the whole model.
+    Otherwise (ZeRO-1/2 keep full weights on every rank anyway) each rank builds the whole model,
+    once, and `deepspeed.initialize` partitions what its stage partitions.
     """
+    if ds_cfg["zero_optimization"]["stage"] == 3 and zero_init:
+        import deepspeed
 
-    def __init__(self):
-        self.carriers: dict[type, type] = {}
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):  # partitions hold zero.Init's values until filled
+            model = Transformer(args)
+    else:
+        with torch.device("meta"):  # no values yet: `source` writes each tensor once
+            model = Transformer(args)
+        model = model.to_empty(device=device)
+        model.tie_weights()  # to_empty made the tied output weight a tensor of its own
+    fill_parameters(model, source)
+    return model
 
-    def to_tuple(self, module, args, out):
-        import collections
-        import dataclasses
 
-        if not dataclasses.is_dataclass(out):
-            return out
-        cls = type(out)
-        if cls not in self.carriers:
-            names = [f.name for f in dataclasses.fields(cls)]
-            carrier = collections.namedtuple(f"{cls.__name__}Fields", names)
-            self.carriers[cls], self.carriers[carrier] = carrier, cls
-        return self.carriers[cls](*(getattr(out, f.name) for f in dataclasses.fields(cls)))
+def fill_parameters(model: torch.nn.Module, source: TensorSource) -> None:
+    """Write every parameter of `model` from `source`, one tensor at a time (before deepspeed.initialize).
 
-    def from_tuple(self, module, args, out):
-        cls = self.carriers.get(type(out))
-        return cls(*out) if cls is not None else out
+    A ZeRO-3 parameter (built under `deepspeed.zero.Init`) holds only its partition, `ds_tensor`:
+    values [r * n, (r + 1) * n) of the flattened tensor on partition rank r, zero-padded past the
+    end (DeepSpeed's `Init._partition_param`); only that range is read from the source.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not hasattr(p, "ds_tensor"):  # a plain parameter
+                p.copy_(source.read(name, tuple(p.shape), 0, p.numel()).view(p.shape))
+                continue
+            assert p.ds_secondary_tensor is None, "hierarchical partitioning (zero_hpz_partition_size) is not used"
+            part = p.ds_tensor  # (n,)
+            start = part.ds_numel * p.ds_zero_partition_rank
+            stop = min(start + part.ds_numel, p.ds_numel)
+            part.zero_()
+            if stop > start:
+                part[: stop - start].copy_(source.read(name, tuple(p.ds_shape), start, stop))
 
 
 def build_engine(
@@ -235,12 +289,7 @@ def build_engine(
 
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **fused)
-    carrier = OutputCarrier() if ds_cfg["zero_optimization"].get("stage") == 3 else None
-    if carrier is not None:
-        model.output.register_forward_hook(carrier.to_tuple)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-    if carrier is not None:
-        engine.module.register_forward_hook(carrier.from_tuple)
     return engine
 
 

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any, Literal
 
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.model.init import RandomInit
+from interleaf.training.checkpoint import check_shared_run_dir, find_checkpoint
 from interleaf.training.loader import DataConfig
 from interleaf.utils import get_logger, usable_cpus
 
@@ -55,16 +56,6 @@ class OptimConfig:
 
 
 @dataclass
-class DebugConfig:
-    """Test hooks: make failures happen on purpose at a given step."""
-
-    nonfinite_steps: list[int] = field(default_factory=list)  # rank 0's loss becomes NaN at these steps
-    kill_at_step: int = 0  # SIGKILL this process in the middle of this step (after one backward)
-    kill_in_save: int = 0  # SIGKILL while the checkpoint of this step is being written
-    probe_logits: bool = False  # after training, save the engine's logits on a fixed batch (probe.safetensors)
-
-
-@dataclass
 class TrainConfig:
     """Everything `interleaf train` needs; saved, resolved, as RUN/config.yaml."""
 
@@ -80,16 +71,20 @@ class TrainConfig:
     zero_stage: Literal[1, 2, 3] = 2
     deepspeed: str = "auto"  # auto: configs/deepspeed/zero{stage}-{gpu-bf16|cpu-fp32}.json; or a path
     activation_checkpointing: bool = False
+    # ZeRO-3: build the model straight into each rank's partitions (deepspeed.zero.Init); false builds
+    # the whole model on every rank first (more memory, the same weights)
+    zero_init: bool = True
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end (when data.eval_sources are given)
     save_every: int = 500
     keep_last: int = 3  # checkpoints kept (0: all)
     max_nonfinite: int = 5  # abort after this many non-finite losses in a row
+    # seconds a process waits for the others (start-up, any collective) before it stops with a message
+    dist_timeout_s: float = 1800.0
     peak_tflops: float = 0.0  # per device, for MFU (0: guess from the GPU name; none on CPU)
     tensorboard: bool = False
     threads: int = 0  # torch CPU threads per process (0: torch's default)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "max_nonfinite"):
@@ -101,6 +96,8 @@ class TrainConfig:
         cores = usable_cpus()
         if self.threads > cores:
             raise ConfigError(f"threads={self.threads} is more than the {cores} CPU cores this process may use")
+        if not 0 < self.dist_timeout_s < float("inf"):
+            raise ConfigError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
         if self.global_batch % self.micro_batch:
             raise ConfigError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
 
@@ -181,9 +178,10 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
     grad_accum = check_world(cfg, world)
     n_streams = cfg.global_batch // cfg.micro_batch
     if cfg.deepspeed != "auto":  # filled in once the device is known; a wrong path fails here
+        from interleaf.config import config_file
         from interleaf.training.engine import read_ds_json
 
-        read_ds_json(Path(cfg.deepspeed))
+        read_ds_json(config_file(cfg.deepspeed))
     if not resume and complete_checkpoints(Path(cfg.run_dir) / CKPT_DIR):
         raise InterleafError(
             f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run_dir"
@@ -270,13 +268,14 @@ def check_same_model(args, ckpt: Path) -> None:
 STATS = ("loss", "ce", "z_loss", "text_sum", "n_text", "image_sum", "n_image", "n_tokens", "crc", "nonfinite")
 
 
-def step_stats(out, loss, crc: int):
+def step_stats(out, crc: int):
     """One micro-batch's contribution to the step's global sums (float64 (len(STATS),), no sync)."""
     import torch
 
+    loss = out.loss.detach()
     parts = torch.stack(
         [
-            loss.detach().double(),
+            loss.double(),
             out.ce.double(),
             out.z_loss.double(),
             (out.text_loss * out.n_text_tokens).double(),
@@ -287,7 +286,7 @@ def step_stats(out, loss, crc: int):
             torch.tensor(float(crc), dtype=torch.float64, device=loss.device),
         ]
     ).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite micro-batch is counted below instead
-    return torch.cat([parts, (~torch.isfinite(loss.detach())).double().reshape(1)])
+    return torch.cat([parts, (~torch.isfinite(loss)).double().reshape(1)])
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -309,7 +308,6 @@ class Trainer:
     def setup(self) -> None:
         import torch.distributed as dist
 
-        from interleaf.model.transformer import Transformer
         from interleaf.training import checkpoint as ck
         from interleaf.training import engine as eng
         from interleaf.training.loader import StreamingLoader, make_spec
@@ -326,10 +324,6 @@ class Trainer:
             if self.rank == 0:
                 ck.ensure_universal(ckpt)
             dist.barrier()
-        seed_everything(cfg.seed)  # identical initial weights on every rank, for any world size
-        model = Transformer(plan.model_args).to(self.device)
-        if cfg.activation_checkpointing:
-            eng.apply_activation_checkpointing(model)
         self.ds_cfg = eng.ds_config(
             eng.ds_config_path(cfg.deepspeed, cfg.zero_stage, self.device),
             cfg.global_batch,
@@ -339,6 +333,11 @@ class Trainer:
             self.device,
             universal,
         )
+        # the same initial weights on every rank and every path, for any world size (model/init.py)
+        initial = RandomInit(plan.model_args, cfg.seed)
+        model = eng.build_model(plan.model_args, self.ds_cfg, initial, self.device, cfg.zero_init)
+        if cfg.activation_checkpointing:
+            eng.apply_activation_checkpointing(model)
         o = cfg.optim
         self.engine = eng.build_engine(model, self.ds_cfg, o.lr, o.weight_decay, o.betas, o.eps)
         spec = make_spec(cfg.data, plan.sources, plan.vocab, cfg.tokenizer, cfg.steps, plan.n_streams, cfg.micro_batch)
@@ -448,13 +447,8 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             b = to_torch(mb, self.device)
             out = engine(b["tokens"], b["doc_ids"], targets=b["targets"], weights=b["weights"], is_image=b["is_image"])
-            loss = out.loss
-            if self.rank == 0 and self.step + 1 in cfg.debug.nonfinite_steps:  # test hook
-                loss = loss * float("nan")
-            acc += step_stats(out, loss, batch_crc(mb))
-            engine.backward(loss)
-            if cfg.debug.kill_at_step == self.step + 1:  # test hook: die in the middle of a step
-                os.kill(os.getpid(), signal.SIGKILL)
+            acc += step_stats(out, batch_crc(mb))
+            engine.backward(out.loss)
             if i < len(micro_batches) - 1:
                 engine.step()  # accumulates; the optimizer runs at the last micro-batch
         dist.all_reduce(acc)
@@ -570,14 +564,7 @@ class Trainer:
         }
         files = {"config.yaml": self.run_dir / "config.yaml", "model.yaml": self.run_dir / "model.yaml"}
         ck.save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.engine,
-            state,
-            self.loader.state_dict,
-            files,
-            self.cfg.keep_last,
-            kill_in_save=self.cfg.debug.kill_in_save == self.step,
+            self.run_dir, self.step, self.engine, state, self.loader.state_dict, files, self.cfg.keep_last
         )
 
     # -- main loop --
@@ -628,8 +615,6 @@ class Trainer:
                 self.save()
         bar.close()
         self._eval_and_log()
-        if cfg.debug.probe_logits:
-            self.probe()
         dist.barrier()
         return last
 
@@ -666,19 +651,6 @@ class Trainer:
                 parts = [f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)]
                 log.info("step %d held-out: %s", self.step, ", ".join(parts))
 
-    def probe(self) -> None:
-        """Logits of the trained engine on a fixed batch, saved as RUN/probe.safetensors (tests, export checks)."""
-        import torch
-        from safetensors.torch import save_file
-
-        g = torch.Generator().manual_seed(1234)
-        tokens = torch.randint(0, self.plan.vocab.size, (2, min(16, self.cfg.data.seq_len)), generator=g)
-        self.engine.eval()
-        with torch.no_grad():
-            logits = self.engine(tokens.to(self.device)).float().cpu()
-        if self.rank == 0:
-            save_file({"tokens": tokens, "logits": logits.contiguous()}, str(self.run_dir / "probe.safetensors"))
-
 
 # ---- entry point ---------------------------------------------------------------------------
 def load_train_config(path, overrides=()) -> TrainConfig:
@@ -702,9 +674,10 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         torch.set_num_threads(cfg.threads)
     device = eng.pick_device()
     env_before = set(os.environ)
-    rank, world = eng.init_distributed(device)
+    rank, world = eng.init_distributed(device, cfg.dist_timeout_s)
     trainer = Trainer(plan, rank, device, resume)
     try:
+        check_shared_run_dir(Path(cfg.run_dir))
         if rank == 0 and not (resume and (Path(cfg.run_dir) / "config.yaml").is_file()):
             trainer.write_run_files()
         elif rank == 0:
@@ -720,6 +693,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
                 f"{loss if loss is None else round(loss, 4)}; skipped {trainer.skipped}; run: {cfg.run_dir}"
             )
         return last
+    except RuntimeError as e:
+        if not eng.lost_contact(e):
+            raise
+        ckpt = find_checkpoint(Path(cfg.run_dir))
+        then = f"resume the whole job from {ckpt.name} with --resume" if ckpt else "no checkpoint yet: start it again"
+        raise eng.LostContact(
+            f"rank {rank}: lost contact with the other processes of the run in step {trainer.step + 1} "
+            f"({eng.contact_error(e)}): a process or a node stopped, or the network failed; {then}"
+        ) from None
     finally:
         if trainer.tb is not None:
             trainer.tb.close()
