@@ -123,20 +123,10 @@ def stage_vqgan(cfg: DemoConfig, out: Path) -> dict:
 
 
 def stage_tokenizer(cfg: DemoConfig, bpe: Path, vq_run: Path, out: Path) -> None:
-    """Assemble the tokenizer directory: text tokenizer, VQ-GAN and the shared vocabulary."""
-    import shutil
+    """The tokenizer directory: text tokenizer, VQ-GAN and the shared vocabulary (`interleaf build-tokenizer`)."""
+    from interleaf.training.tokenize import build_tokenizer_dir
 
-    from interleaf.tokenizer.text import TextTokenizer
-    from interleaf.tokenizer.vocab import Vocabulary
-    from interleaf.tokenizer.vqgan import VQModel
-
-    text = TextTokenizer.load(bpe)
-    vq = VQModel.load(vq_run / "vqgan")
-    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    text.save(out / "tokenizer")
-    shutil.rmtree(out / "vqgan", ignore_errors=True)
-    vq.save(out / "vqgan")
-    Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid).save(out)
+    build_tokenizer_dir(bpe, vq_run, out)
 
 
 def stage_tokenize(cfg: DemoConfig, shards: Path, tokenizer: Path, out: Path) -> None:

@@ -1,4 +1,5 @@
-"""`interleaf shards` (write document shards) and `interleaf tokenize` (document -> token shards)."""
+"""`interleaf shards` (write document shards), `interleaf build-tokenizer` (BPE + VQ-GAN -> a tokenizer
+directory) and `interleaf tokenize` (document -> token shards)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,21 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="shapes: world seed")
     p.add_argument("--start", type=int, default=0, help="shapes: first scene index (held-out sets use another range)")
     p.set_defaults(func=shards_command)
+
+    p = subparsers.add_parser(
+        "build-tokenizer",
+        help="put a BPE and a VQ-GAN into one tokenizer directory with their shared vocabulary",
+        description="Write a tokenizer directory (vocab.json, tokenizer/, vqgan/) from the output of train-bpe and "
+        "a finished train-vqgan run: what `tokenize --tokenizer`, `train tokenizer=...` and `export --tokenizer` read.",
+    )
+    p.add_argument(
+        "--bpe", required=True, metavar="DIR", help="train-bpe's output folder (or a tokenizer.json / .model)"
+    )
+    p.add_argument(
+        "--vqgan", required=True, metavar="DIR", help="a finished train-vqgan run folder (or its vqgan/ model folder)"
+    )
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="the tokenizer directory to write")
+    p.set_defaults(func=build_tokenizer_command)
 
     p = subparsers.add_parser(
         "tokenize",
@@ -165,6 +181,18 @@ def shards_command(args: argparse.Namespace) -> int:
             progress=bar.update,
         )
     print(f"wrote {total} documents into {len(paths)} shard(s) in {args.out}")
+    return 0
+
+
+def build_tokenizer_command(args: argparse.Namespace) -> int:
+    from interleaf.training.tokenize import build_tokenizer_dir
+
+    files = build_tokenizer_dir(args.bpe, args.vqgan, args.out)
+    v = files.vocab
+    print(
+        f"tokenizer directory {args.out}: {files.text.vocab_size} text ids + {v.n_codes} image codes "
+        f"({v.image_grid[0]}x{v.image_grid[1]} per image) in a vocabulary of {v.size} ids"
+    )
     return 0
 
 
