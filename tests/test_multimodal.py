@@ -138,6 +138,11 @@ def test_bad_inputs(tok, text, vqgan, tmp_path):
     small = Vocabulary.build(n_text=text.vocab_size, n_codes=32, image_grid=(8, 8))
     with pytest.raises(InterleafError, match="codes"):
         MultimodalTokenizer(small, text, vqgan)
+    # a vocabulary made for a smaller BPE: the text ids would run into its image codes
+    narrow = Vocabulary.build(n_text=text.vocab_size - 1, n_codes=64, image_grid=(8, 8))
+    assert narrow.size > text.vocab_size
+    with pytest.raises(InterleafError, match="room for"):
+        MultimodalTokenizer(narrow, text, vqgan)
 
 
 def test_encoder_only_vqgan_cannot_draw(text, vqgan):
