@@ -7,7 +7,8 @@ A run directory holds:
     checkpoints/step_XXXXXXXX/   model.safetensors, disc.safetensors, optim.pt (optimizer + RNG
                                  state, torch.load(weights_only=True)), train_state.json, config.yaml
     vqgan/                       final model (VQModel.save)
-    metrics.json                 final validation PSNR, codebook usage, perplexity, timings
+    metrics.json                 final validation PSNR, codebook usage, perplexity, timings, and
+                                 stopped_by_time_limit (an opt-in time_limit_min cut the run short)
 
 Batches are a pure function of (seed, step), and the checkpoint carries the optimizer and RNG
 states, so a resumed run continues exactly where the interrupted one stopped.
