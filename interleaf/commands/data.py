@@ -72,12 +72,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "tokenize",
         help="turn document shards into token shards (BPE + VQ-GAN once, offline)",
-        description="Tokenize document shards with a tokenizer directory (vocab.json, tokenizer/, vqgan/); "
-        "one worker process per shard at a time.",
+        description="Tokenize document shards with a tokenizer directory (vocab.json, tokenizer/, vqgan/: "
+        "`interleaf build-tokenizer` makes one); one worker process per shard at a time.",
     )
     p.add_argument("inputs", nargs="+", help="document shards: files, globs, brace patterns or folders")
     p.add_argument("-o", "--out", required=True, help="output folder for token shards")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument(
+        "--tokenizer", required=True, help="tokenizer directory (from build-tokenizer, or a model directory)"
+    )
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
     p.add_argument("--device", default="cpu", help="device for the VQ-GAN (cpu, cuda)")
     p.add_argument("--max-size", default="256MB", help="bytes per output shard")
