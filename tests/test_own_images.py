@@ -7,6 +7,8 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ SECTION = "## Train on your own images"
 TINY = {
     "train-vqgan": ["steps=3", "batch_size=4", "data.val_images=4", "log_every=1", "save_every=3", "--no-progress"],
     "tokenize": ["--quiet"],
-    "train": ["steps=2", "save_every=2", "eval_every=0", "log_every=1", "model_size=debug", "--quiet"],
+    "train": ["steps=2", "save_every=2", "eval_every=0", "log_every=1", "model_size=debug", "threads=1", "--quiet"],
 }
 STEPS = ["shards", "train-bpe", "train-vqgan", "build-tokenizer", "tokenize", "train", "export", "draw"]
 
@@ -65,7 +67,11 @@ def own(tmp_path_factory, one_thread):
         commands = readme_commands()
         assert [c[0] for c in commands] == STEPS  # the whole path, in order, and nothing else
         for args in commands:
-            assert main(args + TINY.get(args[0], [])) == 0, args
+            if args[0] == "train":  # its own process, as on the command line: DeepSpeed keeps state per process
+                done = subprocess.run([sys.executable, "-m", "interleaf", *args, *TINY["train"]], capture_output=True)
+                assert done.returncode == 0, done.stderr.decode()[-2000:]
+            else:
+                assert main(args + TINY.get(args[0], [])) == 0, args
     finally:
         os.chdir(here)
     return home
@@ -100,6 +106,20 @@ def test_unfinished_or_wrong_vqgan_run_is_one_line(own, tmp_path, capsys):
     # control: the finished run's model folder itself is accepted too
     assert run([*args, "--vqgan", str(mine / "vqgan" / "vqgan")], capsys)[0] == 0
     assert Vocabulary.load(out).to_dict() == Vocabulary.load(mine / "tokenizer").to_dict()
+
+
+def test_vqgan_cut_by_its_time_limit_is_used_with_a_warning(own, tmp_path, capsys, caplog):
+    mine = own / "runs" / "mine"
+    cut = tmp_path / "vq"
+    shutil.copytree(mine / "vqgan", cut)
+    metrics = json.loads((cut / "metrics.json").read_text())
+    assert metrics["stopped_by_time_limit"] is False  # the README's run took all its steps
+    (cut / "metrics.json").write_text(json.dumps({**metrics, "stopped_by_time_limit": True, "step": 2}))
+    args = ["build-tokenizer", "--bpe", str(mine / "bpe"), "-o", str(tmp_path / "tok"), "--vqgan"]
+    assert run([*args, str(cut)], capsys)[0] == 0
+    assert "stopped by its time limit at step 2 of 3" in caplog.text
+    caplog.clear()
+    assert run([*args, str(mine / "vqgan")], capsys)[0] == 0 and "time limit" not in caplog.text  # control
 
 
 def test_bpe_folder_that_is_not_one_is_one_line(own, tmp_path, capsys):
