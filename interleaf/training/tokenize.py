@@ -125,7 +125,7 @@ class TokenizerFiles:
         return MultimodalTokenizer(self.vocab, self.text, self.vqgan)
 
 
-def load_tokenizer_dir(directory: str | Path, need_vqgan: bool = False, device: str = "cpu") -> TokenizerFiles:
+def load_tokenizer_dir(directory: str | Path, device: str = "cpu") -> TokenizerFiles:
     """Read a tokenizer directory (see module docstring); one clear error for a missing or mismatched part."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -133,8 +133,6 @@ def load_tokenizer_dir(directory: str | Path, need_vqgan: bool = False, device: 
     text_src = directory / "tokenizer" if (directory / "tokenizer").exists() else directory
     text = TextTokenizer.load(text_src)
     vqgan = VQModel.load(directory / "vqgan", device=device) if (directory / "vqgan").is_dir() else None
-    if vqgan is None and need_vqgan:
-        raise InterleafError(f"tokenizer directory {directory} has no vqgan/ folder, needed to tokenize images")
     if (directory / VOCAB_FILE).is_file():
         vocab = Vocabulary.load(directory)
     elif vqgan is not None:
