@@ -17,7 +17,7 @@ from interleaf.errors import InterleafError
 from interleaf.utils import setup_logging
 
 COMMAND_MODULES = (
-    "interleaf.commands.data",  # shards, tokenize
+    "interleaf.commands.data",  # shards, build-tokenizer, tokenize
     "interleaf.commands.bpe",  # train-bpe
     "interleaf.commands.vqgan",  # train-vqgan
     "interleaf.commands.model",  # convert, info

@@ -4,7 +4,9 @@
 
 Every stage writes into `RUN_DIR/<stage>` and marks itself finished with a `DONE` file only once
 its output is complete, so running the demo again reuses finished stages and redoes an
-interrupted one (the VQ-GAN and transformer stages resume from their last checkpoint).
+interrupted one (the VQ-GAN and transformer stages resume from their last checkpoint). Every
+stage's length is a count (documents, steps), never a time, so the demo trains the same on any
+machine; a VQ-GAN cut by a `time_limit_min` override is a warning in the summary.
 """
 
 from __future__ import annotations
@@ -118,20 +120,10 @@ def stage_vqgan(cfg: DemoConfig, out: Path) -> dict:
 
 
 def stage_tokenizer(cfg: DemoConfig, bpe: Path, vq_run: Path, out: Path) -> None:
-    """Assemble the tokenizer directory: text tokenizer, VQ-GAN and the shared vocabulary."""
-    import shutil
+    """The tokenizer directory: text tokenizer, VQ-GAN and the shared vocabulary (`interleaf build-tokenizer`)."""
+    from interleaf.training.tokenize import build_tokenizer_dir
 
-    from interleaf.tokenizer.text import TextTokenizer
-    from interleaf.tokenizer.vocab import Vocabulary
-    from interleaf.tokenizer.vqgan import VQModel
-
-    text = TextTokenizer.load(bpe)
-    vq = VQModel.load(vq_run / "vqgan")
-    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    text.save(out / "tokenizer")
-    shutil.rmtree(out / "vqgan", ignore_errors=True)
-    vq.save(out / "vqgan")
-    Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid).save(out)
+    build_tokenizer_dir(bpe, vq_run, out)
 
 
 def stage_tokenize(cfg: DemoConfig, shards: Path, tokenizer: Path, out: Path) -> None:
@@ -216,6 +208,7 @@ def run_demo(run_dir: str | Path = "runs/demo", config: str | Path | None = None
     """Run (or finish) every stage of the demo; print where the results are."""
     from interleaf.config import load_config, save_config
     from interleaf.evaluate import format_report, summary_line
+    from interleaf.tokenizer.vqgan_train import time_limit_note
 
     cfg = load_config(DemoConfig, config or DEFAULT_CONFIG, overrides)
     run_dir = Path(run_dir)
@@ -236,9 +229,14 @@ def run_demo(run_dir: str | Path = "runs/demo", config: str | Path | None = None
     import json
 
     report = json.loads((evaluation / "eval.json").read_text())
+    vq_metrics = json.loads((vq / "metrics.json").read_text())
+    note = time_limit_note(vq_metrics)  # only with a time_limit_min override: the demo's stages are step counts
+    warnings = [f"the VQ-GAN {note}"] if note else []
     summary = {
         "seconds": time.time() - start,
         "stages": st.times,
+        "vqgan_steps": vq_metrics["step"],
+        "warnings": warnings,
         "model_dir": str(model_dir),
         "samples": [str(p) for p in sorted(samples.glob("*/document.html"))],
         "eval": str(evaluation / "eval.json"),
@@ -250,5 +248,7 @@ def run_demo(run_dir: str | Path = "runs/demo", config: str | Path | None = None
     for p in summary["samples"]:
         print(f"sample:   {p}")
     print(f"report:   {evaluation / 'eval.json'}")
+    for warning in warnings:
+        print(f"WARNING:  {warning}")
     print(f"demo finished in {summary['seconds'] / 60:.1f} min — {summary_line(report)}")
     return summary

@@ -1,4 +1,16 @@
 import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: all per-op overhead, and threads only contend on a shared CPU.
+
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -14,7 +26,6 @@ def xformers_on_cpu(monkeypatch):
     padded-keys mask with gradients, which the reference itself would differentiate.
     """
     pytest.importorskip("xformers.ops")
-    import torch
     from xformers import attn_bias_utils, ops
     from xformers.ops.fmha import common, cutlass, flash
 

@@ -14,13 +14,7 @@ from interleaf.tokenizer.vqgan import VQConfig, VQModel
 WORLD = ShapesWorld(resolution=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: threads only contend on a shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +132,11 @@ def test_bad_inputs(tok, text, vqgan, tmp_path):
     small = Vocabulary.build(n_text=text.vocab_size, n_codes=32, image_grid=(8, 8))
     with pytest.raises(InterleafError, match="codes"):
         MultimodalTokenizer(small, text, vqgan)
+    # a vocabulary made for a smaller BPE: the text ids would run into its image codes
+    narrow = Vocabulary.build(n_text=text.vocab_size - 1, n_codes=64, image_grid=(8, 8))
+    assert narrow.size > text.vocab_size
+    with pytest.raises(InterleafError, match="room for"):
+        MultimodalTokenizer(narrow, text, vqgan)
 
 
 def test_encoder_only_vqgan_cannot_draw(text, vqgan):

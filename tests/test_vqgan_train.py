@@ -12,7 +12,14 @@ from interleaf.cli import main
 from interleaf.config import load_config
 from interleaf.errors import InterleafError
 from interleaf.tokenizer.vqgan import VQModel
-from interleaf.tokenizer.vqgan_train import DataConfig, TrainVQConfig, folder_source, train_vqgan
+from interleaf.tokenizer.vqgan_train import (
+    DataConfig,
+    TrainVQConfig,
+    folder_source,
+    format_summary,
+    time_limit_note,
+    train_vqgan,
+)
 
 TINY = [
     "model.resolution=16",
@@ -41,13 +48,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: one thread avoids thread-sync overhead on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
 
 
 def blobs(i: int) -> Image.Image:
@@ -132,6 +133,19 @@ def test_seeded_runs_reproduce_and_seeds_differ(tmp_path):
     w = [load_file(str(tmp_path / n / "vqgan" / "vqgan.safetensors")) for n in "123"]
     assert all(torch.equal(w[0][k], w[1][k]) for k in w[0]) and r1["val_psnr"] == r2["val_psnr"]
     assert not torch.equal(w[0]["encoder.conv_in.weight"], w[2]["encoder.conv_in.weight"])
+
+
+def test_time_limit_is_a_guard_that_says_it_cut_the_run(tmp_path, caplog):
+    limited = train_vqgan(cfg(tmp_path / "cut", "steps=4", "time_limit_min=1e-9"), images=blobs, progress=False)
+    assert limited["stopped_by_time_limit"] and (limited["step"], limited["steps"]) == (1, 4)
+    note = "stopped by its time limit at step 1 of 4: what it learned depends on the machine's speed"
+    assert note in caplog.text  # the log line
+    assert format_summary(limited, tmp_path / "cut").endswith("WARNING: " + note)  # the summary line
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["stopped_by_time_limit"]
+    caplog.clear()
+    full = train_vqgan(cfg(tmp_path / "full", "steps=2"), images=blobs, progress=False)  # control: no limit
+    assert not full["stopped_by_time_limit"] and full["step"] == 2
+    assert time_limit_note(full) == "" and "WARNING" not in format_summary(full, tmp_path) and not caplog.text
 
 
 def test_cli_shapes_source(tmp_path, capsys):

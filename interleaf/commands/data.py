@@ -1,4 +1,5 @@
-"""`interleaf shards` (write document shards) and `interleaf tokenize` (document -> token shards)."""
+"""`interleaf shards` (write document shards), `interleaf build-tokenizer` (BPE + VQ-GAN -> a tokenizer
+directory) and `interleaf tokenize` (document -> token shards)."""
 
 from __future__ import annotations
 
@@ -54,14 +55,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=shards_command)
 
     p = subparsers.add_parser(
+        "build-tokenizer",
+        help="put a BPE and a VQ-GAN into one tokenizer directory with their shared vocabulary",
+        description="Write a tokenizer directory (vocab.json, tokenizer/, vqgan/) from the output of train-bpe and "
+        "a finished train-vqgan run: what `tokenize --tokenizer`, `train tokenizer=...` and `export --tokenizer` read.",
+    )
+    p.add_argument(
+        "--bpe", required=True, metavar="DIR", help="train-bpe's output folder (or a tokenizer.json / .model)"
+    )
+    p.add_argument(
+        "--vqgan", required=True, metavar="DIR", help="a finished train-vqgan run folder (or its vqgan/ model folder)"
+    )
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="the tokenizer directory to write")
+    p.set_defaults(func=build_tokenizer_command)
+
+    p = subparsers.add_parser(
         "tokenize",
         help="turn document shards into token shards (BPE + VQ-GAN once, offline)",
-        description="Tokenize document shards with a tokenizer directory (vocab.json, tokenizer/, vqgan/); "
-        "one worker process per shard at a time.",
+        description="Tokenize document shards with a tokenizer directory (vocab.json, tokenizer/, vqgan/: "
+        "`interleaf build-tokenizer` makes one); one worker process per shard at a time.",
     )
     p.add_argument("inputs", nargs="+", help="document shards: files, globs, brace patterns or folders")
     p.add_argument("-o", "--out", required=True, help="output folder for token shards")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument(
+        "--tokenizer", required=True, help="tokenizer directory (from build-tokenizer, or a model directory)"
+    )
     p.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
     p.add_argument("--device", default="cpu", help="device for the VQ-GAN (cpu, cuda)")
     p.add_argument("--max-size", default="256MB", help="bytes per output shard")
@@ -165,6 +183,18 @@ def shards_command(args: argparse.Namespace) -> int:
             progress=bar.update,
         )
     print(f"wrote {total} documents into {len(paths)} shard(s) in {args.out}")
+    return 0
+
+
+def build_tokenizer_command(args: argparse.Namespace) -> int:
+    from interleaf.training.tokenize import build_tokenizer_dir
+
+    files = build_tokenizer_dir(args.bpe, args.vqgan, args.out)
+    v = files.vocab
+    print(
+        f"tokenizer directory {args.out}: {files.text.vocab_size} text ids + {v.n_codes} image codes "
+        f"({v.image_grid[0]}x{v.image_grid[1]} per image) in a vocabulary of {v.size} ids"
+    )
     return 0
 
 

@@ -68,8 +68,10 @@ class MultimodalTokenizer:
     """Encode interleaved documents to ids and decode ids back to text and images."""
 
     def __init__(self, vocab: Vocabulary, text: TextTokenizer, vqgan=None):
-        if text.vocab_size > vocab.size:
-            raise InterleafError(f"text tokenizer has {text.vocab_size} ids but the vocabulary only {vocab.size}")
+        if text.vocab_size > vocab.n_text:  # ids from n_text on are image codes (or padding)
+            raise InterleafError(
+                f"text tokenizer has {text.vocab_size} ids but the vocabulary has room for {vocab.n_text} text ids"
+            )
         if vqgan is not None:
             if tuple(vqgan.grid) != tuple(vocab.image_grid):
                 raise InterleafError(

@@ -7,7 +7,8 @@ A run directory holds:
     checkpoints/step_XXXXXXXX/   model.safetensors, disc.safetensors, optim.pt (optimizer + RNG
                                  state, torch.load(weights_only=True)), train_state.json, config.yaml
     vqgan/                       final model (VQModel.save)
-    metrics.json                 final validation PSNR, codebook usage, perplexity, timings
+    metrics.json                 final validation PSNR, codebook usage, perplexity, timings, and
+                                 stopped_by_time_limit (an opt-in time_limit_min cut the run short)
 
 Batches are a pure function of (seed, step), and the checkpoint carries the optimizer and RNG
 states, so a resumed run continues exactly where the interrupted one stopped.
@@ -80,7 +81,9 @@ class TrainVQConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    time_limit_min: float = 0.0  # stop (and finish normally) after this many minutes; 0 = none
+    # an opt-in guard, 0 = none: stop (checkpoint + final metrics) after this many minutes of training. The
+    # run then ends before its steps and what it learned depends on the machine's speed, which it says.
+    time_limit_min: float = 0.0
     log_every: int = 20
     val_every: int = 0  # validate every N steps (0: only at the end)
     save_every: int = 500
@@ -527,18 +530,32 @@ def _train(cfg: TrainVQConfig, resume: bool, images, val_images, progress: bool)
         params=trainer.model.num_params(),
         threads=torch.get_num_threads(),
     )
+    if stopped_early:
+        log.warning("train-vqgan %s (time_limit_min=%g)", time_limit_note(result), cfg.time_limit_min)
     _append_metrics(metrics_path, {"step": trainer.step, **{k: v for k, v in result.items() if k.startswith("val_")}})
     trainer.model.save(run_dir / "vqgan")
     write_json(run_dir / "metrics.json", result)
     return result
 
 
+def time_limit_note(result: dict) -> str:
+    """What a run stopped by `time_limit_min` says of itself ('' for a run that took all its steps)."""
+    if not result["stopped_by_time_limit"]:
+        return ""
+    return (
+        f"stopped by its time limit at step {result['step']} of {result['steps']}: "
+        "what it learned depends on the machine's speed"
+    )
+
+
 def format_summary(result: dict, run_dir: str | Path) -> str:
-    """One line: steps, time, PSNR, usage, perplexity, where the model is."""
+    """One line: steps, time, PSNR, usage, perplexity, where the model is (and a time limit that cut the run)."""
     t = result["train_seconds"]
+    note = time_limit_note(result)
     return (
         f"train-vqgan: {result['step']} steps in {int(t // 60)}m{t % 60:04.1f}s "
         f"({result['steps_per_s']} steps/s); val PSNR {result['val_psnr']:.2f} dB, codebook usage "
         f"{result['val_usage']:.1f}% ({result['val_codes_used']}/{result['n_embed']}), perplexity "
         f"{result['val_perplexity']:.1f} on {result['val_images']} images -> {Path(run_dir) / 'vqgan'}"
+        + (f"; WARNING: {note}" if note else "")
     )

@@ -14,9 +14,10 @@ of stream states, and each process simply takes its streams.
 
 Why not `webdataset.WebDataset`? Its pipeline (node/worker split, shard shuffle, shuffle buffer,
 resampling) keeps its position in iterators and RNGs no one can save, and its split depends on
-the world size. Here the reading is a plain sequential pass over each tar shard (`shards.py`,
-python `tarfile` over `webdataset.gopen`, so `pipe:`/http URLs work too) and the split, shuffle
-and resampling are small seeded functions of counters that are saved with every checkpoint.
+the world size. Here the reading is a plain sequential pass over each tar shard (`shards.py`'s
+own checksummed tar reader, over `webdataset.gopen` for URLs, so `pipe:`/http sources work too)
+and the split, shuffle and resampling are small seeded functions of counters that are saved with
+every checkpoint.
 
 How each stream reads a source
 ------------------------------

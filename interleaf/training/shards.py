@@ -14,7 +14,7 @@ Token shards (written by `interleaf tokenize`, see `interleaf/training/tokenize.
     KEY.segs.npy    int32 (n, 3): one row per segment, (kind, start, end) into ids; kind 0 is
                     text, 1 is an image (the span covers <boi> codes <eoi>)
 
-and a `meta.json` beside them with the vocabulary they were made with.
+and an `index.json` beside them with the vocabulary they were made with.
 
 Writing goes through `webdataset.TarWriter` with fixed header fields, so the same input gives
 byte-identical shards; each shard is written under a temporary name and renamed when complete,

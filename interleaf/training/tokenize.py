@@ -10,12 +10,16 @@ a different one.
 A tokenizer directory holds `vocab.json` (optional: built from the text tokenizer and the VQ-GAN
 when absent), the text tokenizer (`tokenizer/` or `tokenizer.json` / `spm.model` at the top) and
 the VQ-GAN (`vqgan/`, optional for text-only data) - the same layout as an exported model.
+`build_tokenizer_dir` (`interleaf build-tokenizer`) makes one from a BPE and a finished VQ-GAN run;
+`tokenize`, `train` (`tokenizer:`) and `export` read it, and its parts must agree with its vocab.json.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import multiprocessing as mp
 import re
 import time
 from collections.abc import Sequence
@@ -23,8 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
+from interleaf.config import read_yaml
 from interleaf.errors import InterleafError
+from interleaf.tokenizer.multimodal import MultimodalTokenizer
+from interleaf.tokenizer.text import TextTokenizer
+from interleaf.tokenizer.vocab import VOCAB_FILE, ImageCodes, Vocabulary
+from interleaf.tokenizer.vqgan import CONFIG_FILE as VQGAN_CONFIG_FILE
+from interleaf.tokenizer.vqgan import VQModel
+from interleaf.tokenizer.vqgan_train import checkpoint_dirs, time_limit_note
 from interleaf.training.shards import (
     INDEX_FILE,
     ReadStats,
@@ -34,7 +48,7 @@ from interleaf.training.shards import (
     key_of,
     parse_document,
 )
-from interleaf.utils import get_logger, write_json
+from interleaf.utils import atomic_dir, check_replaceable, get_logger, write_json
 
 log = get_logger(__name__)
 
@@ -54,8 +68,6 @@ class TokenDoc:
 
 
 def _npy(a: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
@@ -66,8 +78,6 @@ _NPY_HEADER = re.compile(rb"\{'descr': '([<|][iu][1248])', 'fortran_order': Fals
 
 def _load_npy(data: bytes, name: str) -> np.ndarray:
     """Parse .npy bytes; the common little-endian integer case without np.load's slow header eval."""
-    import io
-
     if data[:8] == b"\x93NUMPY\x01\x00":
         hlen = int.from_bytes(data[8:10], "little")
         m = _NPY_HEADER.match(data[10 : 10 + hlen])
@@ -99,51 +109,99 @@ def parse_token_doc(key: str, members: dict[str, bytes], vocab_size: int | None 
 
 
 # ---- tokenizer directory ------------------------------------------------------------------
+TOKENIZER_PARTS = {VOCAB_FILE, "tokenizer", "vqgan"}  # what build_tokenizer_dir writes
+
+
 @dataclass
 class TokenizerFiles:
     """The vocabulary, text tokenizer and (optional) VQ-GAN of a tokenizer directory."""
 
     directory: Path
-    vocab: object
-    text: object
-    vqgan: object | None
+    vocab: Vocabulary
+    text: TextTokenizer
+    vqgan: VQModel | None
 
-    def multimodal(self):
-        from interleaf.tokenizer.multimodal import MultimodalTokenizer
-
+    def multimodal(self) -> MultimodalTokenizer:
         return MultimodalTokenizer(self.vocab, self.text, self.vqgan)
 
 
-def load_tokenizer_dir(directory: str | Path, need_vqgan: bool = False, device: str = "cpu") -> TokenizerFiles:
-    """Read a tokenizer directory (see module docstring); clear errors for missing parts."""
-    from interleaf.tokenizer.text import TextTokenizer
-    from interleaf.tokenizer.vocab import VOCAB_FILE, Vocabulary
-
+def load_tokenizer_dir(directory: str | Path, device: str = "cpu") -> TokenizerFiles:
+    """Read a tokenizer directory (see module docstring); one clear error for a missing or mismatched part."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InterleafError(f"tokenizer directory not found: {directory}")
     text_src = directory / "tokenizer" if (directory / "tokenizer").exists() else directory
     text = TextTokenizer.load(text_src)
-    vqgan = None
-    if (directory / "vqgan").is_dir():
-        from interleaf.tokenizer.vqgan import VQModel
-
-        vqgan = VQModel.load(directory / "vqgan", device=device)
-    elif need_vqgan:
-        raise InterleafError(f"tokenizer directory {directory} has no vqgan/ folder, needed to tokenize images")
+    vqgan = VQModel.load(directory / "vqgan", device=device) if (directory / "vqgan").is_dir() else None
     if (directory / VOCAB_FILE).is_file():
         vocab = Vocabulary.load(directory)
     elif vqgan is not None:
         vocab = Vocabulary.build(text.vocab_size, vqgan.config.n_embed, vqgan.grid)
     else:
         raise InterleafError(f"tokenizer directory {directory} has neither vocab.json nor vqgan/ to build one")
-    return TokenizerFiles(directory, vocab, text, vqgan)
+    files = TokenizerFiles(directory, vocab, text, vqgan)
+    try:
+        files.multimodal()  # the text tokenizer and VQ-GAN fit the vocabulary (a vocab.json of other parts fails)
+    except InterleafError as e:
+        raise InterleafError(
+            f"tokenizer directory {directory}: {e}; rebuild it with `interleaf build-tokenizer`"
+        ) from None
+    return files
+
+
+def vqgan_model_dir(path: str | Path) -> Path:
+    """The VQ-GAN folder (vqgan.yaml + vqgan.safetensors) of a finished `train-vqgan` run, or `path` if it is one."""
+    path = Path(path)
+    for folder in (path, path / "vqgan"):
+        if (folder / VQGAN_CONFIG_FILE).is_file():
+            return folder
+    if not path.is_dir():
+        raise InterleafError(f"VQ-GAN run not found: {path}")
+    ckpts = checkpoint_dirs(path)
+    if ckpts:
+        steps = read_yaml(ckpts[-1] / "config.yaml")["steps"]
+        step = int(ckpts[-1].name.split("_")[1])
+        raise InterleafError(
+            f"VQ-GAN run {path} has not finished (last checkpoint: step {step} of {steps}, no vqgan/ folder yet): "
+            f"finish it with `interleaf train-vqgan {path / 'config.yaml'} --resume`"
+        )
+    raise InterleafError(
+        f"{path} is neither a VQ-GAN run (the run_dir of `interleaf train-vqgan`) nor a VQ-GAN folder "
+        f"({VQGAN_CONFIG_FILE} + weights)"
+    )
+
+
+def build_tokenizer_dir(bpe: str | Path, vqgan: str | Path, out: str | Path) -> TokenizerFiles:
+    """A tokenizer directory in `out` from a BPE (train-bpe's folder or file) and a VQ-GAN (run or folder).
+
+    Writes `tokenizer/`, `vqgan/` and the vocabulary both share (`vocab.json`); `out` is built under a
+    temporary name and replaces an earlier tokenizer directory as a whole.
+    """
+    text = TextTokenizer.load(bpe)
+    vq_dir = vqgan_model_dir(vqgan)
+    vq = VQModel.load(vq_dir)
+    vocab = Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid)
+    folder = check_replaceable(out, "output folder")
+    if folder.is_dir() and not {p.name for p in folder.iterdir()} <= TOKENIZER_PARTS:
+        raise InterleafError(f"output folder {out} holds more than a tokenizer directory: choose an empty or new one")
+    for given in (bpe, vq_dir):
+        if folder == Path(given).resolve() or folder in Path(given).resolve().parents:
+            raise InterleafError(f"output folder {out} holds the input {given}: write somewhere else")
+    run_metrics = vq_dir.parent / "metrics.json"  # a train-vqgan run's final metrics, beside its vqgan/
+    if vq_dir.name == "vqgan" and run_metrics.is_file():
+        note = time_limit_note(json.loads(run_metrics.read_text()))
+        if note:
+            log.warning("the VQ-GAN of %s %s", vq_dir.parent, note)
+    with atomic_dir(out, "output folder") as tmp:
+        (tmp / "tokenizer").mkdir()
+        text.save(tmp / "tokenizer")
+        vq.save(tmp / "vqgan")
+        vocab.save(tmp)
+    return TokenizerFiles(Path(out), vocab, text, vq)
 
 
 def encode_document(segments: Sequence, tok) -> TokenDoc:
     """Segments (str | PIL image | ImageCodes) -> TokenDoc, through a MultimodalTokenizer."""
-    from interleaf.tokenizer.vocab import ImageCodes
-
     segs = tok.segments(list(segments))  # images -> ImageCodes, batched through the VQ-GAN
     ids, table = [tok.vocab.bos_id], []
     for seg in segs:
@@ -158,8 +216,6 @@ def encode_document(segments: Sequence, tok) -> TokenDoc:
 
 def encode_documents(docs: Sequence[Sequence], tok) -> list[TokenDoc]:
     """Several documents at once: all their images go through the VQ-GAN in shared batches."""
-    from PIL import Image
-
     images = [seg for doc in docs for seg in doc if isinstance(seg, (Image.Image, Path))]
     codes = iter(tok.encode_images(images)) if images else iter(())
     out = []
@@ -174,8 +230,6 @@ _WORKER: dict = {}
 
 
 def _worker_init(tokenizer_dir: str, device: str, counter) -> None:
-    import torch
-
     torch.set_num_threads(1)
     files = load_tokenizer_dir(tokenizer_dir, device=device)
 
@@ -289,15 +343,11 @@ def _count_hint(paths: list[str]) -> int | None:
 
 
 def _run_tasks(tasks, tokenizer_dir, files, workers, device, total, progress) -> list[dict]:
-    from tqdm import tqdm
-
     bar = tqdm(total=total, unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
     try:
         if workers <= 0:
             _WORKER.update(tok=files.multimodal(), report=bar.update)
             return [_tokenize_one(t) for t in tasks]
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         counter = ctx.Value("q", 0)
         with ctx.Pool(

@@ -147,18 +147,12 @@ def resolve_model_args(cfg: TrainConfig, vocab):
 
 def resolve_vocab(cfg: TrainConfig, sources: list):
     """The vocabulary: from the tokenizer directory, else from the token shards' index.json."""
-    from interleaf.tokenizer.vocab import VOCAB_FILE, Vocabulary
+    from interleaf.tokenizer.vocab import Vocabulary
     from interleaf.training.loader import shard_index
+    from interleaf.training.tokenize import load_tokenizer_dir
 
     if cfg.tokenizer is not None:
-        d = Path(cfg.tokenizer)
-        if not d.is_dir():
-            raise ConfigError(f"tokenizer directory not found: {d}")
-        if (d / VOCAB_FILE).is_file():
-            return Vocabulary.load(d)
-        from interleaf.training.tokenize import load_tokenizer_dir
-
-        return load_tokenizer_dir(d).vocab
+        return load_tokenizer_dir(cfg.tokenizer).vocab  # its parts are checked against its vocab.json
     found = [i["vocab"] for s in sources if s.kind == "tokens" for i in shard_index(s.shards) if "vocab" in i]
     if not found:
         raise ConfigError(
