@@ -183,19 +183,22 @@ def test_two_scale_guidance_reduces_to_plain(pipe, picture):
     assert other.token_ids != one.token_ids
 
 
-def test_min_p_one_keeps_only_the_best_token_and_zero_is_off(pipe, picture):
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_min_p_one_keeps_only_the_best_token_and_zero_is_off(pipe, mode):
     """min_p = 1 leaves only the most likely id: sampling at any temperature is then greedy decoding,
     for text (min_p) and image codes (image_min_p) alike; min_p = 0 is no filter at all."""
-    base = dict(mode="interleaved", max_new_tokens=60, max_images=2, seed=9, cfg_scale=2.0)
+    base = dict(mode=mode, max_new_tokens=40, seed=9, cfg_scale=2.0)
+    hot = dict(temperature=1.5, image_temperature=1.5)
     greedy = G.generate(pipe, "a red", temperature=0, image_temperature=0, **base)
-    cut = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=1.0, image_min_p=1.0, **base)
-    assert cut.token_ids == greedy.token_ids and len(cut.images) >= 1
-    hot = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, **base)
-    assert hot.token_ids != greedy.token_ids  # the control: without the cut, this temperature samples
-    off = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=0.0, image_min_p=0.0, **base)
-    assert off.token_ids == hot.token_ids
-    text_only = G.generate(pipe, "a red", temperature=1.5, image_temperature=1.5, min_p=1.0, **base)
-    assert text_only.token_ids != cut.token_ids  # image_min_p is the images' own option
+    cut = G.generate(pipe, "a red", min_p=1.0, image_min_p=1.0, **hot, **base)
+    assert cut.token_ids == greedy.token_ids and len(cut.images) == (mode == "image")
+    sampled = G.generate(pipe, "a red", **hot, **base)
+    assert sampled.token_ids != greedy.token_ids  # the control: without the cut, this temperature samples
+    off = G.generate(pipe, "a red", min_p=0.0, image_min_p=0.0, **hot, **base)
+    assert off.token_ids == sampled.token_ids
+    # each modality's cut is its own option: the other one's leaves this mode sampling
+    other = {"text": dict(image_min_p=1.0), "image": dict(min_p=1.0)}[mode]
+    assert G.generate(pipe, "a red", **other, **hot, **base).token_ids == sampled.token_ids
 
 
 def test_batch_mixing_caption_and_drawing_equals_alone(pipe, picture):
