@@ -25,6 +25,7 @@ from typing import Any, Literal
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.model.init import RandomInit
+from interleaf.model.transformer import forget_kept_weights
 from interleaf.training.checkpoint import check_shared_run_dir, find_checkpoint
 from interleaf.training.loader import DataConfig
 from interleaf.utils import get_logger, usable_cpus
@@ -500,6 +501,9 @@ class Trainer:
         it = iter(loader)
         pad = None
         acc = torch.zeros(6, dtype=torch.float64, device=self.device)  # ce sum, n, text sum, n, image sum, n
+        # the model keeps fused weights for passes without autograd; ZeRO-1/2 steps write the weights
+        # through .data, which it cannot see: forget them before (stale) and after (memory)
+        forget_kept_weights(self.engine.module)
         self.engine.eval()
         with torch.no_grad():
             for _ in range(cfg.data.eval_batches * plan.grad_accum):  # same count on every rank (ZeRO-3)
@@ -520,6 +524,7 @@ class Trainer:
                     ]
                 )
         self.engine.train()
+        forget_kept_weights(self.engine.module)
         dist.all_reduce(acc)
         a = acc.tolist()
         return {
