@@ -13,6 +13,7 @@ rows only, pairs as a turn and its answer):
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def release(tmp_path_factory):
             "shuffle_buffer": 16,
             "eval_batches": 2,
         },
-        "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.1},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 1.0},  # large: misapplied decay would show
         "steps": STEPS,
         "global_batch": 4,
         "micro_batch": 2,
@@ -261,3 +262,25 @@ def test_bad_fine_tuning_configs_fail_in_one_line(release, tmp_path, capsys):
     assert plan.model_args.dropout == 0.1 and plan.model_args.dim == 64
     assert plan.frozen and all(n.startswith("layers.0.") for n in plan.frozen)
     assert plan.train_rows == {"output.weight": "image"}
+
+
+def test_the_readme_config_prepares_against_a_converted_release(release, tmp_path):
+    """README's fine-tuning config, its paths pointed at this test's release: it loads and passes every
+    check a run makes before it starts (on 8 processes, as README starts it)."""
+    from interleaf.training.train import load_train_config, prepare
+
+    root, model, _ = release
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Fine-tuning\n") :]
+    (tmp_path / "ft.yaml").write_text(re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1))
+    paths = {
+        "init": str(model),
+        "run_dir": str(tmp_path / "run"),
+        "data.sources": f"[{{name: mine, paths: [{root / 'tokens' / 'train'}]}}]",
+        "data.eval_sources": f"[{{name: val, paths: [{root / 'tokens' / 'val'}]}}]",
+    }
+    cfg = load_train_config(tmp_path / "ft.yaml", [f"{k}={v}" for k, v in paths.items()])
+    assert cfg.tokenizer == str(model) and cfg.data.format == "chameleon_prompt"
+    plan = prepare(cfg, 8)
+    assert plan.train_rows == {"output.weight": "image"} and "output.weight" not in plan.frozen
+    assert len(plan.frozen) == len(read_weights(model)) - 1  # everything else
