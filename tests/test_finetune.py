@@ -284,3 +284,29 @@ def test_the_readme_config_prepares_against_a_converted_release(release, tmp_pat
     plan = prepare(cfg, 8)
     assert plan.train_rows == {"output.weight": "image"} and "output.weight" not in plan.frozen
     assert len(plan.frozen) == len(read_weights(model)) - 1  # everything else
+
+
+def test_weights_source_reads_any_range_of_sharded_weights(tmp_path):
+    """What `init:` fills parameters (ZeRO-3: partitions) from: any flat range of any tensor equals
+    that range of the whole tensor, from one file or from shards with an index."""
+    from interleaf.model.args import ModelArgs
+    from interleaf.model.transformer import Transformer
+    from interleaf.pipeline import INDEX_FILE, WeightsSource, model_state, write_weights
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=96, multiple_of=16))
+    whole = model_state(model)
+    for folder in ("one", "shards"):
+        (tmp_path / folder).mkdir()
+    write_weights(tmp_path / "one", whole)
+    files = write_weights(tmp_path / "shards", whole, shard_bytes=20_000)
+    assert len(files) > 2 and (tmp_path / "shards" / INDEX_FILE).is_file()
+    g = np.random.default_rng(0)
+    for folder in ("one", "shards"):
+        source = WeightsSource(tmp_path / folder)
+        assert source.shapes == {k: tuple(v.shape) for k, v in whole.items()}
+        for name, t in whole.items():
+            flat = t.reshape(-1)
+            for start, stop in [(0, flat.numel()), *np.sort(g.integers(0, flat.numel() + 1, (5, 2)), axis=1)]:
+                got = source.read(name, tuple(t.shape), int(start), int(stop))
+                assert torch.equal(got, flat[start:stop]), (folder, name, start, stop)
