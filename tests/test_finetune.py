@@ -242,6 +242,7 @@ def test_bad_fine_tuning_configs_fail_in_one_line(release, tmp_path, capsys):
         (["train_rows={wq: image}"], "train_rows: unknown matrix 'wq'"),
         (["model.dim=128"], "model.dim is 128, but init"),
         (["model_size=100M"], "model_size=100M: dim"),
+        (["model_size=huge"], "unknown model_size 'huge'"),
         (["data.format=chat"], "config key 'data.format'"),
     ]
     for extra, msg in cases:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.model.args import MODEL_SIZES
 from interleaf.model.init import RandomInit
 from interleaf.model.transformer import forget_kept_weights
 from interleaf.pipeline import SAMPLING_FILE, WeightsSource
@@ -114,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
         if self.global_batch % self.micro_batch:
             raise ConfigError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
+        if self.model_size not in ("auto", None, *MODEL_SIZES):
+            raise ConfigError(f"unknown model_size {self.model_size!r} (known: auto, {', '.join(MODEL_SIZES)})")
         if self.init is not None and self.tokenizer is None:
             self.tokenizer = self.init  # a model directory is a tokenizer directory too
         for key, rows in self.train_rows.items():
@@ -158,14 +161,9 @@ def check_world(cfg: TrainConfig, world: int) -> int:
 
 
 def resolve_model_args(cfg: TrainConfig, vocab):
-    """ModelArgs from the named size + overrides, with vocab_size from the vocabulary; with `init`,
-    the init's model.yaml, which only TRAINING_FIELDS may change."""
-    from interleaf.model.args import MODEL_SIZES, ModelArgs
+    """ModelArgs from the named size + overrides, with vocab_size from the vocabulary."""
+    from interleaf.model.args import ModelArgs
 
-    if cfg.model_size not in ("auto", None) and cfg.model_size not in MODEL_SIZES:
-        raise ConfigError(f"unknown model_size {cfg.model_size!r} (known: {', '.join(MODEL_SIZES)})")
-    if cfg.init is not None:
-        return init_model_args(cfg)
     extra = dict(cfg.model)
     extra.setdefault("vocab_size", vocab.size)
     if cfg.model_size is not None:
@@ -181,7 +179,7 @@ def resolve_model_args(cfg: TrainConfig, vocab):
 def init_model_args(cfg: TrainConfig):
     """The init's ModelArgs with the config's TRAINING_FIELDS; a config that sets another field (or
     names a model_size) otherwise than the init has it is a ConfigError naming the field."""
-    from interleaf.model.args import MODEL_SIZES, ModelArgs
+    from interleaf.model.args import ModelArgs
     from interleaf.pipeline import read_model_args
 
     try:
@@ -250,13 +248,11 @@ def resolve_vocab(cfg: TrainConfig, sources: list):
     from interleaf.training.loader import shard_index
     from interleaf.training.tokenize import load_tokenizer_dir
 
-    if cfg.init is not None:
-        vocab = Vocabulary.load(cfg.init)
-        if cfg.tokenizer != cfg.init and load_tokenizer_dir(cfg.tokenizer).vocab.to_dict() != vocab.to_dict():
+    if cfg.tokenizer is not None:  # with `init`: the init, unless another with the same vocabulary is named
+        vocab = load_tokenizer_dir(cfg.tokenizer).vocab  # its parts are checked against its vocab.json
+        if cfg.init is not None and vocab.to_dict() != Vocabulary.load(cfg.init).to_dict():
             raise ConfigError(f"tokenizer {cfg.tokenizer} has another vocabulary than init {cfg.init}")
         return vocab
-    if cfg.tokenizer is not None:
-        return load_tokenizer_dir(cfg.tokenizer).vocab  # its parts are checked against its vocab.json
     found = [i["vocab"] for s in sources if s.kind == "tokens" for i in shard_index(s.shards) if "vocab" in i]
     if not found:
         raise ConfigError(
@@ -291,8 +287,8 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
         check_resume(cfg, n_streams, ckpt, read_trainer_state(ckpt) if ckpt is not None else None)
     if cfg.init is not None and not Path(cfg.init).is_dir():
         raise ConfigError(f"init: model directory not found: {cfg.init}")
-    if cfg.init is not None:
-        init_model_args(cfg)  # not a model directory, or a config at odds with it: before any data is read
+    # not a model directory, or a config at odds with it: an error before any data is read
+    args = init_model_args(cfg) if cfg.init is not None else None
     sources = resolve_sources(cfg.data.sources)
     eval_sources = resolve_sources(cfg.data.eval_sources)
     vocab = resolve_vocab(cfg, sources + eval_sources)
@@ -305,8 +301,10 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
         )
     if cfg.data.format == "chameleon_prompt" and END_OF_TURN_NAME not in vocab.specials:
         raise ConfigError("data.format chameleon_prompt needs an end-of-turn token, which this vocabulary lacks")
-    args = resolve_model_args(cfg, vocab)
-    if cfg.init is not None:
+    if args is None:
+        args = resolve_model_args(cfg, vocab)
+    else:
+        vocab.check_fits(args.vocab_size, f"init {cfg.init}")
         check_init(cfg, args)
     frozen, train_rows = resolve_freeze(cfg, args)
     if resume and ckpt is not None:
