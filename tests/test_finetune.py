@@ -86,8 +86,8 @@ def release(tmp_path_factory):
     return root, model, root / "ft.yaml"
 
 
-def train(config, run_dir, *extra, nproc=1, resume=False):
-    cmd = CLI + ["train", str(config), f"run_dir={run_dir}", *extra, "--quiet"]
+def train(config, run_dir, *extra, nproc=1, resume=False, quiet=True):
+    cmd = CLI + ["train", str(config), f"run_dir={run_dir}", *extra] + (["--quiet"] if quiet else [])
     cmd += ["--nproc", str(nproc)] if nproc > 1 else []
     cmd += ["--resume"] if resume else []
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
@@ -111,7 +111,8 @@ def metrics(run_dir):
 @pytest.fixture(scope="module")
 def runs(release):
     root, _, config = release
-    train(config, root / "A", "zero_stage=2")
+    res = train(config, root / "A", "zero_stage=2", quiet=False)
+    (root / "A.stderr").write_text(res.stderr)  # the progress line
     train(config, root / "B", "zero_stage=3", nproc=2)
     assert main(["export", str(root / "A"), str(root / "A-best"), "--best"]) == 0
     assert main(["export", str(root / "B"), str(root / "B-out")]) == 0
@@ -147,6 +148,8 @@ def test_finetuning_lowers_the_held_out_loss_and_export_best_picks_the_lowest(ru
     assert exported["step"] == best_step and exported["eval_loss"] == pytest.approx(evals[best_step], rel=1e-12)
     # the exported weights give the loss the run logged for them (the trainer's evaluation is right)
     assert held_out_loss(runs / "A-best", root) == pytest.approx(evals[best_step], rel=1e-5)
+    # the progress line shows the latest held-out loss
+    assert f"held_out={evals[STEPS]:.4f}" in (runs / "A.stderr").read_text()
     # every checkpoint records its held-out loss; the exported model keeps the init's sampling.yaml
     for ckpt in (runs / "A" / CKPT_DIR).glob("step_*"):
         step = read_trainer_state(ckpt)["step"]
