@@ -12,7 +12,6 @@ rows only, pairs as a turn and its answer):
 """
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from chameleon_layouts import write_meta_release
+from training_helpers import fault_env
 
 from interleaf.cli import main
 from interleaf.data.shapes import ShapesWorld
@@ -42,7 +42,6 @@ CLI = [sys.executable, "-c", "import sys; from interleaf.cli import main; sys.ex
 STEPS = 6
 SEQ_LEN = 96
 FROZEN = "layers.0.*"
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +85,12 @@ def release(tmp_path_factory):
     return root, model, root / "ft.yaml"
 
 
-def train(config, run_dir, *extra, nproc=1, resume=False, quiet=True):
+def train(config, run_dir, *extra, nproc=1, resume=False, quiet=True, faults=None):
     cmd = CLI + ["train", str(config), f"run_dir={run_dir}", *extra] + (["--quiet"] if quiet else [])
     cmd += ["--nproc", str(nproc)] if nproc > 1 else []
     cmd += ["--resume"] if resume else []
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
+    env = fault_env(nan_steps=[], **(faults or {}))  # tests/faults: no NaN steps, only what `faults` asks
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -113,7 +112,7 @@ def runs(release):
     root, _, config = release
     res = train(config, root / "A", "zero_stage=2", quiet=False)
     (root / "A.stderr").write_text(res.stderr)  # the progress line
-    train(config, root / "B", "zero_stage=3", nproc=2)
+    train(config, root / "B", "zero_stage=3", nproc=2, faults={"reads": True})
     assert main(["export", str(root / "A"), str(root / "A-best"), "--best"]) == 0
     assert main(["export", str(root / "B"), str(root / "B-out")]) == 0
     return root
@@ -182,6 +181,17 @@ def test_zero3_on_two_processes_matches_one_process(runs):
     assert [sa[s]["data_crc"] for s in sa] == [sb[s]["data_crc"] for s in sa]
     np.testing.assert_allclose([sb[s]["loss"] for s in sb], [sa[s]["loss"] for s in sa], rtol=1e-5)
     np.testing.assert_allclose([eb[s] for s in sorted(eb)], [ea[s] for s in sorted(ea)], rtol=1e-5)
+
+
+def test_zero3_ranks_read_only_their_partitions_of_the_init(runs, release):
+    """Under ZeRO-3 each of the 2 ranks reads its own half of every tensor from the init directory
+    (rounded up: DeepSpeed pads partitions), and together they read each value once."""
+    _, model, _ = release
+    init = read_weights(model)
+    per_rank = [json.loads((runs / "B" / "reads" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    for name, t in init.items():
+        counts = [reads[name] for reads in per_rank]
+        assert sum(counts) == t.numel() and max(counts) == -(-t.numel() // 2), (name, counts)
 
 
 def test_resume_of_a_finetuning_run_continues_exactly(runs, release, tmp_path):
