@@ -18,6 +18,7 @@ DIR/
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -319,6 +320,41 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             name = missing[0] if missing else next(n for n in out if n not in weight_map)
             raise InterleafError(f"{indexes[0]} does not match its shards (tensor {name})")
     return out
+
+
+class WeightsSource:
+    """A model directory's tensors by name, read a flat range at a time (a `model.init.TensorSource`).
+
+    Each file of `weight_files` is opened with safetensors' `safe_open` (memory-mapped) and a read
+    takes only the rows that hold the range asked for: a training run that starts from the directory
+    fills each parameter, or under ZeRO-3 each rank its partition of it, without the whole model in
+    memory. `shapes` holds every tensor's shape, read from the file headers.
+    """
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        self._files: dict[str, object] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in weight_files(self.directory):
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for cut or corrupt files
+                raise InterleafError(f"cannot read {f}: {e}") from None
+            for name in handle.keys():
+                if name in self._files:
+                    raise InterleafError(f"tensor {name} appears in two files of {self.directory}")
+                self._files[name] = handle
+                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+    def read(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        """Values [start, stop) of tensor `name` (of `shape`), flattened, float32 on the CPU."""
+        assert self.shapes[name] == tuple(shape), (name, self.shapes[name], shape)
+        row = math.prod(shape[1:])  # values per row along the first dimension
+        first, last = start // row, -(-stop // row)
+        rows = self._files[name].get_slice(name)[first:last]  # (last - first, *shape[1:])
+        return rows.reshape(-1)[start - first * row : stop - first * row].float()
 
 
 def load_model(directory: str | Path, device="cpu", dtype=None):

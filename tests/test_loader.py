@@ -155,6 +155,35 @@ def test_pairs_in_both_orders(shards):
     assert 0 < counts[0.5] < len(pairs)
 
 
+def test_pairs_as_a_turn_and_its_answer(shards):
+    """data.format chameleon_prompt: <bos> first <eot> second <eos> for pairs, in the order plain draws
+    (the same documents with <eot> taken out); other documents unchanged."""
+    d, docs = shards
+    eot = VOCAB.eot_id
+    seen = {}
+    for fmt in ("plain", "chameleon_prompt"):
+        s = spec([SourceConfig("a", [str(d)])], n_streams=2, resample=False, epochs=1)
+        s = dataclasses.replace(s, eot_id=eot if fmt == "chameleon_prompt" else None)
+        seen[fmt] = [doc for i in range(2) for doc in assemble(list(StreamingLoader(s, 0, 1))[i::2])]
+    plain, prompt = seen["plain"], seen["chameleon_prompt"]
+    assert len(plain) == len(prompt) == len(docs)
+    n_pairs = sum(len(doc.segs) == 2 for doc in docs.values())
+    turns = 0
+    for a, b in zip(plain, prompt):
+        if eot in b:
+            turns += 1
+            k = b.index(eot)
+            assert b.count(eot) == 1 and a == b[:k] + b[k + 1 :]
+            first, second = b[1:k], b[k + 1 : -1]
+            assert (first[0] == VOCAB.boi_id) != (second[0] == VOCAB.boi_id)  # one image, one caption
+            assert (first[0] == VOCAB.boi_id) == (first[-1] == VOCAB.eoi_id)
+        else:
+            assert a == b
+    assert turns == n_pairs > 0
+    assert make_spec(DataConfig(format="chameleon_prompt"), [], VOCAB, None, 1, 1, 1).eot_id == eot
+    assert make_spec(DataConfig(), [], VOCAB, None, 1, 1, 1).eot_id is None
+
+
 def test_loss_weights_and_image_targets(shards):
     d, _ = shards
     s = spec([SourceConfig("a", [str(d)])], text_w=0.5, image_w=2.0)

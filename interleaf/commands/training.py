@@ -29,14 +29,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="turn a training run's checkpoint into a model directory (safetensors) for interleaf.load",
-        description="Consolidate the latest (or --step) checkpoint of RUN_DIR - any ZeRO stage - into "
+        description="Consolidate the latest (or --step, or --best: lowest held-out loss) checkpoint of RUN_DIR - "
+        "any ZeRO stage - into "
         "OUT_DIR: model.safetensors, model.yaml, vocab.json, tokenizer/, vqgan/, the run's "
         "train.yaml, training.json (step, tokens) and, when set, sampling.yaml. OUT_DIR is new, "
         "empty or an earlier export (replaced as a whole once the new one is complete).",
     )
     p.add_argument("run_dir", help="a training run folder (its checkpoints/)")
     p.add_argument("out_dir", help="the model directory to write")
-    p.add_argument("--step", type=int, default=None, help="export this step's checkpoint (default: latest)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="export this step's checkpoint (default: latest)")
+    which.add_argument(
+        "--best", action="store_true", help="export the checkpoint with the lowest held-out loss (data.eval_sources)"
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, if the run has none")
     add_model_default_args(p)
     p.set_defaults(func=export_command)
@@ -140,6 +145,13 @@ def export_command(args: argparse.Namespace) -> int:
     from interleaf.training.export import export
 
     with named_as_flags():
-        out = export(args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer, sampling=given_options(args))
+        out = export(
+            args.run_dir,
+            args.out_dir,
+            step=args.step,
+            tokenizer=args.tokenizer,
+            sampling=given_options(args),
+            best=args.best,
+        )
     print(f"exported {args.run_dir} -> {out}")
     return 0

@@ -112,6 +112,10 @@ class FusedWeight:
             self.value_t, self.split, self.key = None, None, key
         return self.value
 
+    def clear(self) -> None:
+        """Forget the kept weight (its parameters were written in a way it cannot see)."""
+        self.key, self.value, self.value_t, self.sources, self.split = None, None, None, (), None
+
     def linear(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor | None:
         """F.linear(x, cat(params)) from the kept weight (None when it is too large to keep)."""
         w = self(*params)
@@ -139,6 +143,15 @@ class FusedWeight:
             else None
         )
         return linear(x) if y is None else y
+
+
+def forget_kept_weights(model: nn.Module) -> None:
+    """Clear every FusedWeight of `model`: after its parameters were written through `.data` (as
+    DeepSpeed's ZeRO-1/2 optimizer step writes them), before a pass without autograd."""
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, FusedWeight):
+                value.clear()
 
 
 def _fused_projections(x: torch.Tensor) -> bool:

@@ -7,7 +7,7 @@ Layout of a run directory:
     RUN/checkpoints/step_00000400/
         ds/state/...                            engine.save_checkpoint (ZeRO shards, one per rank)
         ds/state_universal/...                  made on demand to resume on another world size
-        trainer.json                            step, tokens, skip counters, world size, ...
+        trainer.json                            step, tokens, skip counters, world size, held-out loss, ...
         loader.json                             every loader stream's position (any world size)
         rng/rank_00000.json                     python / numpy / torch RNG state per rank
         config.yaml  model.yaml
@@ -15,7 +15,9 @@ Layout of a run directory:
 Every rank writes into `checkpoints/.tmp-step_...`; after a barrier rank 0 adds its files, renames
 the folder to its final name and only then rewrites `latest`. A run killed at any moment leaves
 either the previous checkpoint or the new one as `latest`, never a partial one; leftovers of an
-interrupted write are removed when the next run starts.
+interrupted write are removed when the next run starts. `keep_last` prunes older checkpoints, but
+never the one with the lowest held-out loss (`best_checkpoint`; every checkpoint is evaluated on the
+run's data.eval_sources): `interleaf export --best` picks it.
 
 DeepSpeed's checkpoint files are pickles (torch.load with weights_only=False): load checkpoints
 from trusted sources only. Exports (`interleaf export`) are safetensors.
@@ -182,11 +184,14 @@ def save_checkpoint(
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (0 keeps everything)."""
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps everything) and the best one
+    (`best_checkpoint`), which is kept beside them."""
     if keep_last <= 0:
         return
+    best = best_checkpoint(root)
     for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- finding -------------------------------------------------------------------------------
@@ -196,6 +201,17 @@ def complete_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.glob("step_*") if p.is_dir() and (p / "trainer.json").is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def best_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the lowest held-out loss (trainer.json's eval_loss; the earliest
+    of equals); None when none has one. `prune` never deletes it, so it is the best of the whole run."""
+    scored = []
+    for ckpt in complete_checkpoints(root):
+        loss = read_trainer_state(ckpt).get("eval_loss")
+        if isinstance(loss, (int, float)) and loss == loss:  # not None, not NaN
+            scored.append((loss, ckpt.name, ckpt))
+    return min(scored)[2] if scored else None
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import socket
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -189,13 +190,43 @@ def precision(cfg: dict) -> torch.dtype:
 
 
 # ---- optimizer and schedule ----------------------------------------------------------------
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights), none on norms and biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Collection[str] = ()) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), none on norms and biases nor on the
+    parameters named in `no_decay`; frozen parameters are left out."""
+    groups: dict[bool, list] = {True: [], False: []}
+    for name, p in model.named_parameters():
+        shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape  # a ZeRO-3 parameter's data is its partition
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups[len(shape) >= 2 and name not in no_decay].append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        for decays, params in groups.items()
+        if params
+    ]
+
+
+def freeze(model: torch.nn.Module, frozen: Collection[str], rows: Mapping[str, torch.Tensor]) -> None:
+    """Stop `frozen` parameters from training; train matrix `name` of `rows` on its rows where
+    `rows[name]` (bool (n_rows,)) is True only.
+
+    The other rows' gradient is zeroed by a hook, on every micro-batch before it is accumulated (and
+    before ZeRO reduces or partitions it), so AdamW's moments for them stay zero and so does its step
+    (0 / (sqrt(0) + eps)); the matrix must also take no weight decay (`param_groups`' no_decay), which
+    would shrink them.
+    """
+    params = dict(model.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    for name, keep in rows.items():
+        p = params[name]
+        n_rows = p.ds_shape[0] if hasattr(p, "ds_shape") else p.shape[0]
+        drop = torch.ones(n_rows, 1, dtype=torch.bool)  # (n_rows, 1): rows past the vocabulary stay too
+        drop[: len(keep), 0] = ~keep
+        p.register_hook(functools.partial(_zero_rows, drop.to(p.device)))
+
+
+def _zero_rows(drop: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.masked_fill(drop, 0.0)  # (n_rows, dim)
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -282,13 +313,21 @@ def fill_parameters(model: torch.nn.Module, source: TensorSource) -> None:
 
 
 def build_engine(
-    model: torch.nn.Module, ds_cfg: dict, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: torch.nn.Module,
+    ds_cfg: dict,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    no_decay: Collection[str] = (),
 ):
-    """deepspeed.initialize with a torch AdamW (fused on CUDA); returns the engine."""
+    """deepspeed.initialize with a torch AdamW (fused on CUDA) over the parameters that train (no
+    weight decay on those named in `no_decay`); returns the engine."""
     import deepspeed
 
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **fused)
+    groups = param_groups(model, weight_decay, no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **fused)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     return engine
 

@@ -1,4 +1,4 @@
-"""`interleaf export RUN_DIR OUT_DIR`: a checkpoint -> a self-contained model directory.
+"""`interleaf export RUN_DIR OUT_DIR [--step N | --best]`: a checkpoint -> a self-contained model directory.
 
 The engine state is consolidated offline into full fp32 weights with DeepSpeed's
 `zero_to_fp32` (ZeRO 1, 2 and 3 alike: no processes, no GPU), loaded into a `Transformer`, and
@@ -19,12 +19,22 @@ from interleaf.utils import atomic_dir, check_replaceable, first_line, get_logge
 log = get_logger(__name__)
 
 
-def checkpoint_for(run_dir: Path, step: int | None) -> Path:
-    """The checkpoint folder to export: `step` if given, else the latest complete one."""
-    from interleaf.training.checkpoint import CKPT_DIR, find_checkpoint, step_name
+def checkpoint_for(run_dir: Path, step: int | None, best: bool = False) -> Path:
+    """The checkpoint folder to export: `step` if given, the one with the lowest held-out loss if
+    `best`, else the latest complete one."""
+    from interleaf.training.checkpoint import CKPT_DIR, best_checkpoint, find_checkpoint, step_name
 
     if not run_dir.is_dir():
         raise InterleafError(f"run directory not found: {run_dir}")
+    if best and step is not None:
+        raise InterleafError("give a step or ask for the best checkpoint, not both")
+    if best:
+        ckpt = best_checkpoint(run_dir / CKPT_DIR)
+        if ckpt is None:
+            raise InterleafError(
+                f"{run_dir} holds no checkpoint with a held-out loss (it trained without data.eval_sources)"
+            )
+        return ckpt
     if step is not None:
         ckpt = run_dir / CKPT_DIR / step_name(step)
         if not (ckpt / "trainer.json").is_file():
@@ -62,8 +72,9 @@ def export(
     step: int | None = None,
     tokenizer: str | Path | None = None,
     sampling: dict | None = None,
+    best: bool = False,
 ) -> Path:
-    """Write the model directory of a run's checkpoint; returns `out_dir`.
+    """Write the model directory of a run's checkpoint (`checkpoint_for`); returns `out_dir`.
 
     `sampling`: options for the directory's sampling.yaml (the per-model `SamplingParams` fields),
     over those of an earlier export into `out_dir`, which are kept otherwise (merged by
@@ -80,7 +91,7 @@ def export(
     from interleaf.training.checkpoint import read_trainer_state
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    ckpt = checkpoint_for(run_dir, step)
+    ckpt = checkpoint_for(run_dir, step, best)
     check_replaceable(out_dir, "output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "training.json").is_file():
         raise InterleafError(f"{out_dir} exists and is not an earlier export: choose an empty or new folder")
@@ -90,7 +101,10 @@ def export(
     if not (ckpt / "config.yaml").is_file():
         raise InterleafError(f"checkpoint {ckpt} has no config.yaml: it is incomplete")
     earlier = read_sampling_defaults(out_dir) if out_dir.is_dir() else {}
-    sampling = options_from(merge_options(earlier, sampling or {}), PER_MODEL)
+    # a run from `init` keeps the init's sampling.yaml in its folder: the start of the export's
+    sampling = options_from(
+        merge_options(merge_options(read_sampling_defaults(run_dir), earlier), sampling or {}), PER_MODEL
+    )
     args = load_config(ModelArgs, ckpt / "model.yaml")
     tok_dir = Path(tokenizer) if tokenizer is not None else run_dir
     text_src = tok_dir / "tokenizer" if (tok_dir / "tokenizer").exists() else tok_dir
@@ -115,6 +129,7 @@ def export(
                 "checkpoint": ckpt.name,
                 "step": trainer["step"],
                 "tokens": trainer["tokens"],
+                "eval_loss": trainer.get("eval_loss"),
             },
         )
         if sampling:

@@ -52,6 +52,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch.utils.data as tud
@@ -79,6 +80,10 @@ class DataConfig:
     shuffle_buffer: int = 1000  # documents per (stream, source)
     resample: bool = True  # True: shards drawn with replacement (infinite); False: epochs over the shards
     image_first_prob: float = 0.5  # image-caption pairs shown image->caption (else caption->image)
+    # plain: a pair's two segments one after the other; chameleon_prompt: as a turn and its answer, the
+    # first segment then the end-of-turn token (<eot>, Chameleon's <reserved08706>), as transformers'
+    # Chameleon processor writes a prompt and Anole's scripts ask for an image
+    format: Literal["plain", "chameleon_prompt"] = "plain"
     split_documents: bool = False  # False: a document that fits in a row is never cut (rows padded instead)
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
@@ -369,6 +374,7 @@ class StreamSpec:
     pad_id: int
     decoder: Decoder
     epochs: int | None = None  # None: infinite; 1: one pass (evaluation, tests)
+    eot_id: int | None = None  # placed between a pair's segments (data.format chameleon_prompt)
 
 
 class PackedStream:
@@ -414,16 +420,20 @@ class PackedStream:
             return self._order(doc)
 
     def _order(self, doc: TokenDoc) -> np.ndarray:
-        """Image-caption pairs (one text + one image segment) in the order drawn for them."""
+        """Image-caption pairs (one text + one image segment) in the order drawn for them, the first
+        one ending a turn when the spec has an end-of-turn id."""
         segs = doc.segs
         if len(segs) != 2 or {int(segs[0, 0]), int(segs[1, 0])} != {TEXT, IMAGE}:
             return doc.ids
         image_first = bool(self.rng.random() < self.spec.image_first_prob)
-        if (int(segs[0, 0]) == IMAGE) == image_first:
-            return doc.ids
         (_, a0, a1), (_, b0, b1) = segs.tolist()
         ids = doc.ids
-        return np.concatenate([ids[:a0], ids[b0:b1], ids[a1:b0], ids[a0:a1], ids[b1:]])
+        keep = (int(segs[0, 0]) == IMAGE) == image_first
+        if keep and self.spec.eot_id is None:
+            return ids
+        first, second = (ids[a0:a1], ids[b0:b1]) if keep else (ids[b0:b1], ids[a0:a1])
+        eot = np.asarray([] if self.spec.eot_id is None else [self.spec.eot_id], dtype=ids.dtype)
+        return np.concatenate([ids[:a0], first, ids[a1:b0], eot, second, ids[b1:]])
 
     def _row(self) -> tuple[dict, int]:
         """One packed row; returns (arrays, number of real pairs)."""
@@ -727,4 +737,5 @@ def make_spec(
         pad_id=vocab.pad_id,
         decoder=Decoder(vocab.size, tokenizer_dir),
         epochs=1 if eval_mode else None,
+        eot_id=vocab.eot_id if data.format == "chameleon_prompt" else None,
     )

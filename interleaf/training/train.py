@@ -24,7 +24,11 @@ from typing import Any, Literal
 
 from interleaf.config import from_dict, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.model.args import MODEL_SIZES
 from interleaf.model.init import RandomInit
+from interleaf.model.transformer import forget_kept_weights
+from interleaf.pipeline import SAMPLING_FILE, WeightsSource
+from interleaf.tokenizer.vocab import END_OF_TURN_NAME
 from interleaf.training.checkpoint import check_shared_run_dir, find_checkpoint
 from interleaf.training.loader import DataConfig
 from interleaf.utils import get_logger, usable_cpus
@@ -60,9 +64,20 @@ class TrainConfig:
     """Everything `interleaf train` needs; saved, resolved, as RUN/config.yaml."""
 
     run_dir: str = "runs/train"
-    model_size: str | None = "debug"  # a named size of interleaf.model.args.MODEL_SIZES (None: defaults)
+    # a named size of interleaf.model.args.MODEL_SIZES; auto: "debug", or with `init` the init's own
+    # (a named size that differs from it is an error); None: ModelArgs' defaults
+    model_size: str | None = "auto"
     model: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields over the named size
     tokenizer: str | None = None  # vocab.json + tokenizer/ + vqgan/ (tokenize.py); else from token shards
+    # fine-tuning: a model directory (an export, a conversion) to start from: its weights, its model.yaml
+    # (`model:` may change only what no weight depends on: TRAINING_FIELDS), its vocabulary, and its
+    # tokenizer files unless `tokenizer:` names others with the same vocabulary
+    init: str | None = None
+    # parameter names (fnmatch patterns, e.g. "layers.*.attention.*") that keep their initial values
+    freeze: list[str] = field(default_factory=list)
+    # matrices trained on some vocabulary rows only: {tok_embeddings | output: image | text}; the other
+    # rows keep their initial values (such a matrix takes no weight decay, which would move them)
+    train_rows: dict[str, str] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
@@ -100,6 +115,22 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
         if self.global_batch % self.micro_batch:
             raise ConfigError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
+        if self.model_size not in ("auto", None, *MODEL_SIZES):
+            raise ConfigError(f"unknown model_size {self.model_size!r} (known: auto, {', '.join(MODEL_SIZES)})")
+        if self.init is not None and self.tokenizer is None:
+            self.tokenizer = self.init  # a model directory is a tokenizer directory too
+        for key, rows in self.train_rows.items():
+            if key not in ROW_MATRICES:
+                raise ConfigError(f"train_rows: unknown matrix {key!r} (known: {', '.join(ROW_MATRICES)})")
+            if rows not in ROW_MASKS:
+                raise ConfigError(f"train_rows.{key}: unknown rows {rows!r} (known: {', '.join(ROW_MASKS)})")
+
+
+ROW_MATRICES = ("tok_embeddings", "output")  # the matrices with one row per vocabulary id
+# the rows a matrix may train only: the vocabulary's image-code ids, or its plain text ids
+ROW_MASKS = {"image": lambda vocab: vocab.image_mask(), "text": lambda vocab: vocab.text_mask()}
+# ModelArgs fields no weight depends on: a run from `init` may set them (the others come from the init)
+TRAINING_FIELDS = ("dropout", "z_loss", "loss_chunk", "attention", "max_seq_len", "init_std")
 
 
 # ---- preparation: everything that can fail on bad input, before any process starts --------
@@ -115,6 +146,8 @@ class Plan:
     world: int
     n_streams: int
     grad_accum: int
+    frozen: list[str] = field(default_factory=list)  # parameter names that do not train
+    train_rows: dict[str, str] = field(default_factory=dict)  # parameter name -> the rows (ROW_MASKS) it trains
 
 
 def check_world(cfg: TrainConfig, world: int) -> int:
@@ -129,14 +162,12 @@ def check_world(cfg: TrainConfig, world: int) -> int:
 
 def resolve_model_args(cfg: TrainConfig, vocab):
     """ModelArgs from the named size + overrides, with vocab_size from the vocabulary."""
-    from interleaf.model.args import MODEL_SIZES, ModelArgs
+    from interleaf.model.args import ModelArgs
 
     extra = dict(cfg.model)
     extra.setdefault("vocab_size", vocab.size)
     if cfg.model_size is not None:
-        if cfg.model_size not in MODEL_SIZES:
-            raise ConfigError(f"unknown model_size {cfg.model_size!r} (known: {', '.join(MODEL_SIZES)})")
-        base = to_dict(MODEL_SIZES[cfg.model_size])
+        base = to_dict(MODEL_SIZES["debug" if cfg.model_size == "auto" else cfg.model_size])
         if {"dim", "multiple_of", "ffn_multiplier"} & set(extra):
             base.pop("ffn_hidden")  # derived from those in the table: let ModelArgs recompute it
         extra = {**base, **extra}
@@ -145,14 +176,83 @@ def resolve_model_args(cfg: TrainConfig, vocab):
     return args
 
 
+def init_model_args(cfg: TrainConfig):
+    """The init's ModelArgs with the config's TRAINING_FIELDS; a config that sets another field (or
+    names a model_size) otherwise than the init has it is a ConfigError naming the field."""
+    from interleaf.model.args import ModelArgs
+    from interleaf.pipeline import read_model_args
+
+    try:
+        init = read_model_args(cfg.init)
+    except InterleafError as e:
+        raise ConfigError(f"init: {e}") from None
+    args = from_dict(ModelArgs, {**to_dict(init), **cfg.model}, prefix="model")
+    given = {f"model.{k}": (getattr(args, k), getattr(init, k)) for k in cfg.model if k not in TRAINING_FIELDS}
+    if cfg.model_size not in ("auto", None):
+        named = MODEL_SIZES[cfg.model_size]
+        given.update(
+            (f"model_size={cfg.model_size}: {k}", (v, getattr(init, k)))
+            for k, v in to_dict(named).items()
+            if k not in TRAINING_FIELDS and k != "vocab_size"
+        )
+    for key, (value, theirs) in given.items():
+        if value != theirs:
+            raise ConfigError(
+                f"{key} is {value!r}, but init {cfg.init} has {theirs!r}: a run from `init` takes the init's model "
+                f"(only {', '.join(TRAINING_FIELDS)} may change)"
+            )
+    return args
+
+
+def check_init(cfg: TrainConfig, args) -> None:
+    """The init directory's weights are those of a Transformer(args) (names and shapes, from the file
+    headers); InterleafError naming the first that is not."""
+    import torch
+
+    from interleaf.model.transformer import check_tensors, expected_shapes
+
+    shapes = WeightsSource(cfg.init).shapes
+    check_tensors(
+        {k: torch.empty(s, device="meta") for k, s in shapes.items()}, expected_shapes(args), f"init {cfg.init}"
+    )
+
+
+def resolve_freeze(cfg: TrainConfig, args) -> tuple[list[str], dict[str, str]]:
+    """(frozen parameter names, {parameter name: rows it trains}) of a model with `args`; a freeze
+    pattern that names no parameter, or a model with nothing left to train, is a ConfigError."""
+    from fnmatch import fnmatchcase
+
+    from interleaf.model.transformer import expected_shapes
+
+    names = list(expected_shapes(args))  # the parameters: a tied output weight is tok_embeddings.weight
+    rows: dict[str, str] = {}
+    for key, which in cfg.train_rows.items():
+        name = "tok_embeddings.weight" if key == "output" and args.tie_embeddings else f"{key}.weight"
+        if rows.setdefault(name, which) != which:
+            raise ConfigError("train_rows: output and tok_embeddings are one tied matrix here; give it one set of rows")
+    frozen: set[str] = set()
+    for pattern in cfg.freeze:
+        matched = [n for n in names if fnmatchcase(n, pattern)]
+        if not matched:
+            raise ConfigError(f"freeze: pattern {pattern!r} matches no parameter (names look like {names[1]})")
+        frozen.update(matched)
+    frozen -= set(rows)  # a matrix in train_rows trains its rows, whatever freeze says
+    if len(frozen) == len(names):
+        raise ConfigError("freeze: every parameter is frozen and train_rows names none: nothing would train")
+    return [n for n in names if n in frozen], rows
+
+
 def resolve_vocab(cfg: TrainConfig, sources: list):
     """The vocabulary: from the tokenizer directory, else from the token shards' index.json."""
     from interleaf.tokenizer.vocab import Vocabulary
     from interleaf.training.loader import shard_index
     from interleaf.training.tokenize import load_tokenizer_dir
 
-    if cfg.tokenizer is not None:
-        return load_tokenizer_dir(cfg.tokenizer).vocab  # its parts are checked against its vocab.json
+    if cfg.tokenizer is not None:  # with `init`: the init, unless another with the same vocabulary is named
+        vocab = load_tokenizer_dir(cfg.tokenizer).vocab  # its parts are checked against its vocab.json
+        if cfg.init is not None and vocab.to_dict() != Vocabulary.load(cfg.init).to_dict():
+            raise ConfigError(f"tokenizer {cfg.tokenizer} has another vocabulary than init {cfg.init}")
+        return vocab
     found = [i["vocab"] for s in sources if s.kind == "tokens" for i in shard_index(s.shards) if "vocab" in i]
     if not found:
         raise ConfigError(
@@ -185,6 +285,10 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
 
         ckpt = find_checkpoint(Path(cfg.run_dir))
         check_resume(cfg, n_streams, ckpt, read_trainer_state(ckpt) if ckpt is not None else None)
+    if cfg.init is not None and not Path(cfg.init).is_dir():
+        raise ConfigError(f"init: model directory not found: {cfg.init}")
+    # not a model directory, or a config at odds with it: an error before any data is read
+    args = init_model_args(cfg) if cfg.init is not None else None
     sources = resolve_sources(cfg.data.sources)
     eval_sources = resolve_sources(cfg.data.eval_sources)
     vocab = resolve_vocab(cfg, sources + eval_sources)
@@ -195,7 +299,14 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
         raise ConfigError(
             "document shards are tokenized on the fly, which needs `tokenizer:`; or run `interleaf tokenize` first"
         )
-    args = resolve_model_args(cfg, vocab)
+    if cfg.data.format == "chameleon_prompt" and END_OF_TURN_NAME not in vocab.specials:
+        raise ConfigError("data.format chameleon_prompt needs an end-of-turn token, which this vocabulary lacks")
+    if args is None:
+        args = resolve_model_args(cfg, vocab)
+    else:
+        vocab.check_fits(args.vocab_size, f"init {cfg.init}")
+        check_init(cfg, args)
+    frozen, train_rows = resolve_freeze(cfg, args)
     if resume and ckpt is not None:
         check_same_model(args, ckpt)
     if cfg.data.seq_len > args.max_seq_len:
@@ -205,7 +316,7 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
-    return Plan(cfg, args, vocab, sources, eval_sources, world, n_streams, grad_accum)
+    return Plan(cfg, args, vocab, sources, eval_sources, world, n_streams, grad_accum, frozen, train_rows)
 
 
 def check_resume(cfg: TrainConfig, n_streams: int, ckpt: Path | None, state: dict | None) -> None:
@@ -297,6 +408,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.loader = None
         self.tb = None
+        self.held_out: tuple[int, float | None] | None = None  # (step, loss) of the last held-out evaluation
 
     # -- setup --
     def setup(self) -> None:
@@ -327,13 +439,16 @@ class Trainer:
             self.device,
             universal,
         )
-        # the same initial weights on every rank and every path, for any world size (model/init.py)
-        initial = RandomInit(plan.model_args, cfg.seed)
+        # the same initial weights on every rank and every path, for any world size (model/init.py), or
+        # the init directory's, read tensor by tensor (under ZeRO-3 each rank reads its partitions only)
+        initial = WeightsSource(cfg.init) if cfg.init is not None else RandomInit(plan.model_args, cfg.seed)
         model = eng.build_model(plan.model_args, self.ds_cfg, initial, self.device, cfg.zero_init)
+        rows = {name: ROW_MASKS[which](plan.vocab) for name, which in plan.train_rows.items()}
+        eng.freeze(model, plan.frozen, rows)
         if cfg.activation_checkpointing:
             eng.apply_activation_checkpointing(model)
         o = cfg.optim
-        self.engine = eng.build_engine(model, self.ds_cfg, o.lr, o.weight_decay, o.betas, o.eps)
+        self.engine = eng.build_engine(model, self.ds_cfg, o.lr, o.weight_decay, o.betas, o.eps, no_decay=set(rows))
         spec = make_spec(cfg.data, plan.sources, plan.vocab, cfg.tokenizer, cfg.steps, plan.n_streams, cfg.micro_batch)
         self.loader = StreamingLoader(spec, self.rank, plan.world, cfg.data.num_workers)
         if ckpt is not None:
@@ -423,6 +538,8 @@ class Trainer:
                 from interleaf.tokenizer.text import TextTokenizer
 
                 TextTokenizer.load(src).save(self.run_dir / "tokenizer")
+        if self.cfg.init is not None and (Path(self.cfg.init) / SAMPLING_FILE).is_file():
+            shutil.copyfile(Path(self.cfg.init) / SAMPLING_FILE, self.run_dir / SAMPLING_FILE)  # exports keep it
 
     # -- steps --
     def train_step(self, micro_batches: list[dict]) -> dict:
@@ -500,6 +617,9 @@ class Trainer:
         it = iter(loader)
         pad = None
         acc = torch.zeros(6, dtype=torch.float64, device=self.device)  # ce sum, n, text sum, n, image sum, n
+        # the model keeps fused weights for passes without autograd; ZeRO-1/2 steps write the weights
+        # through .data, which it cannot see: forget them before (stale) and after (memory)
+        forget_kept_weights(self.engine.module)
         self.engine.eval()
         with torch.no_grad():
             for _ in range(cfg.data.eval_batches * plan.grad_accum):  # same count on every rank (ZeRO-3)
@@ -520,6 +640,7 @@ class Trainer:
                     ]
                 )
         self.engine.train()
+        forget_kept_weights(self.engine.module)
         dist.all_reduce(acc)
         a = acc.tolist()
         return {
@@ -554,6 +675,8 @@ class Trainer:
             "world_size": self.plan.world,
             "n_streams": self.plan.n_streams,
             "zero_stage": self.cfg.zero_stage,
+            # the held-out loss of these weights (every checkpoint is evaluated when there are eval sources)
+            "eval_loss": self.held_out[1] if self.held_out is not None and self.held_out[0] == self.step else None,
             "time": time.time(),
         }
         files = {"config.yaml": self.run_dir / "config.yaml", "model.yaml": self.run_dir / "model.yaml"}
@@ -578,6 +701,7 @@ class Trainer:
         )
         it = iter(self.loader)
         last: dict = {}
+        postfix: dict[str, str] = {}  # the progress line: loss, tokens/s, the latest held-out loss
         t_last, tok_last = time.time(), self.tokens
         while self.step < cfg.steps:
             micro = [next(it) for _ in range(plan.grad_accum)]
@@ -601,14 +725,19 @@ class Trainer:
                     "read": self._read_stats(),
                 }
                 self.log(last)
-                loss = "nan" if stats["nonfinite"] else f"{stats['loss']:.4f}"
-                bar.set_postfix(loss=loss, tok_s=f"{tps:,.0f}", refresh=False)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+                postfix["loss"] = "nan" if stats["nonfinite"] else f"{stats['loss']:.4f}"
+                postfix["tok_s"] = f"{tps:,.0f}"
+                bar.set_postfix(postfix, refresh=False)
+            saving = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps
+            # a checkpoint is always evaluated (on eval sources): its held-out loss is how the best is kept
+            if saving or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self._eval_and_log()
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+                if self.held_out is not None and self.held_out[1] is not None:
+                    postfix["held_out"] = f"{self.held_out[1]:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+            if saving:
                 self.save()
         bar.close()
-        self._eval_and_log()
         dist.barrier()
         return last
 
@@ -640,6 +769,7 @@ class Trainer:
     def _eval_and_log(self) -> None:
         result = self.evaluate()
         if result is not None:
+            self.held_out = (self.step, result["loss"])
             self.log({"step": self.step, "eval": result})
             if self.rank == 0:
                 parts = [f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)]

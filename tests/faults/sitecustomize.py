@@ -15,6 +15,8 @@ of the run (the `--nproc` launcher, torchrun's workers, ...) patches interleaf's
     memory: true         after the first optimizer step, write RUN/memory/rank_N.json: the bytes of
                          parameters, gradients, optimizer state and gradient bucket that DeepSpeed's
                          ZeRO-3 optimizer holds on this rank
+    reads: true          once the model is built, write RUN/reads/rank_N.json: how many values of each
+                         tensor this rank read from the `init:` directory (WeightsSource.read)
 
 The patches are applied when a process imports interleaf.training.train, so the processes that
 never train (torchrun's agent, data workers, DeepSpeed's converter) start as fast as without them.
@@ -57,8 +59,19 @@ def _install(faults: dict, train) -> None:
     import torch
 
     from interleaf.model.transformer import Transformer
+    from interleaf.pipeline import WeightsSource
 
     state = {"step": 0, "rank": 0}
+    reads: dict[str, int] = {}
+
+    original_read = WeightsSource.read
+
+    def read(self, name, shape, start, stop):
+        reads[name] = reads.get(name, 0) + (stop - start)
+        return original_read(self, name, shape, start, stop)
+
+    if faults.get("reads"):
+        WeightsSource.read = read
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -95,6 +108,10 @@ def _install(faults: dict, train) -> None:
 
     def setup(self):
         original_setup(self)
+        if faults.get("reads"):
+            out = self.run_dir / "reads" / f"rank_{self.rank}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(reads))
         engine = self.engine
         backward, save = engine.backward, engine.save_checkpoint
 
