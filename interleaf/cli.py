@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # dotted overrides may come after flags: `interleaf train cfg.yaml --quiet optim.lr=1e-3`
     late = [a for a in extra if "=" in a and not a.startswith("-")]
-    if late and isinstance(getattr(args, "overrides", None), list):
+    if late and isinstance(getattr(args, "overrides", None), list):  # the commands that take overrides
         args.overrides.extend(late)
         extra = [a for a in extra if a not in late]
     if extra:

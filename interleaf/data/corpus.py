@@ -43,6 +43,9 @@ class ShapesCorpus:
     max_shapes: int = 3
     max_images: int = 4
 
+    def validate(self) -> None:
+        """BPEConfig.validate checks these."""
+
 
 @dataclass
 class BPEConfig:

@@ -58,6 +58,9 @@ class DataConfig:
     allow_upscale: bool = False  # folder: accept images smaller than the resolution (upscaled)
     cache: bool = True  # folder: keep decoded images in memory (when they fit in ~2 GB)
 
+    def validate(self) -> None:
+        """TrainVQConfig.validate checks these."""
+
 
 @dataclass
 class OptimConfig:
@@ -70,6 +73,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
     grad_clip: float = 0.0  # max grad norm; 0 disables
+
+    def validate(self) -> None:
+        """TrainVQConfig.validate checks these."""
 
 
 @dataclass

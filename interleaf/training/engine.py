@@ -218,6 +218,7 @@ def set_lr(engine, lr: float) -> None:
 @contextlib.contextmanager
 def frozen_update(engine):
     """Inside: the optimizer's parameter update is a no-op (a skipped step; ZeRO still clears grads)."""
+    # DeepSpeed's ZeRO / bf16 optimizers hold the torch one as .optimizer; which wrapper depends on its config
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     saved = vars(inner).get("step")
     inner.step = lambda *args, **kwargs: None  # instance attribute, shadows the class method
