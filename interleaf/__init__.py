@@ -1,29 +1,28 @@
 """interleaf: early-fusion, token-based multimodal generative models (Chameleon / CM3leon family)."""
 
+import importlib
+
+# The `interleaf` command imports this package at start-up, so what it offers is imported on first
+# use: `load` imports the pipeline (torch) when called, the names of _LAZY when first read.
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Image": "interleaf.sampling.prompt",  # a prompt's image
+    "END_OF_TURN": "interleaf.tokenizer.vocab",  # a prompt's end of a turn
+    "SamplingParams": "interleaf.sampling.params",
+}
 
 
 def load(directory, device="cpu", dtype=None):
     """Open an exported model directory: returns an object with .model, .vqgan, .vocab (and generation)."""
-    from interleaf.pipeline import load as _load
+    from interleaf.pipeline import load as _load  # noqa: PLC0415
 
     return _load(directory, device=device, dtype=dtype)
 
 
 def __getattr__(name: str):
-    """`interleaf.Image` (a prompt's image), `interleaf.END_OF_TURN` (a prompt's end of a turn) and
-    `interleaf.SamplingParams`, imported when first used: the `interleaf` command imports this
-    package, and its start-up should not wait for PIL."""
-    if name == "Image":
-        from interleaf.sampling.prompt import Image
-
-        return Image
-    if name == "END_OF_TURN":
-        from interleaf.tokenizer.vocab import END_OF_TURN
-
-        return END_OF_TURN
-    if name == "SamplingParams":
-        from interleaf.sampling.params import SamplingParams
-
-        return SamplingParams
+    """`interleaf.Image`, `interleaf.END_OF_TURN` and `interleaf.SamplingParams`, imported when first used."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'interleaf' has no attribute {name!r}")

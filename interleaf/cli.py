@@ -38,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # an area not built yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -54,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # dotted overrides may come after flags: `interleaf train cfg.yaml --quiet optim.lr=1e-3`
     late = [a for a in extra if "=" in a and not a.startswith("-")]
-    if late and isinstance(getattr(args, "overrides", None), list):
+    if late and isinstance(getattr(args, "overrides", None), list):  # the commands that take overrides
         args.overrides.extend(late)
         extra = [a for a in extra if a not in late]
     if extra:

@@ -1,8 +1,9 @@
 """Configuration: nested dataclasses <- YAML <- dotted command-line overrides.
 
-Every config in interleaf is a plain dataclass. `load_config(Cls, path, ["a.b=c"])` reads the YAML
-file, applies the overrides, type-checks every value against the dataclass fields and returns an
-instance. Unknown keys and wrong types raise `ConfigError` naming the dotted key.
+Every config in interleaf is a plain dataclass with a `validate()` method (`Config`).
+`load_config(Cls, path, ["a.b=c"])` reads the YAML file, applies the overrides, type-checks every
+value against the dataclass fields, calls each section's `validate()` and returns an instance.
+Unknown keys, wrong types and values out of range raise `ConfigError` naming the dotted key.
 
 The configs that ship with interleaf (model sizes, DeepSpeed JSONs, demo, BPE, VQ-GAN, training)
 live inside the package, in `CONFIG_DIR`; the repository's top-level `configs/` is a link to that
@@ -17,14 +18,22 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Protocol, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 from interleaf.errors import ConfigError
 from interleaf.utils import atomic_write, first_line, read_text
 
-T = TypeVar("T")
+
+class Config(Protocol):
+    """A config dataclass: `validate()` checks what the field types cannot say (ranges, combinations)
+    and raises ConfigError naming the key. A section whose values its parent checks has an empty one."""
+
+    def validate(self) -> None: ...
+
+
+T = TypeVar("T", bound=Config)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -194,9 +203,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         key = f"{prefix}.{missing[0]}" if prefix else missing[0]
         raise ConfigError(f"config key '{key}' is required")
     obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+    obj.validate()
     return obj
 
 

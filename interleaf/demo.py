@@ -11,14 +11,25 @@ machine; a VQ-GAN cut by a `time_limit_min` override is a warning in the summary
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interleaf.config import CONFIG_DIR
+import interleaf
+from interleaf.config import CONFIG_DIR, load_config, save_config
+from interleaf.data.corpus import BPEConfig, run_train_bpe
+from interleaf.data.shapes import ShapesWorld
 from interleaf.errors import ConfigError
-from interleaf.evaluate import EvalConfig
+from interleaf.evaluate import EvalConfig, format_report, run_eval, summary_line
+from interleaf.sampling import render
+from interleaf.tokenizer.vqgan_train import format_summary, time_limit_note, train_vqgan
+from interleaf.tokenizer.vqgan_train import load_train_config as load_vqgan_config
+from interleaf.training.export import export
+from interleaf.training.shards import shapes_documents, write_documents
+from interleaf.training.tokenize import build_tokenizer_dir, tokenize_shards
+from interleaf.training.train import load_train_config, run_training
 from interleaf.utils import get_logger, write_json
 
 log = get_logger("interleaf.demo")
@@ -85,8 +96,6 @@ class Stages:
 
 def stage_shards(cfg: DemoConfig, out: Path) -> None:
     """Document shards of the shapes world: a training split and a held-out split."""
-    from interleaf.training.shards import shapes_documents, write_documents
-
     common = dict(resolution=cfg.resolution, max_shapes=cfg.max_shapes, seed=cfg.world_seed)
     write_documents(shapes_documents(cfg.train_documents, **common), out / "train")
     if cfg.train_pairs:
@@ -97,9 +106,6 @@ def stage_shards(cfg: DemoConfig, out: Path) -> None:
 
 def stage_bpe(cfg: DemoConfig, shards: Path, out: Path) -> None:
     """Byte-level BPE on the text of the training shards."""
-    from interleaf.config import load_config
-    from interleaf.data.corpus import BPEConfig, run_train_bpe
-
     bpe = load_config(BPEConfig, cfg.bpe_config, [*cfg.bpe, f"out={out}"])
     bpe.inputs = [str(shards / "train")]
     bpe.shapes.samples = 0
@@ -110,9 +116,7 @@ def stage_bpe(cfg: DemoConfig, shards: Path, out: Path) -> None:
 
 def stage_vqgan(cfg: DemoConfig, out: Path) -> dict:
     """The image tokenizer, trained on shapes-world images (resumes an interrupted run)."""
-    from interleaf.tokenizer.vqgan_train import format_summary, load_train_config, train_vqgan
-
-    vq = load_train_config(cfg.vqgan_config, [*cfg.vqgan, f"run_dir={out}"])
+    vq = load_vqgan_config(cfg.vqgan_config, [*cfg.vqgan, f"run_dir={out}"])
     resume = any(out.glob("checkpoints/*"))
     metrics = train_vqgan(vq, resume=resume, progress=cfg.progress)
     print("    " + format_summary(metrics, out).replace("\n", "\n    "))
@@ -121,15 +125,11 @@ def stage_vqgan(cfg: DemoConfig, out: Path) -> dict:
 
 def stage_tokenizer(cfg: DemoConfig, bpe: Path, vq_run: Path, out: Path) -> None:
     """The tokenizer directory: text tokenizer, VQ-GAN and the shared vocabulary (`interleaf build-tokenizer`)."""
-    from interleaf.training.tokenize import build_tokenizer_dir
-
     build_tokenizer_dir(bpe, vq_run, out)
 
 
 def stage_tokenize(cfg: DemoConfig, shards: Path, tokenizer: Path, out: Path) -> None:
     """Images through the VQ-GAN once, text through BPE: token shards for training."""
-    from interleaf.training.tokenize import tokenize_shards
-
     for split in ("train", "pairs", "val") if cfg.train_pairs else ("train", "val"):
         s = tokenize_shards([str(shards / split)], out / split, tokenizer, progress=cfg.progress)
         print(f"    {split}: {s['documents']:,} documents, {s['tokens']:,} tokens ({s['image_tokens']:,} image)")
@@ -137,8 +137,6 @@ def stage_tokenize(cfg: DemoConfig, shards: Path, tokenizer: Path, out: Path) ->
 
 def stage_train(cfg: DemoConfig, tokenizer: Path, tokens: Path, out: Path) -> dict:
     """The transformer (one process; resumes an interrupted run)."""
-    from interleaf.training.train import load_train_config, run_training
-
     mix_weight = 1 - cfg.pair_weight if cfg.train_pairs else 1.0
     sources = [f"{{name: shapes, paths: [{tokens / 'train'}], weight: {mix_weight}}}"]
     if cfg.train_pairs:
@@ -158,8 +156,6 @@ def stage_train(cfg: DemoConfig, tokenizer: Path, tokens: Path, out: Path) -> di
 def stage_export(cfg: DemoConfig, train: Path, tokenizer: Path, out: Path) -> None:
     """The model directory, with the guidance and image temperature the demo draws with as its
     sampling defaults (so `interleaf draw` and the viewer draw as the evaluation did)."""
-    from interleaf.training.export import export
-
     export(
         train,
         out / "model",
@@ -170,10 +166,6 @@ def stage_export(cfg: DemoConfig, train: Path, tokenizer: Path, out: Path) -> No
 
 def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:
     """A drawing, a caption and a story continued from its first scene, rendered to Markdown/HTML + PNGs."""
-    import interleaf
-    from interleaf.data.shapes import ShapesWorld
-    from interleaf.sampling.render import write_documents
-
     pipe = interleaf.load(model_dir)
     world = ShapesWorld(resolution=cfg.resolution, max_shapes=cfg.max_shapes, seed=cfg.eval.world_seed)
     image, truth, _ = world.pair(cfg.caption_image_index)
@@ -187,7 +179,7 @@ def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:
     written = []
     for name, (prompt, options) in jobs.items():
         doc = pipe.generate(prompt, seed=cfg.seed, **options)
-        rendered = write_documents(out / name, [doc])
+        rendered = render.write_documents(out / name, [doc])
         written.append(str(rendered.html))
         shown = doc.text.strip().replace("\n", " ")
         print(f"    {name}: {shown[:100]!r}, {len(doc.images)} image(s) -> {rendered.html}")
@@ -197,8 +189,6 @@ def stage_generate(cfg: DemoConfig, model_dir: Path, out: Path) -> list[str]:
 
 
 def stage_eval(cfg: DemoConfig, model_dir: Path, out: Path) -> dict:
-    from interleaf.evaluate import format_report, run_eval
-
     report = run_eval(model_dir, cfg.eval, out / "eval.json", progress=cfg.progress)
     print("    " + format_report(report).replace("\n", "\n    "))
     return report
@@ -206,10 +196,6 @@ def stage_eval(cfg: DemoConfig, model_dir: Path, out: Path) -> dict:
 
 def run_demo(run_dir: str | Path = "runs/demo", config: str | Path | None = None, overrides=()) -> dict:
     """Run (or finish) every stage of the demo; print where the results are."""
-    from interleaf.config import load_config, save_config
-    from interleaf.evaluate import format_report, summary_line
-    from interleaf.tokenizer.vqgan_train import time_limit_note
-
     cfg = load_config(DemoConfig, config or DEFAULT_CONFIG, overrides)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +212,6 @@ def run_demo(run_dir: str | Path = "runs/demo", config: str | Path | None = None
     model_dir = export_dir / "model"
     samples = st.run("samples", lambda o: stage_generate(cfg, model_dir, o))
     evaluation = st.run("eval", lambda o: stage_eval(cfg, model_dir, o))
-    import json
 
     report = json.loads((evaluation / "eval.json").read_text())
     vq_metrics = json.loads((vq / "metrics.json").read_text())

@@ -29,7 +29,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import interleaf
+from interleaf.data.analyse import analyse, mean_scores, score_caption, score_image, score_scene
+from interleaf.data.shapes import Scene, ShapesWorld
 from interleaf.errors import InterleafError
+from interleaf.sampling.generate import Request, collect, stream_requests
+from interleaf.sampling.params import SamplingParams
+from interleaf.tokenizer.image import load_image, to_pil
+from interleaf.tokenizer.vqgan import code_stats, psnr
 from interleaf.utils import check_writable, write_json
 
 HELDOUT_WORLD_SEED = 1_000_003  # no training config uses this world seed
@@ -64,8 +71,6 @@ class EvalConfig:
 
 
 def _world(pipe, cfg: EvalConfig):
-    from interleaf.data.shapes import ShapesWorld
-
     if pipe.vqgan is None:
         raise InterleafError("this model directory has no VQ-GAN: image evaluation needs one")
     return ShapesWorld(resolution=pipe.vqgan.config.resolution, max_shapes=cfg.max_shapes, seed=cfg.world_seed)
@@ -77,9 +82,6 @@ def _batches(n: int, size: int) -> list[range]:
 
 def _drawing(prompt, cfg: EvalConfig, cfg_scale: float, i: int):
     """The Request that draws one image for `prompt` (item i of a measurement)."""
-    from interleaf.sampling.generate import Request
-    from interleaf.sampling.params import SamplingParams
-
     params = SamplingParams(
         mode="image",
         cfg_scale=cfg_scale,
@@ -92,15 +94,11 @@ def _drawing(prompt, cfg: EvalConfig, cfg_scale: float, i: int):
 
 
 def _run_requests(pipe, requests) -> list:
-    from interleaf.sampling.generate import collect, stream_requests
-
     return collect(stream_requests(pipe, requests))
 
 
 def eval_draw(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -> dict:
     """Draw held-out captions; score each drawing with the analyser."""
-    from interleaf.data.analyse import mean_scores, score_image
-
     world = _world(pipe, cfg)
     scores, examples = [], []
     bar = tqdm(total=cfg.n_draw, desc=f"draw (cfg {cfg_scale:g})", unit="img", disable=not progress)
@@ -124,8 +122,6 @@ def eval_story(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -
     `unchanged` holds the scores the scene before the change would get (a model that ignores the
     text), `copied` the share of drawings that show the scene before the change again.
     """
-    from interleaf.data.analyse import analyse, mean_scores, score_scene
-
     world = _world(pipe, cfg)  # documents come from their own stream: no scene of the other measurements
     scores, unchanged, copied, examples = [], [], [], []
     bar = tqdm(total=cfg.n_story, desc=f"story step (cfg {cfg_scale:g})", unit="img", disable=not progress)
@@ -154,18 +150,11 @@ def eval_story(pipe, cfg: EvalConfig, cfg_scale: float, progress: bool = True) -
 
 def score_image_missing() -> dict:
     """Scores of a drawing request that produced no image."""
-    from interleaf.data.analyse import score_scene
-    from interleaf.data.shapes import Scene
-
     return score_scene(None, Scene([]))
 
 
 def eval_caption(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
     """Caption held-out images greedily; score each parsed caption."""
-    from interleaf.data.analyse import mean_scores, score_caption
-    from interleaf.sampling.generate import Request
-    from interleaf.sampling.params import SamplingParams
-
     world = _world(pipe, cfg)
     offset = 10 * max(cfg.n_draw, 1)  # images other than the drawn captions' scenes
     scores, examples = [], []
@@ -224,10 +213,6 @@ def eval_loss(pipe, cfg: EvalConfig, progress: bool = True) -> dict:
 def eval_vqgan(pipe, cfg: EvalConfig, n: int = 64) -> dict:
     """VQ-GAN PSNR and codebook usage on held-out images, and the analyser's scores of the
     reconstructions: what a perfect transformer could reach at text->image through these codes."""
-    from interleaf.data.analyse import mean_scores, score_image
-    from interleaf.tokenizer.image import load_image, to_pil
-    from interleaf.tokenizer.vqgan import code_stats, psnr
-
     world = _world(pipe, cfg)
     vq = pipe.vqgan
     offset = 30 * max(cfg.n_draw, cfg.n_caption, 1)
@@ -302,8 +287,6 @@ def format_report(report: dict) -> str:
 
 def run_eval(model_dir: str | Path, cfg: EvalConfig, out: str | Path | None = None, progress: bool = True) -> dict:
     """Load a model directory, evaluate it, write the JSON report (if `out`) and return it."""
-    import interleaf
-
     cfg.validate()
     if out is not None:
         check_writable(out, "report", folder=False)

@@ -25,13 +25,21 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from interleaf.config import read_yaml
+from interleaf.config import load_config, read_yaml, save_config
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.model.args import ModelArgs
+from interleaf.model.transformer import Transformer
 from interleaf.sampling import generate as G
 from interleaf.sampling.params import PER_MODEL, SamplingParams, merge_options, options_from
 from interleaf.tokenizer.multimodal import MultimodalTokenizer
-from interleaf.utils import atomic_write, write_json
+from interleaf.tokenizer.text import TextTokenizer
+from interleaf.tokenizer.vocab import Vocabulary
+from interleaf.utils import atomic_write, read_text, write_json
+
+# the one import inside a function (load): interleaf.tokenizer.vqgan reads its weights with this module's read_weights
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -236,8 +244,6 @@ def save_model_dir(directory: str | Path, model, vocab, text, vqgan=None) -> Pat
 
 def save_model_files(directory: str | Path, args, vocab, text, vqgan=None) -> Path:
     """Everything of a model directory but its weights: args, vocabulary, tokenizer, optional VQ-GAN."""
-    from interleaf.config import save_config
-
     directory = Path(directory)
     save_config(args, directory / ARGS_FILE)
     vocab.save(directory)
@@ -251,9 +257,6 @@ def save_model_files(directory: str | Path, args, vocab, text, vqgan=None) -> Pa
 # ---- reading ---------------------------------------------------------------------------------
 def read_model_args(directory: str | Path):
     """ModelArgs from DIR/model.yaml."""
-    from interleaf.config import load_config
-    from interleaf.model.args import ModelArgs
-
     path = Path(directory) / ARGS_FILE
     if not path.is_file():
         raise InterleafError(f"{directory} is not a model directory (no {ARGS_FILE})")
@@ -285,8 +288,6 @@ def weight_files(path: str | Path) -> list[Path]:
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    from interleaf.utils import read_text
-
     try:
         weight_map = json.loads(read_text(index))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -299,8 +300,6 @@ def _read_index(index: Path) -> dict[str, str]:
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or of a directory's weights (`weight_files`); a missing,
     unreadable or inconsistent file is an InterleafError."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     out: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
@@ -332,8 +331,6 @@ class WeightsSource:
     """
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         self._files: dict[str, object] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -359,8 +356,6 @@ class WeightsSource:
 
 def load_model(directory: str | Path, device="cpu", dtype=None):
     """The Transformer of a model directory, in eval mode, on `device` (stored dtype unless given)."""
-    from interleaf.model.transformer import Transformer
-
     directory = Path(directory)
     args = read_model_args(directory)
     dtype = parse_dtype(dtype)
@@ -370,9 +365,7 @@ def load_model(directory: str | Path, device="cpu", dtype=None):
 
 def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
     """Open a model directory: model, vocabulary, text tokenizer and (if present) VQ-GAN."""
-    from interleaf.tokenizer.text import TextTokenizer
-    from interleaf.tokenizer.vocab import Vocabulary
-    from interleaf.tokenizer.vqgan import VQModel
+    from interleaf.tokenizer.vqgan import VQModel  # noqa: PLC0415
 
     directory = Path(directory)
     if not directory.is_dir():

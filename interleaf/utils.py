@@ -7,12 +7,17 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+from interleaf.errors import InterleafError
+
+# the `interleaf` command imports this module at start-up: seed_everything imports torch when it runs
 
 
 def _read_umask() -> int:
@@ -68,8 +73,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 text file's contents; one that is not UTF-8 text is an InterleafError naming it."""
-    from interleaf.errors import InterleafError
-
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -82,8 +85,6 @@ def check_writable(path: str | os.PathLike, what: str, folder: bool = True) -> P
     `folder`: a folder that exists or can be created, to write in; else a file whose folder
     can be. Raises InterleafError naming `what`; leaves nothing behind.
     """
-    from interleaf.errors import InterleafError
-
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise InterleafError(f"{what} {path} exists and is not a folder")
@@ -107,8 +108,6 @@ def check_replaceable(path: str | os.PathLike, what: str) -> Path:
     Refused: what `check_writable` refuses, the current folder or one above it (replacing it would
     pull it from under the shell) and a mount point (it cannot be renamed).
     """
-    from interleaf.errors import InterleafError
-
     path = check_writable(path, what).resolve()
     here = Path.cwd().resolve()
     if path == here or path in here.parents:
@@ -126,8 +125,6 @@ def atomic_dir(path: str | os.PathLike, what: str) -> Iterator[Path]:
     An existing folder at `path` is moved aside first and removed only once the new one is in
     place (put back if that fails). On failure the temp folder is removed and `path` is untouched.
     """
-    import shutil
-
     path = check_replaceable(path, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
@@ -165,7 +162,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) generators."""
-    import torch
+    import torch  # noqa: PLC0415
 
     random.seed(seed)
     np.random.seed(seed % 2**32)

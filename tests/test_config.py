@@ -12,6 +12,10 @@ class Optim:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
 
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+
 
 @dataclass
 class Cfg:
@@ -21,6 +25,10 @@ class Cfg:
     ckpt: str | None = None
     optim: Optim = field(default_factory=Optim)
     sizes: list[int] = field(default_factory=lambda: [1, 2])
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -51,6 +59,15 @@ def test_round_trip(tmp_path):
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(Cfg, None, [override])
+
+
+def test_every_section_is_validated():
+    with pytest.raises(ConfigError, match="steps must be"):
+        load_config(Cfg, None, ["steps=-1"])
+    with pytest.raises(ConfigError, match=r"optim\.lr must be"):
+        load_config(Cfg, None, ["optim.lr=0"])
+    cfg = load_config(Cfg, None, ["steps=0", "optim.lr=1e-9"])  # control: values in range load
+    assert cfg.steps == 0 and cfg.optim.lr == 1e-9
 
 
 def test_missing_file_is_clear(tmp_path):

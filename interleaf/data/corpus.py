@@ -21,8 +21,13 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from tqdm import tqdm
+
 from interleaf.config import save_config
+from interleaf.data.shapes import ShapesWorld
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.tokenizer.text import MIN_VOCAB, train_bpe
+from interleaf.training.shards import iter_texts
 from interleaf.utils import get_logger
 
 log = get_logger(__name__)
@@ -38,6 +43,9 @@ class ShapesCorpus:
     max_shapes: int = 3
     max_images: int = 4
 
+    def validate(self) -> None:
+        """BPEConfig.validate checks these."""
+
 
 @dataclass
 class BPEConfig:
@@ -52,8 +60,6 @@ class BPEConfig:
     out: str = ""
 
     def validate(self) -> None:
-        from interleaf.tokenizer.text import MIN_VOCAB
-
         if self.vocab_size < MIN_VOCAB:
             raise ConfigError(
                 f"config key 'vocab_size': must be >= {MIN_VOCAB} (16 specials + 256 bytes), got {self.vocab_size}"
@@ -133,8 +139,6 @@ def _iter_jsonl(path: str, key: str) -> Iterator[str]:
 
 
 def _iter_shapes(cfg: ShapesCorpus) -> Iterator[str]:
-    from interleaf.data.shapes import ShapesWorld
-
     world = ShapesWorld(max_shapes=cfg.max_shapes, seed=cfg.seed, max_images=cfg.max_images)
     for i in range(cfg.samples):
         yield from world.texts(i)
@@ -144,8 +148,6 @@ def iter_source(name: str, jsonl_field: str = "text") -> Iterator[str]:
     """Texts of one input (file, directory, glob or shard pattern)."""
     for path in _expand(name):
         if _is_shards(path):
-            from interleaf.training.shards import iter_texts
-
             yield from iter_texts(path)
         elif path.endswith((".jsonl", ".jsonl.gz")):
             yield from _iter_jsonl(path, jsonl_field)
@@ -179,10 +181,6 @@ class BPEResult:
 
 def run_train_bpe(cfg: BPEConfig, show_progress: bool = True) -> BPEResult:
     """Train the BPE of `cfg` and write `tokenizer.json` + the resolved `bpe.yaml` into `cfg.out`."""
-    from tqdm import tqdm
-
-    from interleaf.tokenizer.text import train_bpe
-
     if not cfg.out:
         raise ConfigError("config key 'out' is required: the directory to write the tokenizer into")
     out = Path(cfg.out)

@@ -4,6 +4,8 @@
 first use, so `interleaf.model.args` stays cheap for the CLI).
 """
 
+import importlib
+
 from interleaf.model.args import MODEL_SIZES, ModelArgs, count_params, flops_per_token
 
 _LAZY = {
@@ -17,7 +19,5 @@ __all__ = ["MODEL_SIZES", "ModelArgs", "count_params", "flops_per_token", *_LAZY
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'interleaf.model' has no attribute {name!r}")

@@ -12,6 +12,9 @@ from typing import Literal
 
 from interleaf.errors import ConfigError
 
+# the `interleaf` command reads MODEL_SIZES to build its parser: interleaf.config (and yaml) is imported
+# by the functions that read configs
+
 
 def ffn_hidden_size(dim: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:
     """Llama/Chameleon SwiGLU width: 8/3 * dim, scaled, rounded up to `multiple_of`."""
@@ -82,7 +85,7 @@ class ModelArgs:
         """A named size from MODEL_SIZES, with field overrides."""
         if name not in MODEL_SIZES:
             raise ConfigError(f"unknown model size {name!r} (known: {', '.join(MODEL_SIZES)})")
-        from interleaf.config import from_dict
+        from interleaf.config import from_dict  # noqa: PLC0415
 
         # from the table, not the resolved args: overriding dim then re-derives ffn_hidden
         return from_dict(cls, {**SIZE_TABLE[name], **overrides}, prefix="model")
@@ -141,7 +144,7 @@ MODEL_SIZES: dict[str, ModelArgs] = {name: ModelArgs(**fields) for name, fields 
 
 def load_model_args(path_or_name: str | Path, overrides=()) -> ModelArgs:
     """A YAML file, a model directory (its model.yaml) or a named size -> validated ModelArgs."""
-    from interleaf.config import load_config, parse_overrides
+    from interleaf.config import load_config, parse_overrides  # noqa: PLC0415
 
     p = Path(path_or_name)
     if p.is_dir():

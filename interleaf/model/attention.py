@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from interleaf.errors import ConfigError
 from interleaf.utils import first_line
 
+# xformers is optional (the `xformers` extra, CUDA): imported only where its backend runs
+
 BACKENDS = ("auto", "sdpa", "xformers")
 
 
@@ -56,7 +58,7 @@ def xformers_problem(device: torch.device | str = "cuda") -> str | None:
     device = torch.device(device)
     if str(device) not in _XFORMERS_PROBES:
         try:
-            from xformers.ops import fmha, memory_efficient_attention
+            from xformers.ops import fmha, memory_efficient_attention  # noqa: PLC0415
         except Exception as e:  # ImportError (also of a flash-attn version it refuses), a broken install
             _XFORMERS_PROBES[str(device)] = f"xformers cannot be imported ({type(e).__name__}: {first_line(e)})"
         else:
@@ -160,7 +162,7 @@ class AttentionMask:
 def build_mask(backend: str, doc_ids: torch.Tensor | None, T: int) -> AttentionMask:
     """Mask for a forward pass over (B, T) tokens, packed when doc_ids is given."""
     if backend == "xformers":
-        from xformers.ops import fmha
+        from xformers.ops import fmha  # noqa: PLC0415
 
         if doc_ids is None:
             return AttentionMask(backend, fmha.attn_bias.LowerTriangularMask())
@@ -190,7 +192,7 @@ def build_cache_mask(
     if backend == "xformers" and torch.is_grad_enabled():
         backend = "sdpa"  # no xformers kernel differentiates the padded-keys mask
     if backend == "xformers":
-        from xformers.ops import fmha
+        from xformers.ops import fmha  # noqa: PLC0415
 
         # Query t of a row sees the keys up to kv_len - T + t (the mask is aligned bottom right), so
         # kv_len must be lengths + T exactly, padding tokens included, and fit the row's slots.
@@ -231,7 +233,7 @@ def attend(
 
 def _attend_xformers(q, k, v, mask: AttentionMask, dropout: float) -> torch.Tensor:
     """xformers memory_efficient_attention; block-diagonal masks want one flat row of tokens."""
-    from xformers.ops import memory_efficient_attention
+    from xformers.ops import memory_efficient_attention  # noqa: PLC0415
 
     B, T, H, hd = q.shape
     Hkv = k.shape[2]

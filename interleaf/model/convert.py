@@ -26,7 +26,26 @@ import torch
 from interleaf.errors import InterleafError
 from interleaf.model.args import ModelArgs
 from interleaf.model.transformer import Transformer, check_state_dict, check_tensors, expected_shapes
+from interleaf.pipeline import (
+    ARGS_FILE,
+    TOKENIZER_DIR,
+    VQGAN_DIR,
+    read_model_args,
+    read_weights,
+    save_model_dir,
+    write_sampling_defaults,
+    write_weights,
+)
+from interleaf.tokenizer.text import TextTokenizer
 from interleaf.tokenizer.vocab import END_OF_TURN_NAME, Vocabulary
+from interleaf.tokenizer.vqgan import (
+    WEIGHTS_FILE,
+    VQModel,
+    convert_hf_vq_state_dict,
+    hf_vq_tensors,
+    vq_config_from_hf,
+    vq_config_to_hf,
+)
 from interleaf.utils import atomic_dir, atomic_path, check_replaceable, read_text, write_json
 
 HF_DIR = "hf"  # inside an interleaf model directory: the source's config and tokenizer files
@@ -321,10 +340,6 @@ def from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
 
     `dtype` casts the transformer; the VQ-GAN keeps its stored weights (it runs in float32).
     """
-    from interleaf.pipeline import read_weights, save_model_dir, write_sampling_defaults
-    from interleaf.tokenizer.text import TextTokenizer
-    from interleaf.tokenizer.vqgan import VQModel, convert_hf_vq_state_dict, vq_config_from_hf
-
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InterleafError(f"source directory not found: {src}")
@@ -407,10 +422,6 @@ def _copy(a: Path, b: Path) -> None:
 
 def to_hf(src: str | Path, dst: str | Path) -> Path:
     """Write an interleaf model directory as an HF Chameleon directory; returns dst."""
-    from interleaf.pipeline import ARGS_FILE, TOKENIZER_DIR, VQGAN_DIR, read_model_args, read_weights, write_weights
-    from interleaf.tokenizer.text import TextTokenizer
-    from interleaf.tokenizer.vqgan import WEIGHTS_FILE, VQModel, hf_vq_tensors, vq_config_to_hf
-
     src, dst = Path(src), Path(dst)
     if not (src / ARGS_FILE).is_file():
         raise InterleafError(f"{src} is not an interleaf model directory (no {ARGS_FILE})")

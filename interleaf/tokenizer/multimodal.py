@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from interleaf.errors import InterleafError
+from interleaf.tokenizer.image import load_image, to_pil
 from interleaf.tokenizer.text import TextTokenizer
 from interleaf.tokenizer.vocab import (
     END_OF_TURN,
@@ -93,8 +94,6 @@ class MultimodalTokenizer:
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image | str | os.PathLike]) -> list[ImageCodes]:
         """Images (PIL or paths) -> code grids, batched through the VQ-GAN."""
-        from interleaf.tokenizer.image import load_image
-
         if not images:
             return []
         vqgan = self._require_vqgan("encoding an image")
@@ -109,8 +108,6 @@ class MultimodalTokenizer:
     @torch.inference_mode()
     def decode_images(self, codes: Sequence[ImageCodes]) -> list[Image.Image]:
         """Code grids -> RGB images through the VQ-GAN decoder."""
-        from interleaf.tokenizer.image import to_pil
-
         if not codes:
             return []
         vqgan = self._require_vqgan("drawing an image")

@@ -25,6 +25,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
+import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from interleaf.errors import InterleafError
 from interleaf.tokenizer.vocab import N_SPECIAL_SLOTS, special_token_names
 from interleaf.utils import atomic_write, first_line, get_logger
@@ -175,8 +178,6 @@ def _find_tokenizer_file(path: Path) -> Path:
 
 
 def _load_hf(path: Path):
-    from tokenizers import Tokenizer
-
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception on malformed files
@@ -184,8 +185,6 @@ def _load_hf(path: Path):
 
 
 def _load_spm(path: Path):
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(str(path))
@@ -244,8 +243,6 @@ def train_bpe(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
 ) -> TextTokenizer:
     """Train a byte-level BPE on `texts`; ids 0..15 are the special tokens, then 256 bytes, then merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise InterleafError(
             f"BPE vocab_size must be {MIN_VOCAB} (16 specials + 256 bytes) to {MAX_VOCAB:,}, got {vocab_size}"

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from interleaf.config import from_dict, read_yaml, save_config
@@ -362,8 +363,6 @@ class VQModel(nn.Module):
 
     def save(self, directory: str | Path) -> None:
         """Write `vqgan.safetensors` and `vqgan.yaml` into `directory`."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}

@@ -21,6 +21,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,9 +29,13 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
-from interleaf.config import from_dict, read_yaml, save_config, to_dict
+from interleaf.config import from_dict, load_config, read_yaml, save_config, to_dict
+from interleaf.data.shapes import ShapesWorld
 from interleaf.errors import ConfigError, InterleafError
+from interleaf.pipeline import check_device
 from interleaf.tokenizer.image import check_image, list_images, load_image, pil_to_tensor
 from interleaf.tokenizer.losses import LossConfig, VQGANLoss
 from interleaf.tokenizer.vqgan import VQConfig, VQModel, code_stats, psnr
@@ -53,6 +58,9 @@ class DataConfig:
     allow_upscale: bool = False  # folder: accept images smaller than the resolution (upscaled)
     cache: bool = True  # folder: keep decoded images in memory (when they fit in ~2 GB)
 
+    def validate(self) -> None:
+        """TrainVQConfig.validate checks these."""
+
 
 @dataclass
 class OptimConfig:
@@ -65,6 +73,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
     grad_clip: float = 0.0  # max grad norm; 0 disables
+
+    def validate(self) -> None:
+        """TrainVQConfig.validate checks these."""
 
 
 @dataclass
@@ -110,8 +121,6 @@ class TrainVQConfig:
 
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainVQConfig:
     """YAML + dotted overrides -> validated TrainVQConfig."""
-    from interleaf.config import load_config
-
     return load_config(TrainVQConfig, path, overrides)
 
 
@@ -145,8 +154,6 @@ class ImageSource:
 
 def shapes_source(data: DataConfig, resolution: int) -> ImageSource:
     """The procedural shapes world; validation scenes come from a different world seed."""
-    from interleaf.data.shapes import ShapesWorld
-
     world = ShapesWorld(resolution=resolution, max_shapes=data.max_shapes, seed=data.seed)
     val_world = ShapesWorld(resolution=resolution, max_shapes=data.max_shapes, seed=data.seed + 1_000_003)
     return ImageSource(
@@ -159,9 +166,6 @@ def shapes_source(data: DataConfig, resolution: int) -> ImageSource:
 
 def check_folder(files: Sequence[Path], progress: bool = False) -> list[tuple[int, int]]:
     """(width, height) of every file; one InterleafError naming the first unreadable file and counting the rest."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
 
     def check(path: Path) -> tuple[int, int] | str:
         try:
@@ -297,8 +301,6 @@ class Trainer:
 
     def save(self) -> Path:
         """Write checkpoints/step_N atomically (temp folder renamed) and prune old ones."""
-        from safetensors.torch import save_file
-
         root = self.run_dir / "checkpoints"
         final = root / f"step_{self.step:08d}"
         tmp = root / f".step_{self.step:08d}.tmp"
@@ -328,8 +330,6 @@ class Trainer:
 
     def restore(self, ckpt: Path) -> None:
         """Load model, discriminator, optimizers, RNG and step from a checkpoint folder."""
-        from safetensors.torch import load_file
-
         saved = from_dict(VQConfig, read_yaml(ckpt / "config.yaml").get("model", {}), prefix="model")
         if to_dict(saved) != to_dict(self.cfg.model):
             raise InterleafError(
@@ -455,8 +455,6 @@ def train_vqgan(
     progress: bool = True,
 ) -> dict:
     """Train (or resume) a VQ-GAN run; returns the final metrics (also in run_dir/metrics.json)."""
-    from interleaf.pipeline import check_device
-
     check_device(cfg.device, "config key 'device':")
     threads = torch.get_num_threads()
     if cfg.threads > 0:
@@ -468,8 +466,6 @@ def train_vqgan(
 
 
 def _train(cfg: TrainVQConfig, resume: bool, images, val_images, progress: bool) -> dict:
-    from tqdm import tqdm
-
     run_dir = Path(cfg.run_dir)
     existing = checkpoint_dirs(run_dir)
     if existing and not resume:

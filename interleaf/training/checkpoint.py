@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from interleaf.errors import InterleafError
+from interleaf.training.loader import full_state
 from interleaf.utils import atomic_write, get_logger, read_text, write_json
 
 log = get_logger(__name__)
@@ -151,8 +152,6 @@ def save_checkpoint(
     maps file names to paths copied into the checkpoint (resolved config, model args). The run
     directory must be on a filesystem every node sees (as DeepSpeed's own checkpoints assume).
     """
-    from interleaf.training.loader import full_state
-
     rank = dist.get_rank()
     root = run_dir / CKPT_DIR
     final = root / step_name(step)

@@ -31,6 +31,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from interleaf.config import CONFIG_DIR, config_file
 from interleaf.errors import ConfigError, InterleafError
@@ -38,6 +39,9 @@ from interleaf.model.args import ModelArgs
 from interleaf.model.init import TensorSource
 from interleaf.model.transformer import Transformer
 from interleaf.utils import first_line, get_logger, read_text
+
+# deepspeed is imported inside the functions that use it: it picks its accelerator when first imported,
+# so cpu_accelerator_env() (init_distributed, first in every process) must have told it about a CPU run
 
 log = get_logger(__name__)
 
@@ -89,7 +93,7 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int]:
 
     Every collective, the first meeting included, gives up after `timeout_s` seconds of silence."""
     cpu_accelerator_env()
-    import deepspeed
+    import deepspeed  # noqa: PLC0415
 
     rank, world, local = dist_env()  # torch.distributed reads them from the environment
     os.environ.setdefault("RANK", str(rank))
@@ -106,7 +110,7 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int]:
     if device.type == "cpu":
         # DeepSpeed would JIT-compile a shared-memory all-reduce kernel for CPU (minutes, needs a C++
         # compiler); gloo's collectives are enough for CPU runs, so declare that kernel unavailable.
-        import deepspeed.ops
+        import deepspeed.ops  # noqa: PLC0415
 
         vars(deepspeed.ops).setdefault("__compatible_ops__", {})
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -245,6 +249,7 @@ def set_lr(engine, lr: float) -> None:
 @contextlib.contextmanager
 def frozen_update(engine):
     """Inside: the optimizer's parameter update is a no-op (a skipped step; ZeRO still clears grads)."""
+    # DeepSpeed's ZeRO / bf16 optimizers hold the torch one as .optimizer; which wrapper depends on its config
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     saved = vars(inner).get("step")
     inner.step = lambda *args, **kwargs: None  # instance attribute, shadows the class method
@@ -259,8 +264,6 @@ def frozen_update(engine):
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each transformer block in backward instead of keeping its activations."""
-    from torch.utils.checkpoint import checkpoint
-
     for layer in model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
@@ -278,7 +281,7 @@ def build_model(
     once, and `deepspeed.initialize` partitions what its stage partitions.
     """
     if ds_cfg["zero_optimization"]["stage"] == 3 and zero_init:
-        import deepspeed
+        import deepspeed  # noqa: PLC0415
 
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg):  # partitions hold zero.Init's values until filled
             model = Transformer(args)
@@ -323,7 +326,7 @@ def build_engine(
 ):
     """deepspeed.initialize with a torch AdamW (fused on CUDA) over the parameters that train (no
     weight decay on those named in `no_decay`); returns the engine."""
-    import deepspeed
+    import deepspeed  # noqa: PLC0415
 
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     groups = param_groups(model, weight_decay, no_decay)

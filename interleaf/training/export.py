@@ -10,11 +10,33 @@ folder, as sampling.yaml. The output folder is assembled under a temporary name 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
+from interleaf.config import load_config
 from interleaf.errors import InterleafError
+from interleaf.model.args import ModelArgs
+from interleaf.model.transformer import Transformer
+from interleaf.pipeline import read_sampling_defaults, save_model_dir, write_sampling_defaults
+from interleaf.sampling.params import PER_MODEL, merge_options, options_from
+from interleaf.tokenizer.text import TextTokenizer
+from interleaf.tokenizer.vocab import Vocabulary
+from interleaf.tokenizer.vqgan import VQModel
+from interleaf.training.checkpoint import (
+    CKPT_DIR,
+    DS_TAG,
+    best_checkpoint,
+    find_checkpoint,
+    read_trainer_state,
+    step_name,
+)
+from interleaf.training.engine import cpu_accelerator_env
 from interleaf.utils import atomic_dir, check_replaceable, first_line, get_logger, write_json
+
+# deepspeed is imported once cpu_accelerator_env() has told it whether this is a CPU run (it picks
+# its accelerator when first imported)
 
 log = get_logger(__name__)
 
@@ -22,8 +44,6 @@ log = get_logger(__name__)
 def checkpoint_for(run_dir: Path, step: int | None, best: bool = False) -> Path:
     """The checkpoint folder to export: `step` if given, the one with the lowest held-out loss if
     `best`, else the latest complete one."""
-    from interleaf.training.checkpoint import CKPT_DIR, best_checkpoint, find_checkpoint, step_name
-
     if not run_dir.is_dir():
         raise InterleafError(f"run directory not found: {run_dir}")
     if best and step is not None:
@@ -48,15 +68,8 @@ def checkpoint_for(run_dir: Path, step: int | None, best: bool = False) -> Path:
 
 def consolidated_state(ckpt: Path) -> dict:
     """Full fp32 weights of the engine state of a checkpoint (any ZeRO stage), Transformer names."""
-    import contextlib
-    import io
-
-    from interleaf.training.engine import cpu_accelerator_env
-
     cpu_accelerator_env()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from interleaf.training.checkpoint import DS_TAG
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
@@ -80,16 +93,6 @@ def export(
     over those of an earlier export into `out_dir`, which are kept otherwise (merged by
     `merge_options`, as a command line's options are over a model's).
     """
-    from interleaf.config import load_config
-    from interleaf.model.args import ModelArgs
-    from interleaf.model.transformer import Transformer
-    from interleaf.pipeline import read_sampling_defaults, save_model_dir, write_sampling_defaults
-    from interleaf.sampling.params import PER_MODEL, merge_options, options_from
-    from interleaf.tokenizer.text import TextTokenizer
-    from interleaf.tokenizer.vocab import Vocabulary
-    from interleaf.tokenizer.vqgan import VQModel
-    from interleaf.training.checkpoint import read_trainer_state
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpt = checkpoint_for(run_dir, step, best)
     check_replaceable(out_dir, "output folder")

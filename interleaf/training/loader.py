@@ -55,12 +55,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 import torch.utils.data as tud
 
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.training.mixtures import Schedule, SourceConfig, StageConfig, pick, validate_mixture
 from interleaf.training.shards import INDEX_FILE, ReadStats, expand_paths, iter_tar_samples, key_of, parse_document
-from interleaf.training.tokenize import IMAGE, TEXT, TokenDoc, encode_document, parse_token_doc
+from interleaf.training.tokenize import IMAGE, TEXT, TokenDoc, encode_document, load_tokenizer_dir, parse_token_doc
 from interleaf.utils import get_logger
 
 log = get_logger(__name__)
@@ -340,11 +341,7 @@ class Decoder:
         if self._tok is None:
             if self.tokenizer_dir is None:
                 raise ConfigError("document shards are tokenized on the fly, which needs `tokenizer:` in the config")
-            from interleaf.training.tokenize import load_tokenizer_dir
-
             self._tok = load_tokenizer_dir(self.tokenizer_dir).multimodal()
-        import torch
-
         with torch.inference_mode():
             return encode_document(parse_document(key, members), self._tok)
 
@@ -677,8 +674,6 @@ def jsonable(x):
 # ---- helpers -------------------------------------------------------------------------------
 def to_torch(batch: dict, device="cpu") -> dict:
     """numpy micro-batch -> torch tensors on `device` (doc_lens stays a list)."""
-    import torch
-
     out = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items() if k != "doc_lens"}
     out["doc_lens"] = batch["doc_lens"]
     return out

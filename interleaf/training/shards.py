@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import gzip
 import io
 import json
 import os
@@ -42,7 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import braceexpand
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+
+from interleaf.data.shapes import ShapesWorld
 from interleaf.errors import InterleafError
+from interleaf.tokenizer.image import image_problem
 from interleaf.utils import get_logger, write_json
 
 log = get_logger(__name__)
@@ -90,8 +97,6 @@ def is_url(path: str) -> bool:
 
 def expand_paths(pattern_or_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Brace patterns, globs, directories (their *.tar) and URLs -> sorted list of shard paths."""
-    import braceexpand
-
     items = [pattern_or_paths] if isinstance(pattern_or_paths, (str, os.PathLike)) else list(pattern_or_paths)
     if not items:
         raise InterleafError("no shard paths given")
@@ -119,8 +124,6 @@ def expand_paths(pattern_or_paths: str | os.PathLike | Sequence[str | os.PathLik
 
 def _open(path: str):
     if is_url(path):
-        import webdataset as wds
-
         return wds.gopen(path, "rb")
     return open(path, "rb", buffering=1 << 20)
 
@@ -191,8 +194,6 @@ def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
 
 def _open_stream(path: str):
     """A binary stream over a shard (.tar.gz / .tgz decompressed)."""
-    import gzip
-
     f = _open(path)
     return gzip.GzipFile(fileobj=f) if path.endswith((".gz", ".tgz")) else f
 
@@ -254,8 +255,6 @@ def parse_document(key: str, members: dict[str, bytes], load_images: bool = True
 
 def decode_image(data: bytes, name: str):
     """Bytes -> PIL image (fully loaded), InterleafError if undecodable."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -266,8 +265,6 @@ def decode_image(data: bytes, name: str):
 
 def _image_problem(e: Exception) -> str:
     """What PIL found wrong in image bytes (its own message would name the in-memory file)."""
-    from interleaf.tokenizer.image import image_problem
-
     return image_problem(e, "not an image format PIL reads")
 
 
@@ -308,8 +305,6 @@ def sanitize_key(key: str) -> str:
 
 def image_bytes(image, ext: str = "png") -> tuple[bytes, str]:
     """A PIL image, a path or raw bytes -> (encoded bytes, extension)."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -376,8 +371,6 @@ class ShardWriter:
         self._keys: set[str] = set()
 
     def _open(self) -> None:
-        import webdataset as wds
-
         final = self.out_dir / f"{self.prefix}-{self.index:06d}.tar"
         self._tmp = final.with_name(f".{final.name}.tmp")
         self._file = open(self._tmp, "wb")
@@ -587,8 +580,6 @@ def shapes_documents(
     count: int, kind: str = "mix", resolution: int = 64, seed: int = 0, max_shapes: int = 3, start: int = 0
 ) -> Iterator[tuple[str, list, Any]]:
     """Documents from the built-in shapes world: 'pairs', 'documents', 'text' or 'mix' (round robin)."""
-    from interleaf.data.shapes import ShapesWorld
-
     kinds = {"pairs", "documents", "text", "mix"}
     if kind not in kinds:
         raise InterleafError(f"unknown shapes kind {kind!r} (choose from {', '.join(sorted(kinds))})")

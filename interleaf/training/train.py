@@ -19,19 +19,47 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-from interleaf.config import from_dict, save_config, to_dict
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from interleaf.config import config_file, from_dict, load_config, save_config, to_dict
 from interleaf.errors import ConfigError, InterleafError
-from interleaf.model.args import MODEL_SIZES
+from interleaf.model.args import MODEL_SIZES, ModelArgs, flops_per_token
 from interleaf.model.init import RandomInit
-from interleaf.model.transformer import forget_kept_weights
-from interleaf.pipeline import SAMPLING_FILE, WeightsSource
-from interleaf.tokenizer.vocab import END_OF_TURN_NAME
-from interleaf.training.checkpoint import check_shared_run_dir, find_checkpoint
-from interleaf.training.loader import DataConfig
-from interleaf.utils import get_logger, usable_cpus
+from interleaf.model.transformer import check_tensors, expected_shapes, forget_kept_weights
+from interleaf.pipeline import SAMPLING_FILE, WeightsSource, read_model_args
+from interleaf.tokenizer.text import TextTokenizer
+from interleaf.tokenizer.vocab import END_OF_TURN_NAME, Vocabulary
+from interleaf.training import checkpoint as ck
+from interleaf.training import engine as eng
+from interleaf.training.checkpoint import (
+    CKPT_DIR,
+    check_shared_run_dir,
+    complete_checkpoints,
+    find_checkpoint,
+    read_trainer_state,
+)
+from interleaf.training.engine import dist_env, read_ds_json
+from interleaf.training.loader import (
+    DataConfig,
+    StreamingLoader,
+    batch_crc,
+    check_vocab,
+    make_spec,
+    pad_batch,
+    resolve_sources,
+    shard_index,
+    to_torch,
+)
+from interleaf.training.tokenize import load_tokenizer_dir
+from interleaf.utils import atomic_write, get_logger, seed_everything, usable_cpus
+
+# tensorboard is optional (`tensorboard: true`): imported only by the runs that ask for it (prepare, Trainer.setup)
 
 log = get_logger(__name__)
 
@@ -162,8 +190,6 @@ def check_world(cfg: TrainConfig, world: int) -> int:
 
 def resolve_model_args(cfg: TrainConfig, vocab):
     """ModelArgs from the named size + overrides, with vocab_size from the vocabulary."""
-    from interleaf.model.args import ModelArgs
-
     extra = dict(cfg.model)
     extra.setdefault("vocab_size", vocab.size)
     if cfg.model_size is not None:
@@ -179,9 +205,6 @@ def resolve_model_args(cfg: TrainConfig, vocab):
 def init_model_args(cfg: TrainConfig):
     """The init's ModelArgs with the config's TRAINING_FIELDS; a config that sets another field (or
     names a model_size) otherwise than the init has it is a ConfigError naming the field."""
-    from interleaf.model.args import ModelArgs
-    from interleaf.pipeline import read_model_args
-
     try:
         init = read_model_args(cfg.init)
     except InterleafError as e:
@@ -207,10 +230,6 @@ def init_model_args(cfg: TrainConfig):
 def check_init(cfg: TrainConfig, args) -> None:
     """The init directory's weights are those of a Transformer(args) (names and shapes, from the file
     headers); InterleafError naming the first that is not."""
-    import torch
-
-    from interleaf.model.transformer import check_tensors, expected_shapes
-
     shapes = WeightsSource(cfg.init).shapes
     check_tensors(
         {k: torch.empty(s, device="meta") for k, s in shapes.items()}, expected_shapes(args), f"init {cfg.init}"
@@ -220,10 +239,6 @@ def check_init(cfg: TrainConfig, args) -> None:
 def resolve_freeze(cfg: TrainConfig, args) -> tuple[list[str], dict[str, str]]:
     """(frozen parameter names, {parameter name: rows it trains}) of a model with `args`; a freeze
     pattern that names no parameter, or a model with nothing left to train, is a ConfigError."""
-    from fnmatch import fnmatchcase
-
-    from interleaf.model.transformer import expected_shapes
-
     names = list(expected_shapes(args))  # the parameters: a tied output weight is tok_embeddings.weight
     rows: dict[str, str] = {}
     for key, which in cfg.train_rows.items():
@@ -244,10 +259,6 @@ def resolve_freeze(cfg: TrainConfig, args) -> tuple[list[str], dict[str, str]]:
 
 def resolve_vocab(cfg: TrainConfig, sources: list):
     """The vocabulary: from the tokenizer directory, else from the token shards' index.json."""
-    from interleaf.tokenizer.vocab import Vocabulary
-    from interleaf.training.loader import shard_index
-    from interleaf.training.tokenize import load_tokenizer_dir
-
     if cfg.tokenizer is not None:  # with `init`: the init, unless another with the same vocabulary is named
         vocab = load_tokenizer_dir(cfg.tokenizer).vocab  # its parts are checked against its vocab.json
         if cfg.init is not None and vocab.to_dict() != Vocabulary.load(cfg.init).to_dict():
@@ -266,23 +277,15 @@ def resolve_vocab(cfg: TrainConfig, sources: list):
 
 def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
     """Check the config against the data and the world size; InterleafError on the first problem."""
-    from interleaf.training.checkpoint import CKPT_DIR, complete_checkpoints
-    from interleaf.training.loader import check_vocab, resolve_sources
-
     grad_accum = check_world(cfg, world)
     n_streams = cfg.global_batch // cfg.micro_batch
     if cfg.deepspeed != "auto":  # filled in once the device is known; a wrong path fails here
-        from interleaf.config import config_file
-        from interleaf.training.engine import read_ds_json
-
         read_ds_json(config_file(cfg.deepspeed))
     if not resume and complete_checkpoints(Path(cfg.run_dir) / CKPT_DIR):
         raise InterleafError(
             f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run_dir"
         )
     if resume:
-        from interleaf.training.checkpoint import find_checkpoint, read_trainer_state
-
         ckpt = find_checkpoint(Path(cfg.run_dir))
         check_resume(cfg, n_streams, ckpt, read_trainer_state(ckpt) if ckpt is not None else None)
     if cfg.init is not None and not Path(cfg.init).is_dir():
@@ -313,7 +316,7 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={args.max_seq_len}")
     if cfg.tensorboard:
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            import torch.utils.tensorboard  # noqa: F401, PLC0415
         except ImportError:
             raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
     return Plan(cfg, args, vocab, sources, eval_sources, world, n_streams, grad_accum, frozen, train_rows)
@@ -338,10 +341,6 @@ def check_resume(cfg: TrainConfig, n_streams: int, ckpt: Path | None, state: dic
 def check_same_model(args, ckpt: Path) -> None:
     """A resumed run must build a model with the tensors its checkpoint holds (settings that change
     no shape, such as dropout or z_loss, may change). Names the first difference."""
-    from interleaf.config import load_config
-    from interleaf.model.args import ModelArgs
-    from interleaf.model.transformer import expected_shapes
-
     if not (ckpt / "model.yaml").is_file():
         return
     saved = load_config(ModelArgs, ckpt / "model.yaml")
@@ -375,8 +374,6 @@ STATS = ("loss", "ce", "z_loss", "text_sum", "n_text", "image_sum", "n_image", "
 
 def step_stats(out, crc: int):
     """One micro-batch's contribution to the step's global sums (float64 (len(STATS),), no sync)."""
-    import torch
-
     loss = out.loss.detach()
     parts = torch.stack(
         [
@@ -412,13 +409,6 @@ class Trainer:
 
     # -- setup --
     def setup(self) -> None:
-        import torch.distributed as dist
-
-        from interleaf.training import checkpoint as ck
-        from interleaf.training import engine as eng
-        from interleaf.training.loader import StreamingLoader, make_spec
-        from interleaf.utils import seed_everything
-
         cfg, plan = self.cfg, self.plan
         ckpt = self._find_resume_point()
         dist.barrier()
@@ -460,13 +450,11 @@ class Trainer:
         self.flops_per_token = self._flops_per_token()
         self.peak = eng.peak_flops(self.device, cfg.peak_tflops)
         if cfg.tensorboard and self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _find_resume_point(self):
-        from interleaf.training import checkpoint as ck
-
         if not self.resume:
             return None
         if self.rank == 0 and ck.clean_partial(self.run_dir):
@@ -477,8 +465,6 @@ class Trainer:
         return ckpt
 
     def _restore(self, ckpt: Path, state: dict, universal: bool) -> None:
-        from interleaf.training import checkpoint as ck
-
         ck.load_engine_state(self.engine, ckpt, universal)
         try:
             self.loader.load_state_dict(json.loads((ckpt / "loader.json").read_text()))
@@ -487,8 +473,6 @@ class Trainer:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.skipped, self.nonfinite_in_a_row = int(state["skipped"]), int(state["nonfinite_in_a_row"])
         if universal or not ck.load_rng(ckpt, self.rank):
-            from interleaf.utils import seed_everything
-
             seed_everything(self.cfg.seed + 1000 * self.rank + 1 + 7919 * self.step)
         if self.rank == 0:
             self._truncate_metrics()
@@ -502,8 +486,6 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines of steps after the resumed checkpoint (they are about to be redone)."""
-        from interleaf.utils import atomic_write
-
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return
@@ -518,8 +500,6 @@ class Trainer:
             f.write("".join(k + "\n" for k in keep))
 
     def _flops_per_token(self) -> float:
-        from interleaf.model.args import flops_per_token
-
         return flops_per_token(self.plan.model_args, self.cfg.data.seq_len, training=True)
 
     # -- run files --
@@ -535,8 +515,6 @@ class Trainer:
                 if (src / sub).is_dir() and not (self.run_dir / sub).exists():
                     shutil.copytree(src / sub, self.run_dir / sub)
             if not (src / "tokenizer").is_dir() and not (self.run_dir / "tokenizer").exists():
-                from interleaf.tokenizer.text import TextTokenizer
-
                 TextTokenizer.load(src).save(self.run_dir / "tokenizer")
         if self.cfg.init is not None and (Path(self.cfg.init) / SAMPLING_FILE).is_file():
             shutil.copyfile(Path(self.cfg.init) / SAMPLING_FILE, self.run_dir / SAMPLING_FILE)  # exports keep it
@@ -544,12 +522,6 @@ class Trainer:
     # -- steps --
     def train_step(self, micro_batches: list[dict]) -> dict:
         """Forward/backward over this rank's micro-batches, one optimizer step (or a skip); global stats."""
-        import torch
-        import torch.distributed as dist
-
-        from interleaf.training import engine as eng
-        from interleaf.training.loader import batch_crc, to_torch
-
         cfg, engine = self.cfg, self.engine
         lr = eng.lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
         eng.set_lr(engine, lr)
@@ -595,11 +567,6 @@ class Trainer:
     # -- evaluation --
     def evaluate(self) -> dict | None:
         """Held-out loss per modality over data.eval_batches micro-batches of every stream."""
-        import torch
-        import torch.distributed as dist
-
-        from interleaf.training.loader import StreamingLoader, make_spec, pad_batch, to_torch
-
         cfg, plan = self.cfg, self.plan
         if not plan.eval_sources or cfg.data.eval_batches == 0:
             return None
@@ -665,8 +632,6 @@ class Trainer:
                 self.tb.add_scalar(k, v, record["step"])
 
     def save(self) -> None:
-        from interleaf.training import checkpoint as ck
-
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -687,9 +652,6 @@ class Trainer:
     # -- main loop --
     def run(self, progress: bool = True) -> dict:
         """Train until cfg.steps; returns the last metrics record."""
-        import torch.distributed as dist
-        from tqdm import tqdm
-
         cfg, plan = self.cfg, self.plan
         bar = tqdm(
             total=cfg.steps,
@@ -757,9 +719,6 @@ class Trainer:
             )
 
     def _read_stats(self) -> dict:
-        import torch
-        import torch.distributed as dist
-
         st = self.loader.read_stats()
         keys = sorted(st)
         t = torch.tensor([st[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -778,18 +737,11 @@ class Trainer:
 
 # ---- entry point ---------------------------------------------------------------------------
 def load_train_config(path, overrides=()) -> TrainConfig:
-    from interleaf.config import load_config
-
     return load_config(TrainConfig, path, overrides)
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train in this process (one rank of a run, or the only one). Collective over all ranks."""
-    import torch
-
-    from interleaf.training import engine as eng
-    from interleaf.training.engine import dist_env
-
     # DeepSpeed calls torch.distributed functions torch has renamed; not the user's concern
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     _, world, _ = dist_env()
