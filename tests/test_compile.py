@@ -11,6 +11,8 @@ graph serves them all, which the tests also check: no case compiles again.
 """
 
 import os
+from dataclasses import replace
+from itertools import zip_longest
 
 import numpy as np
 import pytest
@@ -162,6 +164,20 @@ def test_the_sampler_uses_the_compiled_steps_output(eager, compiled, monkeypatch
     assert all(code in d.token_ids for d in got)
 
 
+def test_interleaved_streams_each_get_their_own_cache(eager, compiled, one_graph):
+    """Two generations of one compiled pipeline, advanced in turns, give what each gives alone."""
+    first = CASES["image x2, sampled"]
+    second = [G.Request(r.prompt, replace(r.params, seed=r.params.seed + 10)) for r in first]
+    want = [G.collect(G.stream_requests(eager, reqs)) for reqs in (first, second)]
+    events = [[], []]
+    for pair in zip_longest(G.stream_requests(compiled, first), G.stream_requests(compiled, second)):
+        for i, e in enumerate(pair):
+            if e is not None:
+                events[i].append(e)
+    got = [G.collect(iter(e)) for e in events]
+    assert [[d.token_ids for d in docs] for docs in got] == [[d.token_ids for d in docs] for docs in want]
+
+
 def test_cache_buckets_are_kept_and_reused(compiled):
     """Rows and slots round up to powers of two (slots capped at the context); the same bucket reuses
     the cache, emptied; another bucket replaces it."""
@@ -170,10 +186,16 @@ def test_cache_buckets_are_kept_and_reused(compiled):
     step = CompiledDecode(compiled.model, backend="eager")
     a = step.setup_cache(3, 20)
     a.lengths[:] = 7
-    b = step.setup_cache(4, 100)
-    assert b is a and int(b.lengths.sum()) == 0
+    held = step.setup_cache(4, 100)  # the same bucket, while `a` is held: a generation still uses it
+    assert held is not a and (held.batch_size, held.max_len) == (4, MAX_LEN)
+    held.lengths[:] = 5
+    kept = id(held)
+    del a, held  # the generations are over
+    again = step.setup_cache(4, 100)
+    assert id(again) == kept and int(again.lengths.sum()) == 0
+    del again
     c = step.setup_cache(5, 20)
-    assert c is not a and (c.batch_size, c.max_len) == (8, MAX_LEN)
+    assert (c.batch_size, c.max_len) == (8, MAX_LEN)
 
 
 def test_cli_compile_without_a_compiler_is_one_line(model_dir, tmp_path, monkeypatch, capsys):

@@ -91,14 +91,19 @@ class CompiledDecode:
         bucket (slots capped at the model's context); the kept one when the bucket is the same."""
         rows = bucket(batch_size)
         slots = min(bucket(max_len, MIN_BUCKET), max(max_len, self.model.args.max_seq_len))
-        c = self.cache
-        if c is None or c.batch_size != rows or c.max_len != slots:
-            self.cache = None  # the old one's memory is free before the new one is allocated
-            c = self.cache = self.model.setup_cache(rows, slots)
-            for t in (c.k_store, c.v_store, c.lengths):  # same addresses every step: graphs replay in place
-                torch._dynamo.mark_static_address(t)
-        c.reset()  # what the slots still hold is never attended to: the mask stops at each row's length
-        return c
+        if self.cache is not None and (self.cache.batch_size, self.cache.max_len) == (rows, slots) and self._free():
+            self.cache.reset()  # what the slots still hold is never attended to: the mask stops at each length
+            return self.cache
+        self.cache = None  # the kept one's memory is free (unless a generation holds it) before the new one
+        self.cache = cache = self.model.setup_cache(rows, slots)
+        for t in (cache.k_store, cache.v_store, cache.lengths):  # same addresses every step: graphs replay in place
+            torch._dynamo.mark_static_address(t)
+        return cache
+
+    def _free(self) -> bool:
+        """Whether no generation holds the kept cache (two streams of one pipeline, interleaved, each get
+        their own): only `self.cache` and getrefcount's argument refer to it."""
+        return sys.getrefcount(self.cache) <= 2
 
     def decode(
         self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None, last_only: bool = False
