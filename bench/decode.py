@@ -263,8 +263,10 @@ def prompt_text(pipe, length: int) -> str:
     return text
 
 
-def same_greedy_tokens(pipe, compiled, prompt: str, batch: int, n_tokens: int) -> bool:
-    """Whether eager and compiled decoding draw the same greedy tokens (the timing compares the same work)."""
+def agreeing_greedy_tokens(pipe, compiled, prompt: str, batch: int, n_tokens: int) -> int:
+    """Tokens that eager and compiled greedy decoding draw alike before a row's first difference (the
+    fewest over the rows): all of them in float32; half precision rounds differently in fused kernels,
+    and a near-tie may then go the other way."""
     from interleaf.sampling.generate import Request, collect, stream_requests
     from interleaf.sampling.params import SamplingParams
 
@@ -272,8 +274,9 @@ def same_greedy_tokens(pipe, compiled, prompt: str, batch: int, n_tokens: int) -
         Request(prompt, SamplingParams(mode="text", max_new_tokens=n_tokens, temperature=0, seed=i))
         for i in range(batch)
     ]
-    ids = [[d.token_ids for d in collect(stream_requests(p, reqs))] for p in (pipe, compiled)]
-    return ids[0] == ids[1]
+    eager, fast = ([d.token_ids for d in collect(stream_requests(p, reqs))] for p in (pipe, compiled))
+    same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in zip(eager, fast)]
+    return min(same)
 
 
 def time_image_and_caption(pipe, repeats: int, names=("image", "caption")) -> dict:
@@ -349,10 +352,13 @@ def main(argv=None) -> int:
         runners = {"interleaf": interleaf_runner(pipe, prompt, batch, opts.tokens)}
         if compiled is not None:
             t = time.perf_counter()
-            same = same_greedy_tokens(pipe, compiled, prompt, batch, opts.tokens)  # compiles this batch's step
-            print(f"batch {batch}: compiled step ready in {time.perf_counter() - t:.1f} s, same greedy tokens: {same}")
-            if not same:
-                raise SystemExit("the compiled step draws other tokens than eager decoding")
+            same = agreeing_greedy_tokens(pipe, compiled, prompt, batch, opts.tokens)  # compiles this batch's step
+            print(
+                f"batch {batch}: compiled step ready in {time.perf_counter() - t:.1f} s; greedy tokens as eager's: "
+                f"{same} of {opts.tokens} before a row's first difference"
+            )
+            if same < opts.tokens and dtype == torch.float32:
+                raise SystemExit("in float32 the compiled step must draw the tokens eager decoding draws")
             runners["interleaf compiled"] = interleaf_runner(compiled, prompt, batch, opts.tokens)
         if hf is not None:
             runners["transformers"] = hf_runner(hf, pipe, prompt, batch, opts.tokens, device)
