@@ -198,16 +198,19 @@ def test_cache_buckets_are_kept_and_reused(compiled):
     assert (c.batch_size, c.max_len) == (8, MAX_LEN)
 
 
-def test_cli_compile_without_a_compiler_is_one_line(model_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["draw", "serve"])
+def test_cli_compile_without_a_compiler_is_one_line(model_dir, tmp_path, monkeypatch, capsys, command):
     """--compile where torch.compile cannot build kernels (no C++ compiler for CPU) fails in one line."""
     monkeypatch.setenv("CXX", "no-such-compiler")
-    status = main(
-        ["draw", str(model_dir), "a red circle", "--compile", "--device", "cpu", "--out", str(tmp_path / "o")]
-    )
+    argv = {
+        "draw": ["draw", str(model_dir), "a red circle", "--out", str(tmp_path / "o")],
+        "serve": ["serve", str(model_dir), "--port", "0"],
+    }[command]
+    status = main([*argv, "--compile", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert err == (
-        "interleaf draw: error: compile: torch.compile on CPU needs a C++ compiler; "
+        f"interleaf {command}: error: compile: torch.compile on CPU needs a C++ compiler; "
         "'no-such-compiler' is not found (set CXX)"
     )
     assert not (tmp_path / "o").exists()

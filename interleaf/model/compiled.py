@@ -82,10 +82,6 @@ class CompiledDecode:
         self.cache: KVCache | None = None  # the last cache, kept for the next generation of its bucket
         self.calls = 0
 
-    @property
-    def args(self):
-        return self.model.args
-
     def setup_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty cache of at least `batch_size` rows and `max_len` slots, both rounded up to their
         bucket (slots capped at the model's context); the kept one when the bucket is the same."""
