@@ -109,7 +109,7 @@ step 120 "train step, $PRESET bf16, sdpa" "$PY" bench/train_step.py "${common[@]
 step 90 "train step, $PRESET bf16, xformers" "$PY" bench/train_step.py "${common[@]}" --backend xformers --no-hf
 step 120 "decoding, bf16" "$PY" bench/decode.py --device "$DEVICE" --dtype bfloat16 --threads 0 --tokens "$TOKENS"
 step 180 "decoding, bf16, eager vs compiled step" "$PY" bench/decode.py --device "$DEVICE" --dtype bfloat16 \
-  --threads 0 --tokens "$TOKENS" --compile --no-hf --repeats 2
+  --threads 0 --tokens "$TOKENS" --compile --no-hf --repeats 2 --batches 1
 step 240 "train step, $PRESET bf16, sdpa, compiled layers" "$PY" bench/train_step.py "${common[@]}" --backend sdpa \
   --compile --no-hf
 if ((${#failed[@]})); then

@@ -90,8 +90,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--compile",
         action="store_true",
-        help="decode with a compiled one-token step: static shapes, CUDA graphs; for GPUs (on CPU it is "
-        "slower), the first steps wait for compilation",
+        help="decode with a compiled one-token step (static shapes, CUDA graphs): for GPUs; each new "
+        "batch size and cache bucket waits for its compilation first",
     )
 
 
