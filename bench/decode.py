@@ -10,10 +10,15 @@ to a Hugging Face Chameleon directory with `interleaf.model.convert.to_hf`, and 
     large matrix-vector product measured in the same run, the fastest of the ways in
     `matvec_products` (a decode step of a small batch cannot beat it: every weight is read once
     per step), and the time of one such product per weight of the model, nothing else;
-  * a whole image (all its tokens, classifier-free guidance on: two streams) and a whole caption.
+  * a whole image (all its tokens, classifier-free guidance on: two streams) and a whole caption;
+  * with --compile, the same model decoding with its compiled one-token step as well
+    (`interleaf.load(DIR, compile=True)`: static shapes, CUDA graphs on GPUs), alternating with
+    eager decoding in the same run, after a check that both give the same greedy tokens; and
+    the whole image with it. The first call of each shape compiles (not timed: a warm-up).
 
     python bench/decode.py                           # CPU, 2 threads, ~30M parameters
     python bench/decode.py --device cuda --dtype bfloat16 --tokens 256
+    python bench/decode.py --device cuda --dtype bfloat16 --tokens 256 --compile --no-hf
 
 The output head row of <eos> is zeroed so that greedy rows never stop early (both libraries then
 decode exactly --tokens tokens per row). Numbers on a shared machine are noisy.
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 SENTENCES = [
     "a red circle above a blue square",
@@ -54,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--grid", type=int, default=16, help="image tokens per side (16 -> 256 per image)")
     p.add_argument("--no-hf", action="store_true", help="time interleaf only")
+    p.add_argument("--compile", action="store_true", help="also time interleaf with its compiled decode step")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -256,13 +263,29 @@ def prompt_text(pipe, length: int) -> str:
     return text
 
 
-def time_image_and_caption(pipe, repeats: int) -> dict:
+def agreeing_greedy_tokens(pipe, compiled, prompt: str, batch: int, n_tokens: int) -> int:
+    """Tokens that eager and compiled greedy decoding draw alike before a row's first difference (the
+    fewest over the rows): all of them in float32; half precision rounds differently in fused kernels,
+    and a near-tie may then go the other way."""
+    from interleaf.sampling.generate import Request, collect, stream_requests
+    from interleaf.sampling.params import SamplingParams
+
+    reqs = [
+        Request(prompt, SamplingParams(mode="text", max_new_tokens=n_tokens, temperature=0, seed=i))
+        for i in range(batch)
+    ]
+    eager, fast = ([d.token_ids for d in collect(stream_requests(p, reqs))] for p in (pipe, compiled))
+    same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y))) for x, y in zip(eager, fast)]
+    return min(same)
+
+
+def time_image_and_caption(pipe, repeats: int, names=("image", "caption")) -> dict:
     """Seconds for a whole image (CFG 3, sampled) and a whole caption (32 tokens, greedy)."""
     from interleaf.sampling.events import Done, ImageDone
 
     out = {}
     image = None
-    for name in ("image", "caption"):
+    for name in names:
         best = float("inf")
         for r in range(repeats):
             t = time.perf_counter()
@@ -283,6 +306,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(opts.threads)
     import interleaf
     from interleaf.model.args import count_params
+    from interleaf.pipeline import Interleaf
 
     device, dtype = torch.device(opts.device), getattr(torch, opts.dtype)
     tmp = Path(tempfile.mkdtemp(prefix="interleaf-bench-"))
@@ -301,6 +325,9 @@ def main(argv=None) -> int:
             .eval()
         )
         check_same_function(pipe, hf, device)
+    compiled = None
+    if opts.compile:  # the same model, decoding with the compiled step
+        compiled = Interleaf(pipe.model, pipe.vocab, pipe.text, pipe.vqgan, compile=True)
 
     bytes_per_token = weight_bytes_per_token(pipe.model)
     bandwidths = matvec_bandwidth(device, dtype)
@@ -323,6 +350,16 @@ def main(argv=None) -> int:
     for batch in [int(b) for b in opts.batches.split(",")]:
         prompt = prompt_text(pipe, opts.prompt)  # the same prompt in every row
         runners = {"interleaf": interleaf_runner(pipe, prompt, batch, opts.tokens)}
+        if compiled is not None:
+            t = time.perf_counter()
+            same = agreeing_greedy_tokens(pipe, compiled, prompt, batch, opts.tokens)  # compiles this batch's step
+            print(
+                f"batch {batch}: compiled step ready in {time.perf_counter() - t:.1f} s; greedy tokens as eager's: "
+                f"{same} of {opts.tokens} before a row's first difference"
+            )
+            if same < opts.tokens and dtype == torch.float32:
+                raise SystemExit("in float32 the compiled step must draw the tokens eager decoding draws")
+            runners["interleaf compiled"] = interleaf_runner(compiled, prompt, batch, opts.tokens)
         if hf is not None:
             runners["transformers"] = hf_runner(hf, pipe, prompt, batch, opts.tokens, device)
         runs = time_alternating(runners, opts.repeats, device)
@@ -335,6 +372,8 @@ def main(argv=None) -> int:
         line = f"batch {batch}: " + ", ".join(f"{k} {v:8.1f} tokens/s" for k, v in rates.items())
         if "transformers" in rates:
             line += f"  ({rates['interleaf'] / rates['transformers']:.2f}x transformers)"
+        if "interleaf compiled" in rates:
+            line += f"  (compiled {rates['interleaf compiled'] / rates['interleaf']:.2f}x eager)"
         print(line)
         step = min(step, matvec_step_seconds(pipe.model))
     way = max(bandwidths, key=bandwidths.get)
@@ -369,6 +408,15 @@ def main(argv=None) -> int:
         f"whole caption (image prompt of {whole['caption']['prompt_tokens']} tokens, "
         f"{whole['caption']['tokens']} tokens, greedy): {whole['caption']['seconds']:.2f} s"
     )
+    if compiled is not None:
+        time_image_and_caption(compiled, 1, ("image",))  # compiles the image's shape (2 rows)
+        image = time_image_and_caption(compiled, max(1, opts.repeats - 1), ("image",))["image"]
+        results["whole_compiled"] = {"image": image, "compiled_steps": compiled.compiled.calls}
+        print(
+            f"whole image, compiled step: {image['seconds']:.2f} s "
+            f"({whole['image']['seconds'] / image['seconds']:.2f}x eager); "
+            f"CUDA graph skips: {dict(counters['inductor']).get('cudagraph_skips', 0)}"
+        )
     if opts.json:
         from interleaf.utils import write_json
 

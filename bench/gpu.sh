@@ -6,7 +6,9 @@
 #      model (plain and packed passes, cached decoding), tests/test_attention.py, test_model.py;
 #   3. the training-step MFU of the 350M model in bf16 with SDPA, then xformers, then SDPA with
 #      compiled layers (bench/train_step.py; goal: >= 45% on an H100);
-#   4. decoding throughput on the GPU in bf16 (bench/decode.py).
+#   4. decoding throughput on the GPU in bf16 (bench/decode.py), then eager against the compiled
+#      decode step (static shapes, CUDA graphs: `--compile`) in one run, with a check that both
+#      draw the same greedy tokens.
 #
 # It uses the machine's own python3 and torch, with this checkout on PYTHONPATH: nothing is
 # installed but wheels put in .whl/ (xformers, say; see bench/RESULTS.md, "GPU"). Each step has
@@ -106,6 +108,8 @@ common=(--device "$DEVICE" --dtype bfloat16 --preset "$PRESET" --batch "$BATCH" 
 step 120 "train step, $PRESET bf16, sdpa" "$PY" bench/train_step.py "${common[@]}" --backend sdpa
 step 90 "train step, $PRESET bf16, xformers" "$PY" bench/train_step.py "${common[@]}" --backend xformers --no-hf
 step 120 "decoding, bf16" "$PY" bench/decode.py --device "$DEVICE" --dtype bfloat16 --threads 0 --tokens "$TOKENS"
+step 180 "decoding, bf16, eager vs compiled step" "$PY" bench/decode.py --device "$DEVICE" --dtype bfloat16 \
+  --threads 0 --tokens "$TOKENS" --compile --no-hf --repeats 2 --batches 1
 step 240 "train step, $PRESET bf16, sdpa, compiled layers" "$PY" bench/train_step.py "${common[@]}" --backend sdpa \
   --compile --no-hf
 if ((${#failed[@]})); then

@@ -14,11 +14,12 @@ _LAZY = {
 }
 
 
-def load(directory, device="cpu", dtype=None):
-    """Open an exported model directory: returns an object with .model, .vqgan, .vocab (and generation)."""
+def load(directory, device="cpu", dtype=None, compile=False):
+    """Open an exported model directory: returns an object with .model, .vqgan, .vocab (and generation);
+    `compile=True` decodes with a compiled one-token step (for GPUs)."""
     from interleaf.pipeline import load as _load  # noqa: PLC0415
 
-    return _load(directory, device=device, dtype=dtype)
+    return _load(directory, device=device, dtype=dtype, compile=compile)
 
 
 def __getattr__(name: str):

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from interleaf.config import load_config, read_yaml, save_config
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.model.args import ModelArgs
+from interleaf.model.compiled import CompiledDecode
 from interleaf.model.transformer import Transformer
 from interleaf.sampling import generate as G
 from interleaf.sampling.params import PER_MODEL, SamplingParams, merge_options, options_from
@@ -116,6 +117,7 @@ class Interleaf:
     """A loaded model: `.model` `.vocab` `.text` `.vqgan` `.tokenizer`, and generation.
 
     `.sampling_defaults` (from DIR/sampling.yaml) fill the options `stream` / `generate` are not given.
+    With `compile`, one-token decode steps run compiled (`.compiled`, model/compiled.py: for GPUs).
     """
 
     def __init__(
@@ -126,11 +128,13 @@ class Interleaf:
         vqgan=None,
         directory: str | Path | None = None,
         sampling_defaults: Mapping | None = None,
+        compile: bool = False,
     ):
         self.model, self.vocab, self.text, self.vqgan = model, vocab, text, vqgan
         self.directory = Path(directory) if directory is not None else None
         vocab.check_fits(model.args.vocab_size, str(self.directory or "model"))
         self.sampling_defaults = dict(sampling_defaults or {})
+        self.compiled = CompiledDecode(model) if compile else None  # what the sampler decodes with, else the model
         self._tokenizer = None
 
     @property
@@ -363,8 +367,9 @@ def load_model(directory: str | Path, device="cpu", dtype=None):
     return Transformer.from_state_dict(args, state, str(directory)).eval()
 
 
-def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
-    """Open a model directory: model, vocabulary, text tokenizer and (if present) VQ-GAN."""
+def load(directory: str | Path, device="cpu", dtype=None, compile: bool = False) -> Interleaf:
+    """Open a model directory: model, vocabulary, text tokenizer and (if present) VQ-GAN; with
+    `compile`, decode with the compiled one-token step (model/compiled.py: for GPUs)."""
     from interleaf.tokenizer.vqgan import VQModel  # noqa: PLC0415
 
     directory = Path(directory)
@@ -375,4 +380,4 @@ def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
     vocab = Vocabulary.load(directory)
     text = TextTokenizer.load(directory / TOKENIZER_DIR)
     vqgan = VQModel.load(directory / VQGAN_DIR, device=device) if (directory / VQGAN_DIR).is_dir() else None
-    return Interleaf(model, vocab, text, vqgan, directory, sampling)
+    return Interleaf(model, vocab, text, vqgan, directory, sampling, compile)

@@ -229,6 +229,7 @@ class FakeCache:
     def __init__(self, B, max_len):
         self.lengths = torch.zeros(B, dtype=torch.long)
         self.max_len = max_len
+        self.batch_size = B
         self.history = [[] for _ in range(B)]
 
     def reset(self, rows=None):
@@ -295,7 +296,12 @@ def fake_pipe(vocab, max_seq_len=64, seed=0, script=None):
     text = ByteText()
     tok = SimpleNamespace(encode=lambda doc, bos=True, eos=False: vocab.encode_document(doc, text.encode, bos, eos))
     return SimpleNamespace(
-        model=FakeModel(vocab, max_seq_len, seed, script), vocab=vocab, text=text, tokenizer=tok, vqgan=FakeVQ()
+        model=FakeModel(vocab, max_seq_len, seed, script),
+        vocab=vocab,
+        text=text,
+        tokenizer=tok,
+        vqgan=FakeVQ(),
+        compiled=None,
     )
 
 

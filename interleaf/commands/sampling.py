@@ -79,9 +79,20 @@ def add_sampling_args(p: argparse.ArgumentParser, fixed: dict | None = None, own
     add_option_flags(g, [name for name in OPTIONS if name not in fixed], tail)
     p.set_defaults(**fixed, **own)  # after the flags: a flag's own default (None) would hide these
     g.add_argument("--num", type=int, default=1, help="number of samples, decoded as one batch (default 1)")
+    add_model_args(p)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """How the model runs (generate, caption, draw and serve): the keyword arguments of `interleaf.load`."""
     d = p.add_argument_group("model")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     d.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
+    d.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a compiled one-token step (static shapes, CUDA graphs): for GPUs; each new "
+        "batch size and cache bucket waits for its compilation first",
+    )
 
 
 def register(subparsers) -> None:
@@ -190,11 +201,11 @@ def check_inputs(args: argparse.Namespace, prompt: list) -> None:
         check_writable(args.out, "--out")
 
 
-def device_args(args: argparse.Namespace) -> dict:
-    """--device / --dtype as keyword arguments of `interleaf.load` (unset ones left out)."""
+def load_args(args: argparse.Namespace) -> dict:
+    """--device / --dtype / --compile as keyword arguments of `interleaf.load` (unset ones left out)."""
     from interleaf.pipeline import check_device
 
-    out = {"device": str(check_device(args.device, "--device"))}
+    out = {"device": str(check_device(args.device, "--device")), "compile": args.compile}
     if args.dtype is not None:
         from interleaf.pipeline import parse_dtype
 
@@ -210,7 +221,7 @@ def run(args: argparse.Namespace, prompt: list) -> int:
 
     requests = requests_from_args(args, prompt)
     check_inputs(args, prompt)
-    pipe = interleaf.load(args.model_dir, **device_args(args))
+    pipe = interleaf.load(args.model_dir, **load_args(args))
     with named_as_flags():  # values the model cannot serve are refused before the first token
         events = stream_requests(pipe, requests)
     printer = TerminalPrinter(len(requests))

@@ -11,6 +11,8 @@ import ipaddress
 import socket
 from pathlib import Path
 
+from interleaf.commands.sampling import add_model_args, load_args
+
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -31,8 +33,6 @@ def register(subparsers) -> None:
         help="address to bind (default 127.0.0.1; 0.0.0.0 opens the viewer to the network)",
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the loader's)")
     p.add_argument(
         "--preview-every",
         type=int,
@@ -63,11 +63,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-new-tokens", type=int, default=4096, metavar="N", help="tokens one request may ask for (default 4096)"
     )
+    add_model_args(p)
     p.set_defaults(func=serve_command)
 
 
 def serve_command(args: argparse.Namespace) -> int:
     from interleaf.errors import InterleafError
+    from interleaf.pipeline import load
     from interleaf.serve import ServeLimits
     from interleaf.serve.app import LOOPBACK_HOSTS
 
@@ -90,7 +92,7 @@ def serve_command(args: argparse.Namespace) -> int:
     allowed = (*LOOPBACK_HOSTS, *args.allow_host) if loopback or args.allow_host else None
     sock = bind(args.host, args.port)  # before the slow model load: a busy port fails at once
     try:
-        pipe = load_pipe(args.model_dir, args.device, args.dtype)
+        pipe = load(args.model_dir, **load_args(args))
         serve(pipe, sock, limits, Path(args.model_dir).resolve().name, args.preview_every, allowed, loopback)
     finally:
         sock.close()
@@ -127,14 +129,6 @@ def bind(host: str, port: int) -> socket.socket:
         raise InterleafError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def load_pipe(model_dir: str, device: str | None, dtype: str | None):
-    """The model pipeline, on the chosen device."""
-    from interleaf.pipeline import check_device, load
-
-    kwargs = {"dtype": dtype} if dtype else {}
-    return load(model_dir, device=check_device(device, "--device"), **kwargs)
 
 
 def serve(pipe, sock: socket.socket, limits, name: str, preview_every, allowed, loopback: bool) -> None:

@@ -474,9 +474,9 @@ class Transformer(nn.Module):
     ) -> AttentionMask:
         """The decode step's mask; in eager mode also the room check and the prefix of slots in use."""
         backend = self.backend(device)
-        if _compiling():
+        if _compiling():  # SDPA: xformers' padded-keys mask is built from host lists, which a graph cannot hold
             n_keys = None if max_len_hint is None else max(1, min(max_len_hint, cache.max_len))
-            return build_cache_mask(backend, cache.lengths, T, cache.max_len, n_keys, positions)
+            return build_cache_mask("sdpa", cache.lengths, T, cache.max_len, n_keys, positions)
         # one read of lengths and counts to the host (the only sync of the step)
         if n_new is None:
             lengths, counts = cache.lengths.tolist(), [T] * cache.batch_size

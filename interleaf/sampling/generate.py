@@ -338,14 +338,15 @@ def cache_length(rows: Sequence[Row], tokens_per_image: int) -> int:
 def decode_loop(pipe, rows: list[Row], n_cache_rows: int) -> Iterator[Event]:
     """Prefill every prompt, then one forward call and one draw per step until all rows finish."""
     model, vocab, device = pipe.model, pipe.vocab, _device(pipe)
+    decoder = pipe.compiled or model  # the compiled one-token step (model/compiled.py), or the model
     with torch.no_grad():
-        cache = model.setup_cache(n_cache_rows, cache_length(rows, vocab.tokens_per_image))
+        cache = decoder.setup_cache(n_cache_rows, cache_length(rows, vocab.tokens_per_image))
         masks = L.mask_table(vocab, model.args.vocab_size, device)
     seen = repetition_seen(pipe, rows) if any(r.params.repetition_penalty != 1 for r in rows) else None
     start = time.perf_counter()
     feeds = {r.index: r.prompt_ids for r in rows}
     while feeds:
-        logits = forward_feeds(model, cache, feeds, n_cache_rows, device)
+        logits = forward_feeds(decoder, cache, feeds, cache.batch_size, device)
         live = [r for r in rows if not r.state.finished]
         tokens = next_tokens(live, logits, masks, seen)
         feeds = {}
