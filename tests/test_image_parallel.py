@@ -302,3 +302,19 @@ def test_cli_bad_window_is_one_line(pipe, tmp_path, capsys, value, message):
     code, stdout, err = run_cli(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert stdout == "" and not (tmp_path / "out").exists()
+
+
+# ---- the model's part: logits of each row's last m new tokens -----------------------------------
+@torch.no_grad()
+def test_decode_last_n_is_the_last_positions_of_the_full_logits(pipe):
+    model = pipe.model
+    tokens = torch.randint(0, model.args.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0))
+    n_new = torch.tensor([5, 2, 1])
+    full_cache, last_cache = model.setup_cache(3, 16), model.setup_cache(3, 16)
+    for cache in (full_cache, last_cache):  # rows of different lengths before the call
+        model.decode(tokens[:, :3], cache, torch.tensor([3, 1, 2]))
+    full = model.decode(tokens, full_cache, n_new)  # (3, 5, V)
+    last = model.decode(tokens, last_cache, n_new, last_n=3)  # (3, 3, V)
+    for b, n in enumerate(n_new.tolist()):
+        positions = [max(0, n - 3 + i) for i in range(3)]  # a row with fewer than 3 repeats its first
+        torch.testing.assert_close(last[b], full[b, positions], rtol=1e-5, atol=1e-5)
