@@ -14,11 +14,17 @@ to a Hugging Face Chameleon directory with `interleaf.model.convert.to_hf`, and 
   * with --compile, the same model decoding with its compiled one-token step as well
     (`interleaf.load(DIR, compile=True)`: static shapes, CUDA graphs on GPUs), alternating with
     eager decoding in the same run, after a check that both give the same greedy tokens; and
-    the whole image with it. The first call of each shape compiles (not timed: a warm-up).
+    the whole image with it. The first call of each shape compiles (not timed: a warm-up);
+  * parallel image decoding (`image_parallel` K, speculative Jacobi decoding) on a TRAINED model:
+    a small Transformer trained in this run for --image-steps steps on shapes-world caption -> image
+    pairs (a random model accepts few drafts), its forward passes per image and image codes/s at
+    batch 1 for each K of --windows, with and without guidance, sampled, next to the same
+    one-token-per-step weight-streaming bound computed for that model's weights.
 
     python bench/decode.py                           # CPU, 2 threads, ~30M parameters
     python bench/decode.py --device cuda --dtype bfloat16 --tokens 256
     python bench/decode.py --device cuda --dtype bfloat16 --tokens 256 --compile --no-hf
+    python bench/decode.py --only images             # the parallel-image part alone
 
 The output head row of <eos> is zeroed so that greedy rows never stop early (both libraries then
 decode exactly --tokens tokens per row). Numbers on a shared machine are noisy.
@@ -27,6 +33,7 @@ decode exactly --tokens tokens per row). Numbers on a shared machine are noisy.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -62,6 +69,16 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="time interleaf only")
     p.add_argument("--compile", action="store_true", help="also time interleaf with its compiled decode step")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only", choices=["text", "images"], default=None, help="run one part of the benchmark")
+    p.add_argument("--windows", default="1,2,4,8,16", help="image_parallel windows K to time (1 = sequential)")
+    p.add_argument("--image-steps", type=int, default=250, help="training steps of the image model")
+    p.add_argument("--image-pairs", type=int, default=500, help="caption -> image pairs it is trained on")
+    p.add_argument("--image-model", default=None, help="keep the trained image model here; reuse it if there")
+    p.add_argument("--image-dim", type=int, default=128)
+    p.add_argument("--image-layers", type=int, default=4)
+    p.add_argument("--image-grid", type=int, default=8, help="image codes per side of the trained model")
+    p.add_argument("--image-codes", type=int, default=128, help="codebook size of the trained model")
+    p.add_argument("--image-temperature", type=float, default=1.0, help="image sampling temperature")
     return p.parse_args(argv)
 
 
@@ -300,6 +317,171 @@ def time_image_and_caption(pipe, repeats: int, names=("image", "caption")) -> di
     return out
 
 
+# ---- parallel image decoding on a trained model --------------------------------------------------
+def held_out_caption(opts) -> str:
+    """A caption of the shapes world that the image model was not trained on."""
+    from interleaf.data.shapes import ShapesWorld
+
+    return ShapesWorld(resolution=opts.image_grid * 4, max_shapes=3, seed=0).pair(10**6)[1]
+
+
+def train_image_model(directory: Path, opts) -> float:
+    """Write a small model trained in this run on shapes-world caption -> image pairs to `directory`;
+    return the last steps' mean loss. The VQ-GAN is random: it still gives the images' structure as
+    codes (a flat background is one code), which is what drafts are accepted on."""
+    from interleaf.data.shapes import ShapesWorld
+    from interleaf.model.args import ModelArgs
+    from interleaf.model.transformer import Transformer
+    from interleaf.pipeline import save_model_dir
+    from interleaf.tokenizer.multimodal import MultimodalTokenizer
+    from interleaf.tokenizer.text import train_bpe
+    from interleaf.tokenizer.vocab import Vocabulary
+    from interleaf.tokenizer.vqgan import VQConfig, VQModel
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    world = ShapesWorld(resolution=opts.image_grid * 4, max_shapes=3, seed=0)
+    pairs = [world.pair(i) for i in range(opts.image_pairs)]
+    text = train_bpe([c for _, c, _ in pairs], vocab_size=400, min_frequency=1)
+    vq = VQModel(
+        VQConfig(
+            resolution=opts.image_grid * 4,
+            ch=16,
+            ch_mult=[1, 2, 2],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            mid_attn=False,
+            z_channels=16,
+            norm_groups=16,
+            n_embed=opts.image_codes,
+            embed_dim=8,
+        )
+    )
+    vocab = Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid)
+    tokenizer = MultimodalTokenizer(vocab, text, vq)
+    with torch.no_grad():
+        codes = tokenizer.encode_images([image for image, _, _ in pairs])  # batched through the VQ-GAN
+    seqs = [tokenizer.encode([caption, c]) for (_, caption, _), c in zip(pairs, codes)]
+    args = ModelArgs(
+        dim=opts.image_dim,
+        n_layers=opts.image_layers,
+        n_heads=max(1, opts.image_dim // 64),
+        vocab_size=vocab.size,
+        multiple_of=64,
+        max_seq_len=max(len(s) for s in seqs) + 64,
+        qk_norm="layernorm",
+    )
+    print(f"image model data: {len(seqs)} pairs of up to {max(len(s) for s in seqs)} tokens, "
+          f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+    model = Transformer(args, seed=0).train()
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup, batch, losses = 30, 16, []
+    g = torch.Generator().manual_seed(0)
+    for step in range(opts.image_steps):
+        for group in optim.param_groups:  # linear warm-up, then cosine to a tenth
+            t = max(0.0, (step - warmup) / max(1, opts.image_steps - warmup))
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+        rows = [seqs[i] for i in torch.randint(len(seqs), (batch,), generator=g).tolist()]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [vocab.pad_id] * (width - len(r)) for r in rows])  # (B, T)
+        targets = torch.tensor([r[1:] + [-100] * (width - len(r) + 1) for r in rows])
+        loss = model.loss(ids, targets).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            print(f"  step {step + 1}: loss {statistics.mean(losses[-50:]):.2f}", flush=True)
+    model.eval()
+    save_model_dir(directory, model, vocab, text, vq)
+    return statistics.mean(losses[-20:])
+
+
+def time_parallel_images(pipe, prompt: str, windows: list[int], cfgs: list[float], repeats: int, temperature: float):
+    """Per guidance scale and window K: forward passes per image and image codes/s at batch 1 (whole
+    images, sampled, seeds 0..repeats-1; the windows alternate so that load hits all alike)."""
+    from interleaf.sampling.events import ImageDone
+
+    decode, passes = pipe.model.decode, [0]
+
+    def counted(*a, **k):
+        passes[0] += 1
+        return decode(*a, **k)
+
+    pipe.model.decode = counted
+    n = pipe.vocab.tokens_per_image
+    out = {}
+    try:
+        for cfg in cfgs:
+            runs = {k: [] for k in windows}
+            for r in range(-1, repeats):  # r = -1: warm-up
+                for k in windows:
+                    passes[0] = 0
+                    t = time.perf_counter()
+                    events = pipe.stream(prompt, mode="image", image_parallel=k, cfg_scale=cfg,
+                                         image_temperature=temperature, seed=max(r, 0))  # fmt: skip
+                    assert sum(isinstance(e, ImageDone) for e in events) == 1
+                    if r >= 0:
+                        runs[k].append((time.perf_counter() - t, passes[0]))
+            out[cfg] = {
+                k: {
+                    "passes_per_image": statistics.mean(p for _, p in rs),
+                    "codes_per_s": n * len(rs) / sum(s for s, _ in rs),
+                }
+                for k, rs in runs.items()
+            }
+    finally:
+        del pipe.model.decode  # the instance attribute: the class's method again
+    return out
+
+
+def run_parallel_images(opts, device, dtype, bandwidths: dict, results: dict) -> None:
+    """Train the image model, time its images for every window, print them next to its bound."""
+    import interleaf
+    from interleaf.model.args import count_params
+
+    t = time.perf_counter()
+    directory = Path(opts.image_model or tempfile.mkdtemp(prefix="interleaf-bench-img-")) / "model"
+    if (directory / "model.yaml").exists():
+        how = f"reused from {directory}"
+    else:
+        loss = train_image_model(directory, opts)
+        seconds = time.perf_counter() - t
+        how = f"trained {opts.image_steps} steps on shapes-world pairs in {seconds:.0f} s (loss {loss:.2f})"
+    prompt = held_out_caption(opts)
+    pipe = interleaf.load(directory, device=device, dtype=dtype)
+    args, n = pipe.model.args, pipe.vocab.tokens_per_image
+    print(
+        f"image model: {count_params(args) / 1e6:.1f}M params (dim {args.dim}, {args.n_layers} layers, "
+        f"vocab {args.vocab_size}), {n} codes per image, {how}; drawing {prompt!r}, image temperature "
+        f"{opts.image_temperature:g}"
+    )
+    windows = [int(k) for k in opts.windows.split(",")]
+    timed = time_parallel_images(pipe, prompt, windows, [1.0, 3.0], opts.repeats, opts.image_temperature)
+    bandwidths = {name: max(r, bandwidths.get(name, 0.0)) for name, r in matvec_bandwidth(device, dtype).items()}
+    bound = max(bandwidths.values()) / weight_bytes_per_token(pipe.model)
+    summary = {"bound_codes_per_s": bound, "params": count_params(args), "codes_per_image": n, "by_cfg": {}}
+    for cfg, by_k in timed.items():
+        best = max(by_k, key=lambda k: by_k[k]["codes_per_s"])
+        one = by_k[windows[0]] if 1 not in by_k else by_k[1]
+        guidance = f"CFG {cfg:g} (2 streams)" if cfg != 1 else "no guidance"
+        for k, m in by_k.items():
+            print(
+                f"  {guidance}, K={k:2d}: {m['passes_per_image']:6.1f} forward passes per image, "
+                f"{m['codes_per_s']:7.1f} image codes/s = {m['codes_per_s'] / bound:.3f}x the bound"
+            )
+        fewer = one["passes_per_image"] / by_k[best]["passes_per_image"]
+        speed = by_k[best]["codes_per_s"] / one["codes_per_s"]
+        fraction = by_k[best]["codes_per_s"] / bound
+        print(
+            f"  {guidance}: best K={best}: {fewer:.2f}x fewer passes per image, {speed:.2f}x the codes/s of K=1, "
+            f"{fraction:.3f}x the one-token-per-step bound ({bound:.1f} codes/s)"
+        )
+        summary["by_cfg"][cfg] = dict(windows=by_k, best=best, fewer_passes=fewer, speedup=speed, fraction=fraction)
+    results["parallel_images"] = summary
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
     if opts.threads:
@@ -309,6 +491,12 @@ def main(argv=None) -> int:
     from interleaf.pipeline import Interleaf
 
     device, dtype = torch.device(opts.device), getattr(torch, opts.dtype)
+    if opts.only == "images":
+        results = {"device": str(device), "threads": torch.get_num_threads()}
+        print(f"device {device} ({torch.get_num_threads()} threads), {opts.dtype}")
+        run_parallel_images(opts, device, dtype, matvec_bandwidth(device, dtype), results)
+        write_results(opts, results)
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="interleaf-bench-"))
     model_dir = build_model_dir(tmp / "model", opts)
     pipe = interleaf.load(model_dir, device=device, dtype=dtype)
@@ -417,11 +605,17 @@ def main(argv=None) -> int:
             f"({whole['image']['seconds'] / image['seconds']:.2f}x eager); "
             f"CUDA graph skips: {dict(counters['inductor']).get('cudagraph_skips', 0)}"
         )
+    if opts.only is None:
+        run_parallel_images(opts, device, dtype, bandwidths, results)
+    write_results(opts, results)
+    return 0
+
+
+def write_results(opts, results: dict) -> None:
     if opts.json:
         from interleaf.utils import write_json
 
         write_json(opts.json, results)
-    return 0
 
 
 @torch.no_grad()

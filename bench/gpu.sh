@@ -8,7 +8,9 @@
 #      compiled layers (bench/train_step.py; goal: >= 45% on an H100);
 #   4. decoding throughput on the GPU in bf16 (bench/decode.py), then eager against the compiled
 #      decode step (static shapes, CUDA graphs: `--compile`) in one run, with a check that both
-#      draw the same greedy tokens.
+#      draw the same greedy tokens;
+#   5. parallel image decoding (image_parallel K) on a small model trained in the run: forward
+#      passes per image and codes/s for each K against the one-token-per-step bound.
 #
 # It uses the machine's own python3 and torch, with this checkout on PYTHONPATH: nothing is
 # installed but wheels put in .whl/ (xformers, say; see bench/RESULTS.md, "GPU"). Each step has
@@ -107,11 +109,14 @@ common=(--device "$DEVICE" --dtype bfloat16 --preset "$PRESET" --batch "$BATCH" 
         --peak-tflops "$PEAK_TFLOPS")
 step 120 "train step, $PRESET bf16, sdpa" "$PY" bench/train_step.py "${common[@]}" --backend sdpa
 step 90 "train step, $PRESET bf16, xformers" "$PY" bench/train_step.py "${common[@]}" --backend xformers --no-hf
-step 120 "decoding, bf16" "$PY" bench/decode.py --device "$DEVICE" --dtype bfloat16 --threads 0 --tokens "$TOKENS"
+step 120 "decoding, bf16" "$PY" bench/decode.py --device "$DEVICE" --dtype bfloat16 --threads 0 --tokens "$TOKENS" \
+  --only text
 step 180 "decoding, bf16, eager vs compiled step" "$PY" bench/decode.py --device "$DEVICE" --dtype bfloat16 \
-  --threads 0 --tokens "$TOKENS" --compile --no-hf --repeats 2 --batches 1
+  --threads 0 --tokens "$TOKENS" --compile --no-hf --repeats 2 --batches 1 --only text
 step 240 "train step, $PRESET bf16, sdpa, compiled layers" "$PY" bench/train_step.py "${common[@]}" --backend sdpa \
   --compile --no-hf
+step 150 "parallel image decoding, bf16, a 30M model trained in the run" "$PY" bench/decode.py --device "$DEVICE" \
+  --dtype bfloat16 --threads 0 --only images --image-dim 512 --image-layers 8
 if ((${#failed[@]})); then
   say "done in ${SECONDS} s; failed: $(IFS=';'; echo "${failed[*]}")"
 else

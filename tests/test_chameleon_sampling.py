@@ -216,9 +216,9 @@ def fed(monkeypatch):
     """Every forward call's feeds: {cache row: ids}."""
     calls, forward = [], G.forward_feeds
 
-    def recording(model, cache, feeds, n_rows, device):
+    def recording(model, cache, feeds, *rest):
         calls.append({r: list(f) for r, f in feeds.items()})
-        return forward(model, cache, feeds, n_rows, device)
+        return forward(model, cache, feeds, *rest)
 
     monkeypatch.setattr(G, "forward_feeds", recording)
     return calls

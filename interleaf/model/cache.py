@@ -115,3 +115,8 @@ class KVCache:
             self.lengths.zero_()
         else:
             self.lengths[torch.as_tensor(list(rows), dtype=torch.long, device=self.lengths.device)] = 0
+
+    def drop_last(self, rows: Sequence[int], n: int) -> None:
+        """Forget the last `n` tokens of `rows` (rejected drafts): no step attends to them again, and
+        the next tokens written to those rows overwrite their slots."""
+        self.lengths[torch.as_tensor(list(rows), dtype=torch.long, device=self.lengths.device)] -= n

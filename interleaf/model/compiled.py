@@ -101,11 +101,17 @@ class CompiledDecode:
         return sys.getrefcount(self.cache) <= 2
 
     def decode(
-        self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None, last_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        n_new: torch.Tensor | None = None,
+        last_only: bool = False,
+        last_n: int = 0,
     ) -> torch.Tensor:
-        """`Transformer.decode`: one token per row with last_only through the compiled graph, the rest eager."""
+        """`Transformer.decode`: one token per row with last_only through the compiled graph, the rest
+        (prefill, several tokens per row such as a parallel image window) eager."""
         if tokens.shape[1] != 1 or not last_only or n_new is None:
-            return self.model.decode(tokens, cache, n_new, last_only)
+            return self.model.decode(tokens, cache, n_new, last_only, last_n=last_n)
         self.calls += 1
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed

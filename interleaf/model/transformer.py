@@ -432,10 +432,12 @@ class Transformer(nn.Module):
         n_new: torch.Tensor | None = None,
         last_only: bool = False,
         max_len_hint: int | None = None,
+        last_n: int = 0,
     ) -> torch.Tensor:
         """Append tokens (B, T) to the cache (row b: first n_new[b] count) -> logits (B, T, V).
 
-        `last_only=True` returns (B, V): the logits of each row's last new token.
+        `last_only=True` returns (B, V): the logits of each row's last new token. `last_n=m` returns
+        (B, m, V): those of each row's last m new tokens (a row with fewer repeats its first).
         `max_len_hint`, an upper bound of every row's length after this call known on the host,
         lets a compiled step attend to that prefix of the cache only (eager mode reads the
         lengths itself; without either, a compiled step attends to the whole cache).
@@ -460,6 +462,9 @@ class Transformer(nn.Module):
         cache.lengths += n_new
         if last_only:  # (B, D): each row's last new token
             h = h[:, 0] if T == 1 else h[torch.arange(B, device=h.device), (n_new - 1).clamp(min=0)]
+        elif last_n:  # (B, m, D): each row's last m new tokens
+            idx = (n_new[:, None] - last_n + torch.arange(last_n, device=h.device)).clamp(min=0)  # (B, m)
+            h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
         logits = self.output(self.norm(h))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 

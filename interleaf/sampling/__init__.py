@@ -6,6 +6,6 @@ events.py    what a stream yields (TextDelta, ImageStart, ImageProgress, ImageDo
 state.py     SequenceState: which ids the next token may take, what a token does
 logits.py    modality mask table, guidance, repetition penalty, top-k / top-p, seeded draws
 generate.py  Request, stream / generate / stream_requests (prefill + decode loop)
-speculative.py  Jacobi drafts of image codes verified to sample exactly (its core; generate does not use it yet)
+speculative.py  Jacobi drafts of image codes verified to sample exactly (image_parallel K)
 render.py    document.md / document.html / PNGs, written atomically
 """

@@ -12,6 +12,12 @@ never re-run.
 Every step is one `model.decode` call over all cache rows with per-row token counts `n_new`
 (0 for idle rows), one batched logit pipeline (guidance, repetition penalty, modality mask,
 temperature / top-k / top-p / min-p) and one per-row seeded draw.
+
+A row drawing an image with `image_parallel` K > 1 feeds its newest code and up to K - 1 drafts in
+that same call (its guidance streams feed the same window), and takes every code speculative
+decoding accepts (speculative.py: the same distribution as one code a step); the cache rows then
+drop the rejected drafts, so they hold exactly the accepted sequence. The image's first code (after
+`<boi>`, nothing to draft from yet) and `<eoi>` are drawn as one token a step; so is text.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from PIL import Image
 
 from interleaf.errors import InterleafError
 from interleaf.sampling import logits as L
+from interleaf.sampling import speculative as S
 from interleaf.sampling.events import Document, Done, Event, ImageDone, ImageProgress, ImageStart, TextDelta
 from interleaf.sampling.params import SamplingParams
 from interleaf.sampling.prompt import Prompt, check_text_items, encode_prompt, prompt_segments
@@ -73,6 +80,8 @@ class Row:
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     codes: list[int] = field(default_factory=list)  # codes of the image being drawn
     seconds: float = 0.0
+    window: S.Window | None = None  # drafts fed after the newest code (image_parallel > 1, drawing an image)
+    fresh: torch.Tensor | None = None  # (V,) proposal for codes no pass has predicted yet: the last pass's last p
 
     @property
     def guiding(self) -> bool:
@@ -90,6 +99,10 @@ class Row:
         if self.state.in_image:
             return p.image_temperature, p.image_top_k, p.image_top_p, p.image_min_p
         return p.temperature, p.top_k, p.top_p, p.min_p
+
+    def draws(self) -> torch.Generator | None:
+        """The generator of the next token's draw; None when it is greedy."""
+        return self.generator if self.sampling()[0] > 0 else None
 
     def penalty(self) -> float:
         """Repetition penalty for the next token (text only)."""
@@ -180,8 +193,8 @@ def _device(pipe) -> torch.device:
 
 # ---- one forward step ----------------------------------------------------------------------------
 @torch.no_grad()
-def forward_feeds(model, cache, feeds: dict[int, list[int]], n_rows: int, device) -> torch.Tensor:
-    """Append each cache row's new tokens; return the logits after each row's last one (B, V).
+def forward_feeds(model, cache, feeds: dict[int, list[int]], n_rows: int, device, last: int = 1) -> torch.Tensor:
+    """Append each cache row's new tokens; return the logits after each row's `last` last ones (B, last, V).
 
     Rows missing from `feeds` take no token (their logits are garbage and unused).
     """
@@ -189,7 +202,9 @@ def forward_feeds(model, cache, feeds: dict[int, list[int]], n_rows: int, device
     rows = [feeds.get(r, []) for r in range(n_rows)]
     tokens = torch.tensor([f + [0] * (width - len(f)) for f in rows], device=device)  # (B, T) right-padded
     n_new = torch.tensor([len(f) for f in rows], device=device)  # (B,)
-    return model.decode(tokens, cache, n_new, last_only=True)  # (B, V)
+    if last == 1:
+        return model.decode(tokens, cache, n_new, last_only=True)[:, None]  # (B, 1, V)
+    return model.decode(tokens, cache, n_new, last_n=last)  # (B, last, V)
 
 
 @torch.no_grad()
@@ -209,6 +224,42 @@ def next_tokens(live: Sequence[Row], logits: torch.Tensor, masks: torch.Tensor, 
     temperature, *filters = zip(*(r.sampling() for r in live))
     filters = L.Filters(*(torch.tensor(v, device=device) for v in filters)) if L.needs_filter(*filters) else None
     return L.sample(x, torch.tensor(temperature, device=device), [r.generator for r in live], filters).tolist()
+
+
+@torch.no_grad()
+def window_codes(row: Row, logits: torch.Tensor, masks: torch.Tensor) -> tuple[list[int], int]:
+    """The codes a row drawing in parallel takes from one pass (its accepted drafts, then one new
+    code) and the number of drafts it rejected. `logits` (cache rows, m, V): the pass's last m."""
+    n = len(row.window)
+    x = logits[row.index, -(n + 1) :]  # (n + 1, V): the code after the newest token, after each draft
+    if row.guiding:  # the guided logits at every window position, as `guide` makes them for one
+        u = logits[row.streams[-1], -(n + 1) :]
+        ci = logits[row.streams[0], -(n + 1) :] if len(row.streams) == 2 else x
+        scales = [torch.full((n + 1,), s, device=x.device) for s in row.guidance_scales()]
+        x = L.cfg_combine_two_scale(x, ci, u, *scales)
+    x = L.apply_mask(x, masks[L.Allowed.IMAGE])  # every window position is a code of this image
+    p = S.token_distribution(x, *row.sampling())  # (n + 1, V)
+    accepted, new = S.verify(p, row.window.drafts, row.window.q, row.draws())
+    codes = row.window.drafts[:accepted].tolist() + [new]
+    row.window, row.fresh = row.window.advance(p, accepted, row.draws()), p[-1]
+    return codes, n - accepted
+
+
+def add_drafts(row: Row, feeds: dict[int, list[int]], vocab_size: int) -> None:
+    """Append a row's window of drafts to what it and its guidance streams take next, when it draws
+    an image in parallel; otherwise forget its window."""
+    st = row.state
+    left = st.tokens_per_image - st.codes_done  # codes still to draw; the window predicts at most that many
+    if row.params.image_parallel == 1 or st.finished or not st.in_image or left == 0:
+        row.window = row.fresh = None
+        return
+    if row.window is None:  # just after <boi>: nothing to draft from before the first code's pass
+        row.window = S.Window.empty(vocab_size, row.generator.device)
+    if row.fresh is not None:
+        row.window = row.window.top_up(min(row.params.image_parallel, left) - 1, row.fresh, row.draws())
+    drafts = row.window.drafts.tolist()
+    for r in (row.index, *row.streams):
+        feeds[r] = feeds[r] + drafts
 
 
 def guide(x: torch.Tensor, live: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
@@ -346,20 +397,33 @@ def decode_loop(pipe, rows: list[Row], n_cache_rows: int) -> Iterator[Event]:
     start = time.perf_counter()
     feeds = {r.index: r.prompt_ids for r in rows}
     while feeds:
-        logits = forward_feeds(decoder, cache, feeds, cache.batch_size, device)
         live = [r for r in rows if not r.state.finished]
-        tokens = next_tokens(live, logits, masks, seen)
+        last = 1 + max((len(r.window) for r in live if r.window is not None), default=0)
+        logits = forward_feeds(decoder, cache, feeds, cache.batch_size, device, last)  # (B, last, V)
+        one = [r for r in live if r.window is None]  # rows taking one token
+        drawn = dict(zip((r.index for r in one), next_tokens(one, logits[:, -1], masks, seen) if one else []))
         feeds = {}
-        for row, token in zip(live, tokens):
-            was_text = not row.state.in_image
-            yield from take_token(pipe, row, token, start)
-            if seen is not None and was_text:  # text, <boi>: what text mode may draw again
-                seen[row.index, token] = True
-            boi = was_text and row.state.in_image
-            if boi and row.guide_rows:
-                with torch.no_grad():
-                    cache.reset(row.guide_rows)
+        for row in live:
+            if row.window is None:
+                token = drawn[row.index]
+                was_text = not row.state.in_image
+                yield from take_token(pipe, row, token, start)
+                if seen is not None and was_text:  # text, <boi>: what text mode may draw again
+                    seen[row.index, token] = True
+                boi = was_text and row.state.in_image
+                if boi and row.guide_rows:
+                    with torch.no_grad():
+                        cache.reset(row.guide_rows)
+            else:
+                codes, rejected = window_codes(row, logits, masks)
+                for token in codes:
+                    yield from take_token(pipe, row, token, start)
+                if rejected:
+                    with torch.no_grad():
+                        cache.drop_last([row.index, *row.streams], rejected)
+                token, boi = codes[-1], False
             feeds.update(feeds_after(row, token, boi, vocab))
+            add_drafts(row, feeds, model.args.vocab_size)
 
 
 def build_requests(prompt: Prompt, params: SamplingParams, num: int = 1) -> list[Request]:

@@ -84,6 +84,11 @@ def _image_fits(p: SamplingParams, pipe) -> str | None:
     return None
 
 
+def _window_fits(p: SamplingParams, pipe) -> str | None:
+    n = pipe.vocab.tokens_per_image
+    return f"at most {n} (the codes of one image of this model)" if p.image_parallel > n else None
+
+
 INT_MAX = 2**31 - 1  # what a per-row tensor of counts holds
 
 
@@ -116,6 +121,10 @@ class SamplingParams:
     image_top_k: int = option(0, "image-token top-k, 0 = off", group="image", low=0, high=INT_MAX)
     image_top_p: float = option(1.0, "image-token nucleus mass, 1 = off", group="image", low=0, high=1, low_open=True)
     image_min_p: float = option(0.0, "image-token min-p, 0 = off", group="image", low=0, high=1)
+    image_parallel: int = option(
+        1, "image codes a forward pass may take: a window of drafts verified at once (speculative Jacobi decoding, "
+        "the same distribution), 1 = one code per pass", group="image", low=1, high=INT_MAX, check=_window_fits,
+    )  # fmt: skip
     cfg_scale: float = option(
         3.0, "classifier-free guidance scale for images, 1 = off", group="image", low=0, high=1e3, flag="--cfg",
         label="guidance",

@@ -40,7 +40,7 @@ def token_distribution(
     scaled = logits / temperature
     if L.needs_filter([top_k], [top_p], [min_p]):
         n = scaled.shape[0]
-        filters = L.Filters(*(torch.full((n,), v) for v in (top_k, float(top_p), float(min_p))))
+        filters = L.Filters(*(torch.full((n,), v, device=scaled.device) for v in (top_k, float(top_p), float(min_p))))
         scaled = L.filter_logits(scaled, filters)
     return torch.softmax(scaled, dim=-1)
 
@@ -62,12 +62,12 @@ def verify(
     distributions q (n, V) they were drawn from. Without a generator the row is greedy (p, q one-hot).
     """
     n = drafts.shape[0]
-    idx = torch.arange(n)
+    idx = torch.arange(n, device=p.device)
     p_d, q_d = p[idx, drafts], q[idx, drafts]  # (n,)
     if generator is None:
         ok = p_d > 0
     else:
-        u = torch.rand(n, generator=generator)
+        u = torch.rand(n, generator=generator, device=p.device)
         ok = u * q_d < p_d  # u < p/q, without dividing by q
     accepted = int(torch.cumprod(ok.int(), 0).sum()) if n else 0
     if accepted == n:
@@ -87,8 +87,8 @@ class Window:
     q: torch.Tensor  # (n, V)
 
     @classmethod
-    def empty(cls, vocab_size: int) -> Window:
-        return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, vocab_size))
+    def empty(cls, vocab_size: int, device: torch.device | str = "cpu") -> Window:
+        return cls(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, vocab_size, device=device))
 
     def __len__(self) -> int:
         return self.drafts.shape[0]
