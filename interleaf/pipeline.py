@@ -322,14 +322,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(directory: str | Path, device="cpu", dtype=None):
-    """The Transformer of a model directory, in eval mode, on `device` (stored dtype unless given)."""
+    """The Transformer of a model directory, in eval mode, on `device` (stored dtype unless given), with
+    the inference fast paths of model/fast.py."""
+    from interleaf.model.fast import apply_inference_fast_paths
     from interleaf.model.transformer import Transformer
 
     directory = Path(directory)
     args = read_model_args(directory)
     dtype = parse_dtype(dtype)
     state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in read_weights(directory).items()}
-    return Transformer.from_state_dict(args, state, str(directory)).eval()
+    return apply_inference_fast_paths(Transformer.from_state_dict(args, state, str(directory)).eval())
 
 
 def load(directory: str | Path, device="cpu", dtype=None) -> Interleaf:
