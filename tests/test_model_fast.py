@@ -53,7 +53,7 @@ def kept_weights(model: Transformer) -> list[FusedWeight]:
     out = [model.output._kept]
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
-        out += [a._wqkv, a.wo._kept, f._w13, f.w2._kept]
+        out += [a._wqkv, a._wo, f._w13, f._w2]
     return out
 
 
@@ -66,7 +66,7 @@ def test_applying_changes_classes_not_the_state_dict():
         assert list(after) == list(before)
         assert all(after[k] is before[k] for k in before)  # the same parameters, not copies
         assert type(model.layers[0].attention) is fast.InferenceAttention  # control: it did apply
-        assert type(model.layers[1].feed_forward.w2) is fast.KeptLinear
+        assert type(model.layers[1].feed_forward) is fast.InferenceFeedForward
         with torch.no_grad():
             model(torch.ones(1, 3, dtype=torch.long))  # kept layouts exist now: still not in the state dict
         assert list(model.state_dict()) == list(before)
@@ -130,12 +130,18 @@ def test_inference_paths_step_aside_for_autograd_and_hooks():
             m.layers[0].attention.register_forward_hook(lambda module, inputs, out: 2 * out)
             m.layers[1].ffn_norm.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 0.5,))
         torch.testing.assert_close(model(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
-        # a replaced projection keeps its own forward
-        biased = make("gqa-layernorm-pre")
-        biased.layers[0].attention.wo = torch.nn.Linear(32, 32)
-        apply_inference_fast_paths(biased)
-        assert type(biased.layers[0].attention.wo) is torch.nn.Linear
-        assert type(biased.layers[1].attention.wo) is fast.KeptLinear
+        # a replaced or hooked output projection runs its own forward
+        x = torch.randn(1, 1, 16)
+        with_bias = torch.nn.Linear(16, 48)
+        torch.testing.assert_close(FusedWeight().apply(x, with_bias), with_bias(x))
+        hooked = torch.nn.Linear(16, 48, bias=False)
+        hooked.register_forward_hook(lambda module, inputs, out: 2 * out)
+        torch.testing.assert_close(FusedWeight().apply(x, hooked), 2 * F.linear(x, hooked.weight))
+        replaced = make("gqa-layernorm-pre")
+        replaced.layers[0].attention.wq = torch.nn.Linear(32, 32)  # q/k/v as one product no longer computes it
+        apply_inference_fast_paths(replaced)
+        assert type(replaced.layers[0].attention) is Attention
+        assert type(replaced.layers[1].attention) is fast.InferenceAttention
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from interleaf.model.attention import attend
 from interleaf.model.ops import apply_rope, rms_norm, swiglu
 from interleaf.model.transformer import (
     Attention,
@@ -101,6 +102,17 @@ class FusedWeight:
         y = torch.bmm(xs, self.split)  # (k, rows, out)
         return (y[0] if k == 1 else y.sum(0)).view(*x.shape[:-1], n_out)
 
+    def apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """linear(x), through the kept weight when that computes the same: a plain nn.Linear
+        without bias or hooks (a wrapped, quantised or hooked module runs its own forward)."""
+        plain = type(linear) is nn.Linear and linear.bias is None
+        y = (
+            self.linear(x, linear.weight)
+            if plain and not (linear._forward_hooks or linear._forward_pre_hooks)
+            else None
+        )
+        return linear(x) if y is None else y
+
 
 def inference(module: nn.Module, x: torch.Tensor) -> bool:
     """Inference paths apply: autograd records nothing here and no compiler is tracing."""
@@ -112,16 +124,8 @@ def inference(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 # ---- inference ---------------------------------------------------------------------------------
-class KeptLinear(nn.Linear):
-    """A bias-free nn.Linear whose inference products read its weight through a FusedWeight."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._kept.linear(x, self.weight) if inference(self, x) else None
-        return super().forward(x) if y is None else y
-
-
 class InferenceHead(OutputHead):
-    """The output head; logits of an inference pass through the kept weight (KeptLinear's way)."""
+    """The output head; logits of an inference pass through the kept weight."""
 
     def forward(self, h, targets=None, weights=None, is_image=None, z_coef: float = 0.0, chunk: int = 1024):
         if targets is None and inference(self, h):
@@ -132,12 +136,24 @@ class InferenceHead(OutputHead):
 
 
 class InferenceAttention(Attention):
-    """Inference: one product for q/k/v through the kept [wq; wk; wv], then QK-norm and RoPE of
-    queries and keys together."""
+    """Inference: one product for q/k/v through the kept [wq; wk; wv], QK-norm and RoPE of queries
+    and keys together, wo through its kept weight."""
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None):
-        qkv = self._wqkv.linear(x, self.wq.weight, self.wk.weight, self.wv.weight) if inference(self, x) else None
-        if qkv is None:
+    def forward(self, x, cos, sin, mask, cache=None, slots=None):
+        if not inference(self, x):
+            return super().forward(x, cos, sin, mask, cache, slots)
+        B, T, _ = x.shape
+        q, k, v = self._project_kept(x, cos, sin)
+        if cache is not None:  # as the reference does
+            k, v = cache.update(self.layer_id, slots, k, v)
+            k, v = k[:, : mask.n_keys], v[:, : mask.n_keys]
+        out = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, T, H, hd)
+        return self._wo.apply(out.reshape(B, T, -1), self.wo)
+
+    def _project_kept(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None):
+        """`project`, without autograd, from one product through the kept [wq; wk; wv]."""
+        qkv = self._wqkv.linear(x, self.wq.weight, self.wk.weight, self.wv.weight)  # (B, T, (H + 2 Hkv) hd)
+        if qkv is None:  # too large to keep
             return super().project(x, cos, sin)
         H, Hkv = self.n_heads, self.n_kv_heads
         heads = qkv.unflatten(-1, (H + 2 * Hkv, self.head_dim))  # (B, T, H + 2 Hkv, hd)
@@ -159,11 +175,12 @@ class InferenceAttention(Attention):
 
 
 class InferenceFeedForward(FeedForward):
-    """Inference: one product for w1/w3 through the kept [w1; w3], silu(a) * b without autograd."""
+    """Inference: one product for w1/w3 through the kept [w1; w3], silu(a) * b without autograd,
+    w2 through its kept weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._w13.linear(x, self.w1.weight, self.w3.weight) if inference(self, x) else None
-        return super().forward(x) if h is None else self.w2(swiglu(h))
+        return super().forward(x) if h is None else self._w2.apply(swiglu(h), self.w2)
 
 
 class InferenceBlock(TransformerBlock):
@@ -208,12 +225,9 @@ def apply_inference_fast_paths(model: Transformer) -> Transformer:
         _become(layer, TransformerBlock, InferenceBlock)
         attention, ffn = layer.attention, layer.feed_forward
         if all(_plain_linear(m) for m in (attention.wq, attention.wk, attention.wv)):
-            _become(attention, Attention, InferenceAttention, "_wqkv", "_qk_weight", "_qk_bias")
+            _become(attention, Attention, InferenceAttention, "_wqkv", "_qk_weight", "_qk_bias", "_wo")
         if _plain_linear(ffn.w1) and _plain_linear(ffn.w3):
-            _become(ffn, FeedForward, InferenceFeedForward, "_w13")
-        for linear in (attention.wo, ffn.w2):
-            if _plain_linear(linear):
-                _become(linear, nn.Linear, KeptLinear, "_kept")
+            _become(ffn, FeedForward, InferenceFeedForward, "_w13", "_w2")
     _become(model.output, OutputHead, InferenceHead, "_kept")
     return model
 
