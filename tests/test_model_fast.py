@@ -17,8 +17,10 @@ from interleaf.model.fast import (
     apply_inference_fast_paths,
     apply_training_fast_paths,
 )
+from interleaf.model.init import RandomInit
 from interleaf.model.transformer import Attention, FeedForward, OutputHead, Transformer, TransformerBlock
 from interleaf.pipeline import ARGS_FILE, load_model, model_state, write_weights
+from interleaf.training.engine import build_model
 
 # every QK-norm, norm order, head grouping and a tied head; dims divisible by 2 threads, and one not
 VARIANTS = {
@@ -237,3 +239,10 @@ def test_the_sampler_loads_models_with_inference_paths(tmp_path):
     tokens = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_the_training_engine_applies_training_paths_off_cpu_only():
+    args = make("gqa-layernorm-pre").args
+    for device, want in (("cpu", Attention), ("meta", fast.ConcatAttention)):  # meta: any device but CPU
+        model = build_model(args, {"zero_optimization": {"stage": 1}}, RandomInit(args, 0), torch.device(device))
+        assert type(model.layers[0].attention) is want, device
