@@ -137,7 +137,7 @@ def matvec_products(w: torch.Tensor) -> dict:
 
     "mv": torch.mv on the (out, in) layout, what F.linear runs; "x@wt": the (in, out) layout;
     "split": the (in, out) layout cut into one slice of inputs per thread, a batched matmul,
-    summed (interleaf's CPU decode path, interleaf.model.transformer.FusedWeight).
+    summed (interleaf's CPU decode path, interleaf.model.fast.FusedWeight).
     """
     out, n_in = w.shape
     k = torch.get_num_threads()

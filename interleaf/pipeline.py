@@ -32,6 +32,7 @@ from interleaf.config import load_config, read_yaml, save_config
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.model.args import ModelArgs
 from interleaf.model.compiled import CompiledDecode
+from interleaf.model.fast import apply_inference_fast_paths
 from interleaf.model.transformer import Transformer
 from interleaf.sampling import generate as G
 from interleaf.sampling.params import PER_MODEL, SamplingParams, merge_options, options_from
@@ -359,12 +360,13 @@ class WeightsSource:
 
 
 def load_model(directory: str | Path, device="cpu", dtype=None):
-    """The Transformer of a model directory, in eval mode, on `device` (stored dtype unless given)."""
+    """The Transformer of a model directory, in eval mode, on `device` (stored dtype unless given), with
+    the inference fast paths of model/fast.py."""
     directory = Path(directory)
     args = read_model_args(directory)
     dtype = parse_dtype(dtype)
     state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in read_weights(directory).items()}
-    return Transformer.from_state_dict(args, state, str(directory)).eval()
+    return apply_inference_fast_paths(Transformer.from_state_dict(args, state, str(directory)).eval())
 
 
 def load(directory: str | Path, device="cpu", dtype=None, compile: bool = False) -> Interleaf:

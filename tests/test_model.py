@@ -12,14 +12,7 @@ from interleaf.errors import ConfigError, InterleafError
 from interleaf.model import ops, transformer
 from interleaf.model.args import MODEL_SIZES, ModelArgs, count_params, ffn_hidden_size, flops_per_token
 from interleaf.model.attention import build_cache_mask, xformers_available
-from interleaf.model.transformer import (
-    MATVEC_MAX_ROWS,
-    SPLIT_MAX_ROWS,
-    FusedWeight,
-    HeadLayerNorm,
-    RMSNorm,
-    Transformer,
-)
+from interleaf.model.transformer import HeadLayerNorm, RMSNorm, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,101 +286,6 @@ def _check_xformers_equals_sdpa(name, device, tol):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[1]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=10 * tol, atol=tol / 10, msg=n)
-
-
-@pytest.mark.parametrize("name", ["gqa-layernorm-pre", "mqa-rms-swin-tied"])
-def test_fused_projections_equal_separate_ones(name, monkeypatch):
-    # the concatenated q/k/v and w1/w3 weights of a training pass off CPU, forced here
-    model = make(name).double().train()
-    tokens = torch.randint(0, model.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
-    assert tokens.numel() >= transformer.FUSE_MIN_TOKENS
-
-    calls = []
-
-    def counted_swiglu(h):  # only the fused feed-forward path calls it
-        calls.append(h.shape)
-        return ops.swiglu(h)
-
-    monkeypatch.setattr(transformer, "swiglu", counted_swiglu)
-
-    def loss_and_grads(fuse: bool):
-        monkeypatch.setattr(transformer, "FUSE_ON_CPU", fuse)
-        model.zero_grad(set_to_none=True)
-        logits = model(tokens)
-        logits.square().mean().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    fused, fused_grads = loss_and_grads(True)
-    assert len(calls) == model.args.n_layers
-    separate, separate_grads = loss_and_grads(False)
-    assert len(calls) == model.args.n_layers
-    torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
-    assert fused_grads.keys() == separate_grads.keys()
-    for n in fused_grads:
-        torch.testing.assert_close(fused_grads[n], separate_grads[n], rtol=1e-10, atol=1e-12, msg=n)
-
-
-@torch.no_grad()
-def test_inference_fast_path_sees_weight_updates():
-    model = make("gqa-layernorm-pre")
-    tokens = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(9))
-    cache = model.setup_cache(1, 8)
-    model.decode(tokens, cache)
-    model.decode(tokens[:, :1], cache)  # one row: the decode layouts are kept too
-    model.layers[0].attention.wq.weight.mul_(1.5)  # in place: fused weights must be rebuilt
-    model.layers[0].feed_forward.w3.weight = torch.nn.Parameter(model.layers[0].feed_forward.w3.weight * 0.5)
-    model.output.weight.mul_(0.5)
-    model.layers[1].feed_forward.w2.weight.add_(0.1)
-    cache.reset()
-    got = model.decode(tokens[:, :4], cache)
-    step = model.decode(tokens[:, 4:], cache)
-    with torch.enable_grad():
-        want = model(tokens)
-    torch.testing.assert_close(got, want[:, :4], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(step, want[:, 4:], rtol=1e-5, atol=1e-5)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("threads", [1, 2])
-def test_kept_weight_products_equal_linear(threads):
-    # the CPU decode layouts (transposed; split over threads) compute F.linear for any row count
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(0)
-        for n_out, n_in in [(48, 16), (16, 48), (32, 32), (40, 15)]:
-            parts = [torch.randn(n_out // 2, n_in, generator=g), torch.randn(n_out - n_out // 2, n_in, generator=g)]
-            kept = FusedWeight()
-            for rows in sorted({1, 2, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, SPLIT_MAX_ROWS, SPLIT_MAX_ROWS + 1}):
-                x = torch.randn(1, rows, n_in, generator=g)
-                want = F.linear(x, torch.cat(parts))
-                torch.testing.assert_close(kept.linear(x, *parts), want, rtol=1e-5, atol=1e-5)
-            other_layout = n_in % threads == 0 and (threads > 1 or n_out > n_in)
-            assert (kept.value_t is not None) == other_layout, (n_out, n_in)
-            parts[0].mul_(-2)  # in place: the kept layouts follow
-            x = torch.randn(1, 1, n_in, generator=g)
-            torch.testing.assert_close(kept.linear(x, *parts), F.linear(x, torch.cat(parts)), rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(old)
-
-
-@torch.no_grad()
-def test_kept_weights_only_where_they_compute_the_same():
-    g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(1, 1, 16, generator=g), torch.randn(48, 16, generator=g)
-    kept = FusedWeight()
-    half = kept.linear(x.bfloat16(), w.bfloat16())
-    assert kept.value_t is None and torch.equal(
-        half, F.linear(x.bfloat16(), w.bfloat16())
-    )  # F.linear: CPU bmm is slow there
-    with_bias = torch.nn.Linear(16, 48)
-    torch.testing.assert_close(FusedWeight().apply(x, with_bias), with_bias(x))
-    hooked = torch.nn.Linear(16, 48, bias=False)
-    hooked.register_forward_hook(lambda module, inputs, out: 2 * out)
-    torch.testing.assert_close(FusedWeight().apply(x, hooked), 2 * F.linear(x, hooked.weight))
-    managed = torch.nn.Parameter(w.clone())
-    managed.ds_id = 0  # a ZeRO-3 parameter: gathered and released by its engine, never kept
-    assert FusedWeight()(managed) is None and FusedWeight()(torch.empty(0, 16)) is None
 
 
 def test_last_only_and_fork_rows():

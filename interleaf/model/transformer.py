@@ -2,6 +2,10 @@
 
 RoPE rotates interleaved pairs (x[2i], x[2i+1]) as Meta's Llama/Chameleon code does; Hugging
 Face checkpoints rotate halves instead, and `convert.py` permutes q/k weights between the two.
+
+This is the reference: one way through each op. Faster ways of computing the same (kept weight
+layouts for decoding on CPU, concatenated projections for training on accelerators) are applied
+from outside, by `model/fast.py`, which the sampler and the training engine call.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from interleaf.model.attention import (
 from interleaf.model.cache import KVCache
 from interleaf.model.init import RandomInit
 from interleaf.model.loss import LossOutput, chunked_linear_cross_entropy
-from interleaf.model.ops import RopeTable, apply_rope, rms_norm, rope_angles, swiglu
+from interleaf.model.ops import RopeTable, apply_rope, rms_norm, rope_angles
 
 
 class RMSNorm(nn.Module):
@@ -40,6 +44,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)  # statistics in float32 for half precisions
 
 
+def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm of x (B, T, H, hd) over hd, then an affine map of its own per head: weight, bias (H, hd)."""
+    # (GroupNorm with a group per head computes the same in one call, but is 2x slower on CPU)
+    return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], None, None, eps), weight)
+
+
 class HeadLayerNorm(nn.Module):
     """LayerNorm over head_dim with its own weight and bias per head (Chameleon's QK-norm)."""
 
@@ -50,8 +60,7 @@ class HeadLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, hd)
-        # (GroupNorm with a group per head computes the same in one call, but is 2x slower on CPU)
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], None, None, self.eps), self.weight)
+        return head_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def qk_norm(args: ModelArgs, n_heads: int) -> nn.Module:
@@ -61,111 +70,6 @@ def qk_norm(args: ModelArgs, n_heads: int) -> nn.Module:
     if args.qk_norm == "rms":
         return RMSNorm(args.head_dim, args.qk_norm_eps)
     return nn.Identity()
-
-
-# With autograd, from this many tokens per call, q/k/v (and w1/w3) run as one matmul over
-# concatenated weights, except on CPU unless FUSE_ON_CPU: there the separate products make a
-# training step 1.5-2.7% faster (bench/RESULTS.md, "Training step"): the concatenation, its
-# gradient's split and the strided q/k/v slices cost more than the one larger matmul saves.
-FUSE_MIN_TOKENS = 64
-FUSE_ON_CPU = False
-# Without autograd, concatenated weights up to this size are kept between calls (so decoding
-# steps run one matmul for q/k/v and one for w1/w3); larger ones are not worth the memory.
-FUSED_CACHE_MAX_BYTES = 32 * 2**20
-# Decoding on CPU, F.linear of a few rows reads its weight at a third to a half of the memory
-# bandwidth: MKL runs it on one thread, and reads an (out, in) weight with more outputs than
-# inputs slowly. So with several threads, products of up to SPLIT_MAX_ROWS rows run as one batched
-# matmul over slices of the inputs, one slice per thread, summed; with one thread, products of up
-# to MATVEC_MAX_ROWS rows by a weight with more outputs than inputs read it stored transposed,
-# (in, out). Such weights are kept a second time, transposed. A decode step's products run about
-# 2x faster with 2 threads, 1.4x with one (bench/RESULTS.md, "Decoding"); F.linear is as fast
-# at 32 rows, and from 4 rows with one thread. float32 only: CPU bmm in half precision is slow.
-SPLIT_MAX_ROWS = 16
-MATVEC_MAX_ROWS = 3
-
-
-class FusedWeight:
-    """The concatenation of some parameters along dim 0, kept for inference until one changes.
-
-    A parameter changes by an in-place op (its version counter moves) or by new data (its pointer
-    moves); the old tensors are held so that new data cannot reuse their address unnoticed.
-    Writes through `p.data` move neither: after such a write, run the next pass with autograd on
-    or reload the model. `linear` also keeps the transposed layout, (in, out), once a product on
-    CPU wants it. Parameters a wrapper manages (ZeRO-3 partitions: `ds_id`) are never kept.
-    """
-
-    def __init__(self):
-        self.key, self.value, self.value_t, self.sources = None, None, None, ()
-        self.split = None  # value_t viewed as (ways, in / ways, out)
-
-    def __call__(self, *params: torch.Tensor) -> torch.Tensor | None:
-        """The concatenated weight; None when it would be larger than FUSED_CACHE_MAX_BYTES, or a
-        parameter is not a whole 2-D tensor of its own."""
-        key = [(p.data_ptr(), p._version) for p in params]
-        if key != self.key:
-            if sum(p.numel() * p.element_size() for p in params) > FUSED_CACHE_MAX_BYTES:
-                return None
-            if any(p.dim() != 2 or not p.numel() or hasattr(p, "ds_id") for p in params):
-                return None
-            self.sources = tuple(p.detach() for p in params)
-            self.value = self.sources[0] if len(params) == 1 else torch.cat(self.sources)
-            self.value_t, self.split, self.key = None, None, key
-        return self.value
-
-    def clear(self) -> None:
-        """Forget the kept weight (its parameters were written in a way it cannot see)."""
-        self.key, self.value, self.value_t, self.sources, self.split = None, None, None, (), None
-
-    def linear(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor | None:
-        """F.linear(x, cat(params)) from the kept weight (None when it is too large to keep)."""
-        w = self(*params)
-        if w is None:
-            return None
-        rows, (n_out, n_in), k = x.numel() // x.shape[-1], w.shape, torch.get_num_threads()
-        split = rows <= SPLIT_MAX_ROWS if k > 1 else rows <= MATVEC_MAX_ROWS and n_out > n_in
-        if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or not split or n_in % k:
-            return F.linear(x, w)
-        if self.split is None or self.split.shape[0] != k:
-            if self.value_t is None:
-                self.value_t = w.t().contiguous()
-            self.split = self.value_t.view(k, n_in // k, n_out)
-        xs = x.reshape(k, 1, n_in // k) if rows == 1 else x.reshape(rows, k, n_in // k).transpose(0, 1)
-        y = torch.bmm(xs, self.split)  # (k, rows, out)
-        return (y[0] if k == 1 else y.sum(0)).view(*x.shape[:-1], n_out)
-
-    def apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        """linear(x), through the kept weight when that computes the same: a plain nn.Linear
-        without bias or hooks (a wrapped, quantised or hooked module runs its own forward)."""
-        plain = type(linear) is nn.Linear and linear.bias is None
-        y = (
-            self.linear(x, linear.weight)
-            if plain and not (linear._forward_hooks or linear._forward_pre_hooks)
-            else None
-        )
-        return linear(x) if y is None else y
-
-
-def forget_kept_weights(model: nn.Module) -> None:
-    """Clear every FusedWeight of `model`: after its parameters were written through `.data` (as
-    DeepSpeed's ZeRO-1/2 optimizer step writes them), before a pass without autograd."""
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, FusedWeight):
-                value.clear()
-
-
-def _fused_projections(x: torch.Tensor) -> bool:
-    """Whether a pass with autograd runs q/k/v and w1/w3 as one matmul each (see FUSE_MIN_TOKENS)."""
-    return x.shape[0] * x.shape[1] >= FUSE_MIN_TOKENS and (FUSE_ON_CPU or x.device.type != "cpu")
-
-
-def _plain(module: nn.Module, x: torch.Tensor) -> bool:
-    """Inference fast paths apply: autograd records nothing here and no compiler is tracing."""
-    if _compiling():
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not x.requires_grad and not any(p.requires_grad for p in module.parameters())
 
 
 class Attention(nn.Module):
@@ -182,64 +86,24 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.q_norm = qk_norm(args, args.n_heads)
         self.k_norm = qk_norm(args, args.n_kv_heads)
-        self._wqkv, self._wo = FusedWeight(), FusedWeight()
-        self._qk_weight, self._qk_bias = FusedWeight(), FusedWeight()
-
-    def project(self, x: torch.Tensor):
-        """q (B, T, H, hd), k and v (B, T, Hkv, hd); one matmul when `_fused_projections`."""
-        B, T, _ = x.shape
-        if _fused_projections(x):
-            w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
-            q, k, v = F.linear(x, w).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], -1)
-        else:  # few tokens, or CPU: concatenating the weights would cost more than it saves
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        hkv = (B, T, self.n_kv_heads, self.head_dim)
-        return q.view(B, T, self.n_heads, self.head_dim), k.view(hkv), v.view(hkv)
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, slots=None):
-        """sin None: cos is the complex rotation (see apply_rope)."""
+        """x (B, T, D) -> (B, T, D). sin None: cos is the complex rotation (see apply_rope)."""
         B, T, _ = x.shape
-        plain = _plain(self, x)
-        qkv = self._project_plain(x, cos, sin) if plain else None
-        if qkv is not None:
-            q, k, v = qkv
-        else:
-            q, k, v = self.project(x)
-            q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, slots, k, v)  # (B, S + 1, Hkv, hd)
             k, v = k[:, : mask.n_keys], v[:, : mask.n_keys]  # the prefix of slots in use
-        out = attend(q, k, v, mask, self.dropout if self.training else 0.0).reshape(B, T, -1)  # (B, T, H hd)
-        return self._wo.apply(out, self.wo) if plain else self.wo(out)
+        out = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, T, H, hd)
+        return self.wo(out.reshape(B, T, -1))
 
-    def _project_plain(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Inference: one matmul for q/k/v, then QK-norm and RoPE of queries and keys together.
-
-        The same formulas as `project` + norms + `apply_rope`, for queries and keys at once.
-        None when the concatenated weights are too large to keep.
-        """
-        qkv = self._wqkv.linear(x, self.wq.weight, self.wk.weight, self.wv.weight)  # (B, T, (H + 2 Hkv) hd)
-        if qkv is None:
-            return None
-        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        heads = qkv.unflatten(-1, (H + 2 * Hkv, hd))
-        qk, v = heads[:, :, : H + Hkv], heads[:, :, H + Hkv :]  # (B, T, H + Hkv, hd), (B, T, Hkv, hd)
-        qk = apply_rope(self._qk_norm_plain(qk), cos, sin)
-        return qk[:, :, :H], qk[:, :, H:], v
-
-    def _qk_norm_plain(self, qk: torch.Tensor) -> torch.Tensor:
-        """QK-norm of queries and keys at once, (B, T, H + Hkv, hd)."""
-        qn, kn = self.q_norm, self.k_norm
-        if isinstance(qn, HeadLayerNorm):
-            weight = self._qk_weight(qn.weight, kn.weight)  # (H + Hkv, hd)
-            bias = self._qk_bias(qn.bias, kn.bias)
-            return torch.addcmul(bias, F.layer_norm(qk, qk.shape[-1:], None, None, qn.eps), weight)
-        if isinstance(qn, RMSNorm):
-            H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-            weight = self._qk_weight(qn.weight.expand(H, hd), kn.weight.expand(Hkv, hd))  # (H + Hkv, hd)
-            return rms_norm(qk, weight, qn.eps)
-        return qk
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None):
+        """q (B, T, H, hd), k and v (B, T, Hkv, hd); queries and keys normalised (QK-norm), then rotated."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v
 
 
 class FeedForward(nn.Module):
@@ -250,14 +114,8 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
-        self._w13, self._w2 = FusedWeight(), FusedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._w13.linear(x, self.w1.weight, self.w3.weight) if _plain(self, x) else None
-        if h is not None:  # inference: kept [w1; w3], silu(a) * b without autograd
-            return self._w2.apply(swiglu(h), self.w2)
-        if _fused_projections(x):  # one matmul for [w1; w3], gradient written in place
-            return self.w2(swiglu(F.linear(x, torch.cat([self.w1.weight, self.w3.weight]))))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -274,23 +132,11 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(args.dropout) if args.dropout > 0 else nn.Identity()
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None, slots=None):
-        if _plain(self, x) and self._unhooked():  # inference: the parts' forward functions, no module calls
-            attn, ffn = self.attention.forward, self.feed_forward.forward
-            n1, n2, drop = self.attention_norm.forward, self.ffn_norm.forward, self.drop.forward
-        else:
-            attn, ffn, n1, n2, drop = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm, self.drop
         if self.swin:  # h = x + norm(attn(x)); out = h + norm(ffn(h))
-            h = x + drop(n1(attn(x, cos, sin, mask, cache, slots)))
-            return h + drop(n2(ffn(h)))
-        h = x + drop(attn(n1(x), cos, sin, mask, cache, slots))
-        return h + drop(ffn(n2(h)))
-
-    def _unhooked(self) -> bool:
-        """No forward hooks on the parts, their own or global ones: calling their forward is the same."""
-        hooks = torch.nn.modules.module
-        if getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None):
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+            h = x + self.drop(self.attention_norm(self.attention(x, cos, sin, mask, cache, slots)))
+            return h + self.drop(self.ffn_norm(self.feed_forward(h)))
+        h = x + self.drop(self.attention(self.attention_norm(x), cos, sin, mask, cache, slots))
+        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
 
 
 class OutputHead(nn.Linear):
@@ -300,14 +146,9 @@ class OutputHead(nn.Linear):
     forward hooks (ZeRO-3) see the weight being used.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._kept = FusedWeight()
-
     def forward(self, h, targets=None, weights=None, is_image=None, z_coef: float = 0.0, chunk: int = 1024):
         if targets is None:
-            logits = self._kept.linear(h, self.weight) if _plain(self, h) else None
-            return super().forward(h) if logits is None else logits
+            return super().forward(h)
         return chunked_linear_cross_entropy(h, self.weight, targets, weights, is_image, z_coef, chunk)
 
 

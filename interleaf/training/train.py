@@ -31,7 +31,7 @@ from interleaf.config import config_file, from_dict, load_config, save_config, t
 from interleaf.errors import ConfigError, InterleafError
 from interleaf.model.args import MODEL_SIZES, ModelArgs, flops_per_token
 from interleaf.model.init import RandomInit
-from interleaf.model.transformer import check_tensors, expected_shapes, forget_kept_weights
+from interleaf.model.transformer import check_tensors, expected_shapes
 from interleaf.pipeline import SAMPLING_FILE, WeightsSource, read_model_args
 from interleaf.tokenizer.text import TextTokenizer
 from interleaf.tokenizer.vocab import END_OF_TURN_NAME, Vocabulary
@@ -584,9 +584,9 @@ class Trainer:
         it = iter(loader)
         pad = None
         acc = torch.zeros(6, dtype=torch.float64, device=self.device)  # ce sum, n, text sum, n, image sum, n
-        # the model keeps fused weights for passes without autograd; ZeRO-1/2 steps write the weights
-        # through .data, which it cannot see: forget them before (stale) and after (memory)
-        forget_kept_weights(self.engine.module)
+        # a training model runs the reference path (or model/fast.py's training paths, which keep no
+        # weights between passes): ZeRO-1/2 steps write the weights through .data, which a kept copy
+        # would not see
         self.engine.eval()
         with torch.no_grad():
             for _ in range(cfg.data.eval_batches * plan.grad_accum):  # same count on every rank (ZeRO-3)
@@ -607,7 +607,6 @@ class Trainer:
                     ]
                 )
         self.engine.train()
-        forget_kept_weights(self.engine.module)
         dist.all_reduce(acc)
         a = acc.tolist()
         return {
