@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from interleaf.config import load_config, read_yaml, save_config
 from interleaf.errors import ConfigError, InterleafError
@@ -305,38 +304,23 @@ def _read_index(index: Path) -> dict[str, str]:
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or of a directory's weights (`weight_files`); a missing,
     unreadable or inconsistent file is an InterleafError."""
-    path = Path(path)
-    out: dict[str, torch.Tensor] = {}
-    for f in weight_files(path):
-        try:
-            tensors = load_file(str(f))
-        except Exception as e:  # safetensors raises its own error types for cut or corrupt files
-            raise InterleafError(f"cannot read {f}: {e}") from None
-        for name in tensors:
-            if name in out:
-                raise InterleafError(f"tensor {name} appears in two files of {path}")
-        out.update(tensors)
-    indexes = sorted(path.glob("*.safetensors.index.json")) if path.is_dir() else []
-    if indexes:
-        weight_map = _read_index(indexes[0])
-        missing = [n for n in weight_map if n not in out]
-        if missing or len(out) != len(weight_map):
-            name = missing[0] if missing else next(n for n in out if n not in weight_map)
-            raise InterleafError(f"{indexes[0]} does not match its shards (tensor {name})")
-    return out
+    return WeightsSource(path).tensors()
 
 
 class WeightsSource:
-    """A model directory's tensors by name, read a flat range at a time (a `model.init.TensorSource`).
+    """The tensors of a safetensors file or of a directory's weights (`weight_files`), by name: whole
+    (`tensors`), or a flat range at a time (`read`, a `model.init.TensorSource`).
 
-    Each file of `weight_files` is opened with safetensors' `safe_open` (memory-mapped) and a read
-    takes only the rows that hold the range asked for: a training run that starts from the directory
-    fills each parameter, or under ZeRO-3 each rank its partition of it, without the whole model in
-    memory. `shapes` holds every tensor's shape, read from the file headers.
+    Each file is opened with safetensors' `safe_open` (memory-mapped) and a read takes only the rows
+    that hold the range asked for: a training run that starts from the directory fills each
+    parameter, or under ZeRO-3 each rank its partition of it, without the whole model in memory.
+    `shapes` holds every tensor's shape, read from the file headers. A missing, unreadable or
+    inconsistent file (a tensor in two files, an index that does not match its shards) is an
+    InterleafError.
     """
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    def __init__(self, path: str | Path):
+        self.directory = Path(path)
         self._files: dict[str, object] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for f in weight_files(self.directory):
@@ -349,6 +333,20 @@ class WeightsSource:
                     raise InterleafError(f"tensor {name} appears in two files of {self.directory}")
                 self._files[name] = handle
                 self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+        indexes = sorted(self.directory.glob("*.safetensors.index.json")) if self.directory.is_dir() else []
+        if indexes:
+            weight_map = _read_index(indexes[0])
+            missing = [n for n in weight_map if n not in self.shapes]
+            if missing or len(self.shapes) != len(weight_map):
+                name = missing[0] if missing else next(n for n in self.shapes if n not in weight_map)
+                raise InterleafError(f"{indexes[0]} does not match its shards (tensor {name})")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, whole, as stored."""
+        try:
+            return {name: handle.get_tensor(name) for name, handle in self._files.items()}
+        except Exception as e:  # a file cut after its header
+            raise InterleafError(f"cannot read the weights of {self.directory}: {e}") from None
 
     def read(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Values [start, stop) of tensor `name` (of `shape`), flattened, float32 on the CPU."""
