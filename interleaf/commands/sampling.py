@@ -202,7 +202,7 @@ def check_inputs(args: argparse.Namespace, prompt: list) -> None:
 
 
 def load_args(args: argparse.Namespace) -> dict:
-    """--device / --dtype / --compile as keyword arguments of `interleaf.load` (unset ones left out)."""
+    """--device / --dtype / --compile as keyword arguments of `interleaf.load` (--dtype left out when unset)."""
     from interleaf.pipeline import check_device
 
     out = {"device": str(check_device(args.device, "--device")), "compile": args.compile}

@@ -36,11 +36,11 @@ from interleaf.model.transformer import (
     head_layer_norm,
 )
 
-# With autograd, from this many tokens per call, q/k/v (and w1/w3) run as one matmul over
-# concatenated weights. Not on CPU (apply_training_fast_paths is not applied there): the separate
-# products make a training step 1.5-2.7% faster (bench/RESULTS.md, "Training step"): the
-# concatenation, its gradient's split and the strided q/k/v slices cost more than the one larger
-# matmul saves.
+# In a training model's passes (apply_training_fast_paths; its held-out evaluation too), from this
+# many tokens per call, q/k/v (and w1/w3) run as one matmul over weights concatenated in each pass.
+# Not on CPU (the engine does not apply them there): the separate products make a training step
+# 1.5-2.7% faster (bench/RESULTS.md, "Training step"): the concatenation, its gradient's split and
+# the strided q/k/v slices cost more than the one larger matmul saves.
 FUSE_MIN_TOKENS = 64
 # Without autograd, concatenated weights up to this size are kept between calls (so decoding
 # steps run one matmul for q/k/v and one for w1/w3); larger ones are not worth the memory.
@@ -105,10 +105,9 @@ class FusedWeight:
     def apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         """linear(x), through the kept weight when that computes the same: a plain nn.Linear
         without bias or hooks (a wrapped, quantised or hooked module runs its own forward)."""
-        plain = type(linear) is nn.Linear and linear.bias is None
         y = (
             self.linear(x, linear.weight)
-            if plain and not (linear._forward_hooks or linear._forward_pre_hooks)
+            if _plain_linear(linear) and not (linear._forward_hooks or linear._forward_pre_hooks)
             else None
         )
         return linear(x) if y is None else y

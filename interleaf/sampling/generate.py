@@ -387,7 +387,8 @@ def cache_length(rows: Sequence[Row], tokens_per_image: int) -> int:
 
 
 def decode_loop(pipe, rows: list[Row], n_cache_rows: int) -> Iterator[Event]:
-    """Prefill every prompt, then one forward call and one draw per step until all rows finish."""
+    """Prefill every prompt, then one forward call per step until all rows finish: each row takes one
+    token, a row drawing with a window the codes speculative decoding accepts."""
     model, vocab, device = pipe.model, pipe.vocab, _device(pipe)
     decoder = pipe.compiled or model  # the compiled one-token step (model/compiled.py), or the model
     with torch.no_grad():
