@@ -79,7 +79,9 @@ def run_decode(tree: Path, env: dict, args: list[str]) -> dict:
     script = SCRIPTS["decode"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "decode.json"
-        cmd = [sys.executable, script, *args, "--json", str(path)]
+        # the parallel-image part (--only) trains a model of its own and is not in older trees: both time the rest
+        only = ["--only", "text"] if '"--only"' in (tree / script).read_text() else []
+        cmd = [sys.executable, script, *args, *only, "--json", str(path)]
         subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=True)
         results = json.loads(path.read_text())
     out = {f"decode b{b} tokens/s": r["tokens_per_s"]["interleaf"] for b, r in results["batches"].items()}
