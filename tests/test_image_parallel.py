@@ -33,12 +33,7 @@ MAX_LEN = 96
 VERIFY = S.verify  # the acceptance rule itself, whatever a test puts in its place
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
