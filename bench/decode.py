@@ -83,6 +83,26 @@ def parse_args(argv=None):
 
 
 # ---- the model directory ------------------------------------------------------------------------
+def small_vqgan(resolution: int, width: int, n_embed: int):
+    """A random VQ-GAN of the benchmark's models: 4x downsampling (ch_mult [1, 2, 2]), `width` channels."""
+    from interleaf.tokenizer.vqgan import VQConfig, VQModel
+
+    return VQModel(
+        VQConfig(
+            resolution=resolution,
+            ch=width,
+            ch_mult=[1, 2, 2],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            mid_attn=False,
+            z_channels=width,
+            norm_groups=width,
+            n_embed=n_embed,
+            embed_dim=8,
+        )
+    )
+
+
 def build_model_dir(directory: Path, opts) -> Path:
     """Random BPE + VQ-GAN + Transformer written with save_model_dir."""
     from interleaf.model.args import ModelArgs
@@ -90,25 +110,11 @@ def build_model_dir(directory: Path, opts) -> Path:
     from interleaf.pipeline import save_model_dir
     from interleaf.tokenizer.text import train_bpe
     from interleaf.tokenizer.vocab import Vocabulary
-    from interleaf.tokenizer.vqgan import VQConfig, VQModel
 
     torch.manual_seed(0)
     text = train_bpe(SENTENCES * 4, vocab_size=400, min_frequency=1)
     down = 4  # ch_mult [1, 2, 2]
-    vq = VQModel(
-        VQConfig(
-            resolution=opts.grid * down,
-            ch=32,
-            ch_mult=[1, 2, 2],
-            num_res_blocks=1,
-            attn_resolutions=[],
-            mid_attn=False,
-            z_channels=32,
-            norm_groups=32,
-            n_embed=opts.vocab - text.vocab_size,
-            embed_dim=8,
-        )
-    )
+    vq = small_vqgan(opts.grid * down, 32, opts.vocab - text.vocab_size)
     vocab = Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid)
     args = ModelArgs(
         dim=opts.dim,
@@ -336,27 +342,13 @@ def train_image_model(directory: Path, opts) -> float:
     from interleaf.tokenizer.multimodal import MultimodalTokenizer
     from interleaf.tokenizer.text import train_bpe
     from interleaf.tokenizer.vocab import Vocabulary
-    from interleaf.tokenizer.vqgan import VQConfig, VQModel
 
     start = time.perf_counter()
     torch.manual_seed(0)
     world = ShapesWorld(resolution=opts.image_grid * 4, max_shapes=3, seed=0)
     pairs = [world.pair(i) for i in range(opts.image_pairs)]
     text = train_bpe([c for _, c, _ in pairs], vocab_size=400, min_frequency=1)
-    vq = VQModel(
-        VQConfig(
-            resolution=opts.image_grid * 4,
-            ch=16,
-            ch_mult=[1, 2, 2],
-            num_res_blocks=1,
-            attn_resolutions=[],
-            mid_attn=False,
-            z_channels=16,
-            norm_groups=16,
-            n_embed=opts.image_codes,
-            embed_dim=8,
-        )
-    )
+    vq = small_vqgan(opts.image_grid * 4, 16, opts.image_codes)
     vocab = Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid)
     tokenizer = MultimodalTokenizer(vocab, text, vq)
     with torch.no_grad():
