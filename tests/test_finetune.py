@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from chameleon_layouts import write_meta_release
-from training_helpers import fault_env
+from training_helpers import fault_env, metrics
 
 from interleaf.cli import main
 from interleaf.data.shapes import ShapesWorld
@@ -95,16 +95,9 @@ def train(config, run_dir, *extra, nproc=1, resume=False, quiet=True, faults=Non
     return res
 
 
-def metrics(run_dir):
-    """({step: training record}, {step: held-out loss})."""
-    steps, evals = {}, {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "eval" in r:
-            evals[r["step"]] = r["eval"]["loss"]
-        else:
-            steps[r["step"]] = r
-    return steps, evals
+def held_out(run_dir):
+    """{step: held-out loss} of a run."""
+    return {step: r["eval"]["loss"] for step, r in metrics(run_dir)[1].items()}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +131,7 @@ def held_out_loss(model_dir, root) -> float:
 
 def test_finetuning_lowers_the_held_out_loss_and_export_best_picks_the_lowest(runs, release):
     root, model, _ = release
-    _, evals = metrics(runs / "A")
+    evals = held_out(runs / "A")
     assert sorted(evals) == [2, 4, 6]
     before = held_out_loss(model, root)
     best_step = min(evals, key=evals.get)
@@ -176,7 +169,8 @@ def test_frozen_weights_come_out_bit_identical(runs, release, run):
 
 
 def test_zero3_on_two_processes_matches_one_process(runs):
-    (sa, ea), (sb, eb) = metrics(runs / "A"), metrics(runs / "B")
+    (sa, _), (sb, _) = metrics(runs / "A"), metrics(runs / "B")
+    ea, eb = held_out(runs / "A"), held_out(runs / "B")
     assert sorted(sa) == sorted(sb) == list(range(1, STEPS + 1))
     assert [sa[s]["data_crc"] for s in sa] == [sb[s]["data_crc"] for s in sa]
     np.testing.assert_allclose([sb[s]["loss"] for s in sb], [sa[s]["loss"] for s in sa], rtol=1e-5)
@@ -201,7 +195,8 @@ def test_resume_of_a_finetuning_run_continues_exactly(runs, release, tmp_path):
     shutil.rmtree(c / CKPT_DIR / "step_00000006")
     (c / CKPT_DIR / "latest").write_text("step_00000004\n")
     train(config, c, "zero_stage=2", resume=True)
-    (sa, ea), (sc, ec) = metrics(runs / "A"), metrics(c)
+    (sa, _), (sc, _) = metrics(runs / "A"), metrics(c)
+    ea, ec = held_out(runs / "A"), held_out(c)
     assert [sc[s]["data_crc"] for s in (5, 6)] == [sa[s]["data_crc"] for s in (5, 6)]
     np.testing.assert_allclose([sc[s]["loss"] for s in (5, 6)], [sa[s]["loss"] for s in (5, 6)], rtol=1e-6)
     assert ec[6] == pytest.approx(ea[6], rel=1e-6)

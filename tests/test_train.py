@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from training_helpers import fault_env, make_tokenizer_dir, truncate, write_token_shards
+from training_helpers import fault_env, make_tokenizer_dir, metrics, truncate, write_token_shards
 
 from interleaf.cli import main
 from interleaf.errors import ConfigError, InterleafError
@@ -65,15 +65,6 @@ def train(run_dir, base, *extra, nproc=1, resume=False, faults=None):
 def ok(res):
     assert res.returncode == 0, res.stderr[-3000:]
     return res
-
-
-def metrics(run_dir):
-    """{step: record} of training steps, and {step: eval record} (the last line of each step wins)."""
-    steps, evals = {}, {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        (evals if "eval" in r else steps)[r["step"]] = r
-    return steps, evals
 
 
 def losses(run_dir):

@@ -117,3 +117,12 @@ def fault_env(**faults) -> dict:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+def metrics(run_dir):
+    """{step: record} of training steps, and {step: eval record} (the last line of each step wins)."""
+    steps, evals = {}, {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        (evals if "eval" in r else steps)[r["step"]] = r
+    return steps, evals
