@@ -233,8 +233,8 @@ def window_codes(row: Row, logits: torch.Tensor, masks: torch.Tensor) -> tuple[l
     n = len(row.window)
     x = logits[row.index, -(n + 1) :]  # (n + 1, V): the code after the newest token, after each draft
     if row.guiding:  # the guided logits at every window position, as `guide` makes them for one
-        u = logits[row.streams[-1], -(n + 1) :]
-        ci = logits[row.streams[0], -(n + 1) :] if len(row.streams) == 2 else x
+        cond_image, uncond = guide_streams(row)
+        u, ci = logits[uncond, -(n + 1) :], logits[cond_image, -(n + 1) :]
         scales = [torch.full((n + 1,), s, device=x.device) for s in row.guidance_scales()]
         x = L.cfg_combine_two_scale(x, ci, u, *scales)
     x = L.apply_mask(x, masks[L.Allowed.IMAGE])  # every window position is a code of this image
@@ -262,12 +262,18 @@ def add_drafts(row: Row, feeds: dict[int, list[int]], vocab_size: int) -> None:
         feeds[r] = feeds[r] + drafts
 
 
+def guide_streams(row: Row) -> tuple[int, int]:
+    """The cache rows of a row's prompt-image-conditioned and unconditional streams; a row without
+    such a stream uses its own conditional logits in that place (the term vanishes)."""
+    if not row.guiding:
+        return row.index, row.index
+    return (row.streams[0] if len(row.streams) == 2 else row.index), row.streams[-1]
+
+
 def guide(x: torch.Tensor, live: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance for the rows drawing an image; other rows pass through unchanged."""
     device = x.device
-    # a row without a stream uses its own conditional logits in that place (the term vanishes)
-    uncond = [r.streams[-1] if r.guiding else r.index for r in live]
-    cond_image = [r.streams[0] if r.guiding and len(r.streams) == 2 else r.index for r in live]
+    cond_image, uncond = zip(*(guide_streams(r) for r in live))
     s_text, s_image = zip(*(r.guidance_scales() for r in live))
     u = logits[torch.tensor(uncond, device=device)]  # (R, V)
     ci = logits[torch.tensor(cond_image, device=device)]
