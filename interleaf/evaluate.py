@@ -33,7 +33,7 @@ import interleaf
 from interleaf.data.analyse import analyse, mean_scores, score_caption, score_image, score_scene
 from interleaf.data.shapes import Scene, ShapesWorld
 from interleaf.errors import InterleafError
-from interleaf.sampling.generate import Request, collect, stream_requests
+from interleaf.sampling.generate import Request, check_pipe, collect, stream_requests
 from interleaf.sampling.params import SamplingParams
 from interleaf.tokenizer.image import load_image, to_pil
 from interleaf.tokenizer.vqgan import code_stats, psnr
@@ -58,6 +58,7 @@ class EvalConfig:
     image_temperature: float = 1.0
     image_top_k: int = 0
     image_top_p: float = 1.0
+    image_parallel: int = 1  # the drawings' speculative window (1: one code per forward pass)
 
     def validate(self) -> None:
         if min(self.n_draw, self.n_caption, self.n_loss, self.n_story) < 0:
@@ -89,6 +90,7 @@ def _drawing(prompt, cfg: EvalConfig, cfg_scale: float, i: int):
         image_temperature=cfg.image_temperature,
         image_top_k=cfg.image_top_k,
         image_top_p=cfg.image_top_p,
+        image_parallel=cfg.image_parallel,
     )
     return Request(prompt, params)
 
@@ -232,6 +234,8 @@ def eval_vqgan(pipe, cfg: EvalConfig, n: int = 64) -> dict:
 def evaluate(pipe, cfg: EvalConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run every measurement; return the report as a dict."""
     cfg.validate()
+    if cfg.n_draw or cfg.n_story:  # what only the model can refuse (a window beyond an image), before any work
+        check_pipe(pipe, [_drawing("", cfg, s, 0) for s in cfg.cfg_scales])
     start = time.time()
     report: dict = {"config": asdict(cfg)}
     report["vqgan"] = eval_vqgan(pipe, cfg)

@@ -48,7 +48,9 @@ def vqgan(resolution: int, n_codes: int) -> VQModel:
     return VQModel(VQConfig(resolution=resolution, norm_groups=4, n_embed=n_codes, embed_dim=4, **cfg))
 
 
-def make_pipe(text, vq, seed=0, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, sharp=40.0, boi=0.0) -> Interleaf:
+def make_pipe(
+    text, vq, seed=0, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, sharp=40.0, boi=0.0, max_len=MAX_LEN
+) -> Interleaf:
     """A random Transformer over `text` + `vq`'s codes; `sharp` scales the output head (logit spread),
     `boi` > 0 makes <boi> likely in text (interleaved documents then hold images)."""
     vocab = Vocabulary.build(text.vocab_size, vq.config.n_embed, vq.grid)
@@ -59,7 +61,7 @@ def make_pipe(text, vq, seed=0, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, sha
         n_kv_heads=n_kv_heads,
         vocab_size=vocab.size,
         multiple_of=32,
-        max_seq_len=MAX_LEN,
+        max_seq_len=max_len,
         qk_norm="layernorm",
     )
     model = Transformer(args, seed=seed).eval()
@@ -313,3 +315,42 @@ def test_decode_last_n_is_the_last_positions_of_the_full_logits(pipe):
     for b, n in enumerate(n_new.tolist()):
         positions = [max(0, n - 3 + i) for i in range(3)]  # a row with fewer than 3 repeats its first
         torch.testing.assert_close(last[b], full[b, positions], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_draws_greedily_alike_at_any_window_and_refuses_a_window_beyond_an_image(text, monkeypatch):
+    """`interleaf eval image_parallel=K`: greedy drawings (text->image and story steps) score exactly
+    as sequential ones, in fewer forward passes; a window beyond an image is refused before any work."""
+    from interleaf import evaluate
+
+    torch.manual_seed(0)  # the shapes world's smallest images (32 px), 4x4 codes
+    cfg = dict(ch=8, ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], mid_attn=False, z_channels=8)
+    vq = VQModel(VQConfig(resolution=32, norm_groups=4, n_embed=48, embed_dim=4, **cfg))
+    pipe = make_pipe(text, vq, max_len=256)  # a story step's prompt holds an image and two sentences
+
+    passes, decode, run, drawn = [0], pipe.model.decode, evaluate._run_requests, []
+
+    def counted(*a, **k):
+        passes[0] += 1
+        return decode(*a, **k)
+
+    def kept(*a):  # the drawings themselves, not only their scores (which a random model keeps near 0)
+        docs = run(*a)
+        drawn.extend(d.token_ids for d in docs)
+        return docs
+
+    monkeypatch.setattr(pipe.model, "decode", counted)
+    monkeypatch.setattr(evaluate, "_run_requests", kept)
+    reports = {}
+    for k in (1, 4):
+        passes[0], drawn = 0, []
+        cfg = evaluate.EvalConfig(n_draw=4, n_caption=0, n_loss=0, n_story=2, cfg_scales=[2.0, 1.0],
+                                  batch_size=2, image_temperature=0.0, image_parallel=k)  # fmt: skip
+        report = evaluate.evaluate(pipe, cfg, progress=False)
+        reports[k] = ({key: report[key] for key in ("text_to_image", "story")}, drawn, passes[0])
+    assert len(reports[1][1]) == 4 * 2 + 2 and len(set(map(tuple, reports[1][1]))) > 1
+    assert reports[4][:2] == reports[1][:2]
+    assert reports[4][2] < reports[1][2]  # the window was used
+    n = pipe.vocab.tokens_per_image
+    monkeypatch.setattr(evaluate, "eval_vqgan", lambda *a: pytest.fail("work before the check"))
+    with pytest.raises(OptionError, match=f"^image_parallel must be at most {n} "):
+        evaluate.evaluate(pipe, evaluate.EvalConfig(n_draw=1, image_parallel=n + 1), progress=False)
