@@ -272,16 +272,14 @@ class Transformer(nn.Module):
         cache: KVCache,
         n_new: torch.Tensor | None = None,
         last_only: bool = False,
-        max_len_hint: int | None = None,
         last_n: int = 0,
     ) -> torch.Tensor:
         """Append tokens (B, T) to the cache (row b: first n_new[b] count) -> logits (B, T, V).
 
         `last_only=True` returns (B, V): the logits of each row's last new token. `last_n=m` returns
         (B, m, V): those of each row's last m new tokens (a row with fewer repeats its first).
-        `max_len_hint`, an upper bound of every row's length after this call known on the host,
-        lets a compiled step attend to that prefix of the cache only (eager mode reads the
-        lengths itself; without either, a compiled step attends to the whole cache).
+        Eager mode attends to the prefix of the cache in use (it reads the lengths); a compiled step,
+        which cannot, to the whole cache under a mask.
         """
         B, T = tokens.shape[0], tokens.shape[-1]
         self._check_tokens(tokens, cache.max_len, "the cache's max_len")
@@ -291,7 +289,7 @@ class Transformer(nn.Module):
         if n_new is None:
             n_new = torch.full((B,), T, dtype=torch.long, device=tokens.device)
         positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        mask = self._cache_mask(tokens.device, cache, T, counts, positions, max_len_hint)
+        mask = self._cache_mask(tokens.device, cache, T, counts, positions)
         slots = cache.write_index(T, n_new, positions)  # (B * T,)
         if _compiling():  # real angles: compilers handle them better than complex tensors
             cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
@@ -310,19 +308,12 @@ class Transformer(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _cache_mask(
-        self,
-        device,
-        cache: KVCache,
-        T: int,
-        n_new: torch.Tensor | None,
-        positions: torch.Tensor,
-        max_len_hint: int | None,
+        self, device, cache: KVCache, T: int, n_new: torch.Tensor | None, positions: torch.Tensor
     ) -> AttentionMask:
         """The decode step's mask; in eager mode also the room check and the prefix of slots in use."""
         backend = self.backend(device)
         if _compiling():  # SDPA: xformers' padded-keys mask is built from host lists, which a graph cannot hold
-            n_keys = None if max_len_hint is None else max(1, min(max_len_hint, cache.max_len))
-            return build_cache_mask("sdpa", cache.lengths, T, cache.max_len, n_keys, positions)
+            return build_cache_mask("sdpa", cache.lengths, T, cache.max_len, None, positions)
         # one read of lengths and counts to the host (the only sync of the step)
         if n_new is None:
             lengths, counts = cache.lengths.tolist(), [T] * cache.batch_size
