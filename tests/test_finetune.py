@@ -95,6 +95,13 @@ def train(config, run_dir, *extra, nproc=1, resume=False, quiet=True, faults=Non
     return res
 
 
+def without_train_rows(config: Path, folder: Path) -> Path:
+    """A copy of the run config without its `train_rows` (an override cannot remove a key)."""
+    path = folder / "no-rows.yaml"
+    path.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "train_rows"}))
+    return path
+
+
 def held_out(run_dir):
     """{step: held-out loss} of a run."""
     return {step: r["eval"]["loss"] for step, r in metrics(run_dir)[1].items()}
@@ -209,6 +216,33 @@ def test_resume_of_a_finetuning_run_continues_exactly(runs, release, tmp_path):
             assert torch.equal(b[name], a[name])
 
 
+def test_resuming_with_other_trained_parameters_is_refused_in_one_line(runs, release, tmp_path, capsys):
+    """The optimizer state of a checkpoint holds the parameters (and rows) it trained: a resume that
+    freezes or trains others is one line, before anything is written; the same config resumes (above)."""
+    root, _, config = release
+    run = tmp_path / "run"
+    shutil.copytree(runs / "A", run)
+    state = read_trainer_state(run / CKPT_DIR / "step_00000006")
+    assert state["train_rows"] == {"output.weight": "image"} and state["frozen"]
+    assert all(n.startswith("layers.0.") for n in state["frozen"])
+    written = sorted(p.name for p in run.rglob("*"))
+    cases = [
+        (["freeze=[layers.1.*]"], "parameter layers.0."),
+        (["freeze=[]"], "is frozen there and trained here"),
+        (["freeze=[layers.0.*, layers.1.*]"], "parameter layers.1."),
+        (["train_rows={output: text}"], "output.weight trained its image rows there and its text rows here"),
+    ]
+    cases.append(
+        ([without_train_rows(config, tmp_path)], "output.weight trained its image rows there and all its rows here")
+    )
+    for extra, msg in cases:
+        argv = [*extra, "--resume"] if isinstance(extra[0], Path) else [config, *extra, "--resume"]
+        assert main(["train", str(argv[0]), f"run_dir={run}", *argv[1:]]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot resume" in err[0] and msg in err[0], (extra, err)
+    assert sorted(p.name for p in run.rglob("*")) == written
+
+
 def test_the_best_checkpoint_outlives_keep_last(runs, tmp_path, capsys):
     """`prune` keeps the checkpoint with the lowest held-out loss beside the newest ones; export --best
     takes it. Real checkpoints of run A, their held-out losses rewritten so that the oldest is best."""
@@ -257,9 +291,7 @@ def test_bad_fine_tuning_configs_fail_in_one_line(release, tmp_path, capsys):
         assert main(["train", str(config), f"run_dir={tmp_path / 'r'}", *extra]) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], (extra, err)
-    no_rows = {k: v for k, v in json.loads(config.read_text()).items() if k != "train_rows"}
-    (tmp_path / "no-rows.yaml").write_text(json.dumps(no_rows))
-    assert main(["train", str(tmp_path / "no-rows.yaml"), f"run_dir={tmp_path / 'r'}", "freeze=['*']"]) == 2
+    assert main(["train", str(without_train_rows(config, tmp_path)), f"run_dir={tmp_path / 'r'}", "freeze=['*']"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "every parameter is frozen and train_rows names none" in err[0], err
     assert not (tmp_path / "r").exists()

@@ -285,9 +285,7 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
         raise InterleafError(
             f"{cfg.run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run_dir"
         )
-    if resume:
-        ckpt = find_checkpoint(Path(cfg.run_dir))
-        check_resume(cfg, n_streams, ckpt, read_trainer_state(ckpt) if ckpt is not None else None)
+    ckpt = find_checkpoint(Path(cfg.run_dir)) if resume else None
     if cfg.init is not None and not Path(cfg.init).is_dir():
         raise ConfigError(f"init: model directory not found: {cfg.init}")
     # not a model directory, or a config at odds with it: an error before any data is read
@@ -310,8 +308,10 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
         vocab.check_fits(args.vocab_size, f"init {cfg.init}")
         check_init(cfg, args)
     frozen, train_rows = resolve_freeze(cfg, args)
-    if resume and ckpt is not None:
+    plan = Plan(cfg, args, vocab, sources, eval_sources, world, n_streams, grad_accum, frozen, train_rows)
+    if ckpt is not None:
         check_same_model(args, ckpt)
+        check_resume(plan, ckpt, read_trainer_state(ckpt))
     if cfg.data.seq_len > args.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={args.max_seq_len}")
     if cfg.tensorboard:
@@ -319,23 +319,43 @@ def prepare(cfg: TrainConfig, world: int, resume: bool = False) -> Plan:
             import torch.utils.tensorboard  # noqa: F401, PLC0415
         except ImportError:
             raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
-    return Plan(cfg, args, vocab, sources, eval_sources, world, n_streams, grad_accum, frozen, train_rows)
+    return plan
 
 
-def check_resume(cfg: TrainConfig, n_streams: int, ckpt: Path | None, state: dict | None) -> None:
-    """What a checkpoint cannot be resumed with: another data split or another ZeRO stage."""
-    if state is None:
-        return
-    if int(state["n_streams"]) != n_streams:
+def check_resume(plan: Plan, ckpt: Path, state: dict) -> None:
+    """What a checkpoint cannot be resumed with: another data split, another ZeRO stage, or other
+    parameters (or rows) trained, which its optimizer state does not hold (a matrix trained by rows
+    keeps the rest only while the same rows train). Checkpoints written before trainer.json held
+    `frozen` and `train_rows` are not checked for those."""
+    cfg = plan.cfg
+    if int(state["n_streams"]) != plan.n_streams:
         raise InterleafError(
             f"cannot resume {ckpt}: its data order has global_batch / micro_batch = {state['n_streams']} "
-            f"streams, this config {n_streams} (keep global_batch and micro_batch when resuming)"
+            f"streams, this config {plan.n_streams} (keep global_batch and micro_batch when resuming)"
         )
     if int(state["zero_stage"]) != cfg.zero_stage:
         raise InterleafError(
             f"cannot resume {ckpt} (ZeRO stage {state['zero_stage']}) with zero_stage={cfg.zero_stage}: DeepSpeed "
             f"does not move optimizer state across stages; keep the stage, or export and start a new run"
         )
+    if "frozen" not in state:
+        return
+    was, now = set(state["frozen"]), set(plan.frozen)
+    if was != now:
+        name = min(was ^ now)
+        how = "frozen there and trained here" if name in was else "trained there and frozen here"
+        raise InterleafError(
+            f"cannot resume {ckpt}: parameter {name} is {how} ({len(was ^ now)} differ); keep `freeze` "
+            f"when resuming, or export and start a new run from the export with `init:`"
+        )
+    rows_was = state["train_rows"]
+    for name in sorted(set(rows_was) | set(plan.train_rows)):
+        a, b = (f"its {r} rows" if r else "all its rows" for r in (rows_was.get(name), plan.train_rows.get(name)))
+        if a != b:
+            raise InterleafError(
+                f"cannot resume {ckpt}: {name} trained {a} there and {b} here; keep `train_rows` when "
+                f"resuming, or export and start a new run from the export with `init:`"
+            )
 
 
 def check_same_model(args, ckpt: Path) -> None:
@@ -413,7 +433,8 @@ class Trainer:
         ckpt = self._find_resume_point()
         dist.barrier()
         state = ck.read_trainer_state(ckpt) if ckpt is not None else None
-        check_resume(cfg, plan.n_streams, ckpt, state)
+        if state is not None:
+            check_resume(plan, ckpt, state)
         # another world size reads the engine state through DeepSpeed's universal format
         universal = state is not None and int(state["world_size"]) != plan.world
         if universal:
@@ -639,6 +660,8 @@ class Trainer:
             "world_size": self.plan.world,
             "n_streams": self.plan.n_streams,
             "zero_stage": self.cfg.zero_stage,
+            "frozen": sorted(self.plan.frozen),  # what a resumed run must train alike (check_resume)
+            "train_rows": self.plan.train_rows,
             # the held-out loss of these weights (every checkpoint is evaluated when there are eval sources)
             "eval_loss": self.held_out[1] if self.held_out is not None and self.held_out[0] == self.step else None,
             "time": time.time(),
