@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from training_helpers import fault_env, make_tokenizer_dir, write_token_shards
+from training_helpers import fault_env, make_tokenizer_dir, metrics, write_token_shards
 
 from interleaf.cli import main
 from interleaf.training.engine import free_port
@@ -98,12 +98,7 @@ def train(run_dir, base, *extra, nproc=1, resume=False):
 
 def losses(run_dir) -> dict[int, float]:
     """{step: loss} of training steps (NaN for the skipped step 2); the last line of a step wins."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "eval" not in r:
-            out[r["step"]] = np.nan if r["loss"] is None else r["loss"]
-    return out
+    return {step: np.nan if r["loss"] is None else r["loss"] for step, r in metrics(run_dir)[0].items()}
 
 
 @pytest.fixture(scope="module")
