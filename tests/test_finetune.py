@@ -227,17 +227,14 @@ def test_resuming_with_other_trained_parameters_is_refused_in_one_line(runs, rel
     assert all(n.startswith("layers.0.") for n in state["frozen"])
     written = sorted(p.name for p in run.rglob("*"))
     cases = [
-        (["freeze=[layers.1.*]"], "parameter layers.0."),
-        (["freeze=[]"], "is frozen there and trained here"),
-        (["freeze=[layers.0.*, layers.1.*]"], "parameter layers.1."),
-        (["train_rows={output: text}"], "output.weight trained its image rows there and its text rows here"),
+        (config, ["freeze=[layers.1.*]"], "parameter layers.0."),
+        (config, ["freeze=[]"], "is frozen there and trained here"),
+        (config, ["freeze=[layers.0.*, layers.1.*]"], "parameter layers.1."),
+        (config, ["train_rows={output: text}"], "output.weight trained its image rows there and its text rows here"),
+        (without_train_rows(config, tmp_path), [], "output.weight trained its image rows there and all its rows here"),
     ]
-    cases.append(
-        ([without_train_rows(config, tmp_path)], "output.weight trained its image rows there and all its rows here")
-    )
-    for extra, msg in cases:
-        argv = [*extra, "--resume"] if isinstance(extra[0], Path) else [config, *extra, "--resume"]
-        assert main(["train", str(argv[0]), f"run_dir={run}", *argv[1:]]) == 2, extra
+    for path, extra, msg in cases:
+        assert main(["train", str(path), f"run_dir={run}", *extra, "--resume"]) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot resume" in err[0] and msg in err[0], (extra, err)
     assert sorted(p.name for p in run.rglob("*")) == written

@@ -41,10 +41,10 @@ def text():
     return train_bpe(SENTENCES * 4, vocab_size=300, min_frequency=1)
 
 
-def vqgan(resolution: int, n_codes: int) -> VQModel:
-    """A random VQ-GAN with a (resolution / 2)^2 code grid."""
+def vqgan(resolution: int, n_codes: int, ch_mult=(1, 2)) -> VQModel:
+    """A random VQ-GAN with a (resolution / 2^(len(ch_mult) - 1))^2 code grid."""
     torch.manual_seed(0)
-    cfg = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], mid_attn=False, z_channels=8)
+    cfg = dict(ch=8, ch_mult=list(ch_mult), num_res_blocks=1, attn_resolutions=[], mid_attn=False, z_channels=8)
     return VQModel(VQConfig(resolution=resolution, norm_groups=4, n_embed=n_codes, embed_dim=4, **cfg))
 
 
@@ -322,9 +322,7 @@ def test_eval_draws_greedily_alike_at_any_window_and_refuses_a_window_beyond_an_
     as sequential ones, in fewer forward passes; a window beyond an image is refused before any work."""
     from interleaf import evaluate
 
-    torch.manual_seed(0)  # the shapes world's smallest images (32 px), 4x4 codes
-    cfg = dict(ch=8, ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], mid_attn=False, z_channels=8)
-    vq = VQModel(VQConfig(resolution=32, norm_groups=4, n_embed=48, embed_dim=4, **cfg))
+    vq = vqgan(32, 48, ch_mult=(1, 2, 2, 2))  # the shapes world's smallest images (32 px), 4x4 codes
     pipe = make_pipe(text, vq, max_len=256)  # a story step's prompt holds an image and two sentences
 
     passes, decode, run, drawn = [0], pipe.model.decode, evaluate._run_requests, []
